@@ -1,0 +1,38 @@
+# Two commands a fresh machine needs: `make demo` and `make test`. Everything else is optional.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# 8 forced host devices so sharding tests run on a CPU-only machine.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+WORKDIR ?= workdir/demo
+
+.PHONY: demo test test-slow bench venv clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed
+	# torch 2.13.0 is the CPU wheel; pinning it first keeps a resolver from pulling a CUDA build.
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+venv: $(BIN)/.installed-test
+
+demo: $(BIN)/.installed
+	$(BIN)/python -m recogdrive_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+
+test: $(BIN)/.installed-test
+	$(TEST_ENV) $(BIN)/python -m pytest -q --durations=15 tests
+
+test-slow: $(BIN)/.installed-test
+	$(TEST_ENV) $(BIN)/python -m pytest -q -m slow tests
+
+bench: $(BIN)/.installed-test
+	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) workdir .pytest_cache

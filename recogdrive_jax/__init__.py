@@ -1,0 +1,8 @@
+"""recogdrive-jax: the ReCogDrive training system (VLM SFT, hidden-state cache, diffusion-planner IL, DiffGRPO)
+in JAX/Flax, plus VLM-PPO with a value head and a regression planner head."""
+import flax
+
+# Parameters carry *logical* axis names as metadata (`nnx.with_partitioning`); they are mapped to the mesh in
+# one place (`parallel/sharding.py`). Flax >= 0.12 would otherwise try to shard eagerly at creation time,
+# which needs a mesh inside model code.
+flax.config.update("flax_always_shard_variable", False)
