@@ -1,0 +1,203 @@
+"""The generic training loop every stage uses.
+
+A stage supplies a `Task` (how to initialise params, their logical axes, a loss, a data iterator and an
+optional evaluation); this file owns the mesh, shardings, ZeRO-1, the jitted step, resume, checkpoints and
+metrics, so no stage re-implements any of it. Resume order: this workdir's latest checkpoint, then
+`config.train.init_from` (a parameter checkpoint or another run's workdir), then fresh init.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from recogdrive_jax.parallel import mesh as mesh_lib
+from recogdrive_jax.parallel import sharding as sh
+from recogdrive_jax.train import checkpoint as ckpt_lib
+from recogdrive_jax.train import metrics as metrics_lib
+from recogdrive_jax.train import optim
+from recogdrive_jax.train.state import LossFn, TrainState, init_train_state, make_train_step
+
+
+@dataclasses.dataclass
+class Task:
+    name: str
+    init_params: Callable[[jax.Array], Any]  # rng -> params tree (traced: runs under eval_shape and jit)
+    loss_fn: LossFn  # (params, batch, rng) -> (loss, metrics)
+    train_iter: Any  # yields process-local numpy batch dicts; get_state()/set_state() for exact resume
+    logical: Any = None  # logical specs (P of names) per param, e.g. `sharding.logical_specs(nnx_state)`
+    eval_fn: Callable[[TrainState, int], dict] | None = None  # host-level evaluation, returns floats
+    ema_decay: float = 0.0
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def local_batch_size(config) -> int:
+    """This process's share of `config.train.batch_size` (the global batch)."""
+    global_bs = int(config.train.batch_size)
+    if global_bs % jax.process_count():
+        raise ValueError(f"config.train.batch_size={global_bs} is not divisible by the {jax.process_count()} "
+                         "processes")
+    return global_bs // jax.process_count()
+
+
+def state_shardings(abstract_state: TrainState, logical, mesh: Mesh, tx, zero1: bool) -> TrainState:
+    """Shardings of every TrainState leaf: params by logical rules (+FSDP), optimizer state ZeRO-1 over data."""
+    if logical is None:
+        logical = jax.tree.map(lambda _: P(), abstract_state.params)
+    pspecs = sh.param_partition_specs(abstract_state.params, logical, mesh)
+    ospecs = sh.zero1_partition_specs(tx, abstract_state.opt_state, pspecs, abstract_state.params, mesh,
+                                      enabled=zero1)
+    specs = TrainState(step=P(), params=pspecs, opt_state=ospecs,
+                       ema_params=None if abstract_state.ema_params is None else pspecs)
+    return sh.to_shardings(mesh, specs)
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def load_init_params(path: str, abstract_params, param_shardings, prefer_ema: bool = True):
+    """Params from `path`: a directory written by `checkpoint.save_params`, or another run's workdir (its latest
+    checkpoint's EMA params when present and `prefer_ema`, else its params)."""
+    path = os.path.abspath(path)
+    run_ckpts = os.path.join(path, "checkpoints")
+    target = _with_shardings(abstract_params, param_shardings)
+    if os.path.isdir(run_ckpts):
+        ckptr = ckpt_lib.Checkpointer(path, async_save=False)
+        step = ckptr.latest_step()
+        if step is None:
+            raise ckpt_lib.CheckpointError(f"config.train.init_from={path!r}: the run has no checkpoint yet")
+        import orbax.checkpoint as ocp
+        raw = ckptr.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        ckptr.close()
+        tree = raw.get("ema_params") if prefer_ema and raw.get("ema_params") is not None else raw["params"]
+        _check_same_structure(tree, abstract_params, path)
+        return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tree, param_shardings)
+    return ckpt_lib.load_params(path, target)
+
+
+def _check_same_structure(tree, abstract, path):
+    got = {optim.path_str(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    want = {optim.path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    bad = sorted(k for k in set(got) & set(want) if tuple(got[k]) != want[k])
+    if missing or unexpected or bad:
+        raise ckpt_lib.CheckpointError(
+            f"config.train.init_from={path!r} does not match the model: missing={missing[:10]} "
+            f"unexpected={unexpected[:10]} shape_mismatch={[(k, got[k], want[k]) for k in bad[:10]]}")
+
+
+def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[TrainState, dict]:
+    """Runs (or resumes) `task` for `config.train.num_steps` steps. Returns the final state and last eval."""
+    tcfg = config.train
+    mesh = mesh_lib.make_mesh(config.get("mesh")) if mesh is None else mesh
+    num_steps = int(tcfg.num_steps)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    rng = jax.random.key(int(config.seed))
+    init_rng, step_rng = jax.random.split(rng)
+    abstract_params = jax.eval_shape(task.init_params, init_rng)
+    tx = optim.make_optimizer(config.optim, num_steps, abstract_params)
+    schedule = optim.make_schedule(config.optim, num_steps)
+    ema = float(task.ema_decay) > 0
+    abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx, ema), abstract_params)
+    zero1 = bool(config.get("parallel", {}).get("zero1", True))
+    shardings = state_shardings(abstract_state, task.logical, mesh, tx, zero1)
+
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=int(tcfg.keep_checkpoints),
+                                 async_save=bool(tcfg.get("async_checkpoint", True)))
+    latest = ckpt.latest_step()
+    if latest is not None:
+        logging.info("resuming %s from %s step %d", task.name, ckpt.dir, latest)
+        state = ckpt.restore(latest, _with_shardings(abstract_state, shardings))
+        data_state = ckpt.data_state(latest)
+        if data_state is not None and hasattr(task.train_iter, "set_state"):
+            task.train_iter.set_state(data_state)
+        elif hasattr(task.train_iter, "set_state"):
+            logging.warning("checkpoint %d has no data-iterator state; data restarts from the beginning", latest)
+    else:
+        init_from = tcfg.get("init_from", "") or ""
+        if init_from:
+            params = load_init_params(init_from, abstract_params, shardings.params)
+            state = jax.jit(lambda p: init_train_state(p, tx, ema), out_shardings=shardings)(params)
+        else:
+            state = jax.jit(lambda r: init_train_state(task.init_params(r), tx, ema),
+                            out_shardings=shardings)(init_rng)
+
+    step_fn = make_train_step(task.loss_fn, tx, grad_accum=int(config.optim.get("grad_accum", 1)),
+                              ema_decay=float(task.ema_decay), schedule=schedule)
+    repl = sh.replicated(mesh)
+    jitted = None
+
+    writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(tcfg.get("tensorboard", True)))
+    acc = metrics_lib.MetricAccumulator()
+    start = int(jax.device_get(state.step))
+    progress = metrics_lib.Progress(num_steps, start, task.name)
+    log_every, eval_every = int(tcfg.log_every), int(tcfg.get("eval_every", 0) or 0)
+    ckpt_every = int(tcfg.get("checkpoint_every", 0) or 0)
+    last_eval: dict = {}
+    t_last, steps_since = time.time(), 0
+    pending = []
+
+    def check_finite(step, values):
+        if not np.isfinite(values["loss"]):
+            raise NonFiniteLossError(f"{task.name}: loss became {values['loss']} at step {step}; the last good "
+                                     f"checkpoint in {ckpt.dir} is kept (lower config.optim.lr or check the data)")
+
+    def flush(step):
+        nonlocal t_last, steps_since, pending
+        for m in jax.device_get(pending):
+            acc.add(m)
+        pending = []
+        values = acc.compute_and_reset()
+        values["steps_per_sec"] = steps_since / max(time.time() - t_last, 1e-9)
+        check_finite(step, values)
+        writer.write(step, "train", values)
+        progress.log(step, "train", values)
+        t_last, steps_since = time.time(), 0
+
+    try:
+        for step in range(start, num_steps):
+            local = next(task.train_iter)
+            batch = sh.make_global_batch(mesh, local)
+            if jitted is None:
+                batch_sh = jax.tree.map(lambda x: sh.batch_sharding(mesh, x.ndim), batch)
+                jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
+                                 donate_argnums=(0,))
+            state, metrics = jitted(state, batch, jax.random.fold_in(step_rng, step))
+            pending.append(metrics)
+            steps_since += 1
+            done = step + 1
+            progress.update(done)
+            if done % log_every == 0 or done == num_steps:
+                flush(done)
+            if task.eval_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
+                last_eval = {k: float(v) for k, v in task.eval_fn(state, done).items()}
+                writer.write(done, "eval", last_eval)
+                progress.log(done, "eval", last_eval)
+            if (ckpt_every and done % ckpt_every == 0) or done == num_steps:
+                if pending:
+                    flush(done)
+                data_state = task.train_iter.get_state() if hasattr(task.train_iter, "get_state") else None
+                ckpt.save(done, state, data_state, force=done == num_steps)
+        if start >= num_steps and task.eval_fn is not None:
+            last_eval = {k: float(v) for k, v in task.eval_fn(state, num_steps).items()}
+    finally:
+        progress.close()
+        writer.close()
+        ckpt.close()
+    return state, last_eval
