@@ -41,7 +41,7 @@ class ToyIterator:
         self.position = int(state["position"])
 
 
-def make_task(config, process_index=0, process_count=1):
+def make_task(config, process_index=0, process_count=1, noise=0.01):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -50,7 +50,7 @@ def make_task(config, process_index=0, process_count=1):
     from recogdrive_jax.parallel import sharding as sh
     from recogdrive_jax.train.loop import Task
 
-    dim, hidden = 16, 64
+    dim, hidden = 16, 1024
 
     class Mlp(nnx.Module):
         def __init__(self, rngs):
@@ -73,8 +73,7 @@ def make_task(config, process_index=0, process_count=1):
         st = nnx.State(jax.tree.map(lambda x: x, state))
         nnx.replace_by_pure_dict(st, params)
         model = nnx.merge(graphdef, st)
-        noise = 0.01 * jax.random.normal(rng, batch["y"].shape)
-        err = model(batch["x"]) - batch["y"] - noise
+        err = model(batch["x"]) - batch["y"] - noise * jax.random.normal(rng, batch["y"].shape)
         loss = jnp.mean(err ** 2)
         return loss, {"mae": jnp.mean(jnp.abs(err))}
 
@@ -92,7 +91,7 @@ def toy_config(**overrides):
     c.train.log_every = 1
     c.train.checkpoint_every = 4
     c.train.tensorboard = False
-    c.optim.lr = 1e-2
+    c.optim.lr = 2e-3
     c.optim.warmup_ratio = 0.1
     c.optim.weight_decay = 0.01
     for k, v in overrides.items():

@@ -17,7 +17,6 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -134,17 +133,31 @@ def param_partition_specs(abstract_params, logical, mesh: Mesh, *, fsdp: bool | 
     return jax.tree.map(one, logical, abstract_params, is_leaf=_is_spec)
 
 
-def zero1_partition_specs(tx: optax.GradientTransformation, abstract_opt_state, param_specs, abstract_params,
-                          mesh: Mesh, enabled: bool = True):
-    """Optimizer-state specs: parameter-shaped leaves follow their parameter, plus `data` under ZeRO-1."""
-    def for_param(spec, leaf):
-        if not hasattr(leaf, "shape") or leaf.shape == ():
-            return P()
-        return add_axis_on_largest_dim(spec, leaf.shape, mesh, "data") if enabled else spec
+def zero1_partition_specs(tx, abstract_opt_state, param_specs, abstract_params, mesh: Mesh, enabled: bool = True):
+    """Optimizer-state specs: parameter-shaped leaves follow their parameter, plus `data` under ZeRO-1.
 
-    return optax.tree_map_params(
-        tx, lambda leaf, spec: for_param(spec, leaf), abstract_opt_state, param_specs,
-        transform_non_params=lambda _: P(), is_leaf=_is_spec)
+    A leaf is parameter-shaped when its key path ends with a parameter's path and the shapes agree (this
+    holds inside `multi_transform`/`chain`/`MaskedNode` wrappers too); other leaves (step counts) replicate.
+    """
+    del tx
+    by_path = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
+        by_path[tuple(path)] = (leaf, None)
+    spec_leaves = jax.tree_util.tree_leaves_with_path(param_specs, is_leaf=_is_spec)
+    for path, spec in spec_leaves:
+        by_path[tuple(path)] = (by_path[tuple(path)][0], spec)
+    max_len = max((len(p) for p in by_path), default=0)
+
+    def one(path, leaf):
+        shape = getattr(leaf, "shape", ())
+        for n in range(min(len(path), max_len), 0, -1):
+            hit = by_path.get(tuple(path[-n:]))
+            if hit is not None and tuple(hit[0].shape) == tuple(shape):
+                spec = hit[1]
+                return add_axis_on_largest_dim(spec, shape, mesh, "data") if enabled else spec
+        return P()
+
+    return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
 def to_shardings(mesh: Mesh, specs):
