@@ -56,6 +56,8 @@ def validate_common(config) -> None:
     for axis in ("data", "fsdp", "tensor"):
         v = config.mesh.get(axis)
         _require(isinstance(v, int) and (v == -1 or v >= 1), f"mesh.{axis}", f"must be -1 or a positive int, got {v!r}")
+    if "train" not in config or "optim" not in config:  # evaluation-only stages
+        return
     t = config.train
     for key in ("num_steps", "batch_size", "log_every", "keep_checkpoints"):
         _require(isinstance(t.get(key), int) and t.get(key) >= 1, f"train.{key}", f"must be an int >= 1, got {t.get(key)!r}")
