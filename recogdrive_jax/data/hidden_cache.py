@@ -1,0 +1,197 @@
+"""The hidden-state cache between the VLM and the planner, in TensorStore (zarr3).
+
+Layout of a cache directory:
+  meta.json     {"num_samples", "max_len", "hidden_size", "layout", "dtype", "format_version"}
+  hidden/       [N, L_max, H], one sample per chunk, zstd-compressed
+  lengths/      [N] int32, one element per chunk; -1 = not written yet (the done-mask)
+
+Layouts:
+  compact              bf16, only the real tokens, stored from position 0 (right-padded with zeros);
+                       ~L_real × H × 2 bytes a sample after compression of the padding.
+  upstream_compatible  fp32, left-padded to `max_len` exactly as the PyTorch pipeline stores it (upstream pads
+                       to 2800 and stores fp32: 2800 × H × 4 bytes a sample), so a planner reproducing an
+                       upstream checkpoint sees the same padded memory.
+
+A sample's `lengths` entry is written only after its hidden states are, so `lengths >= 0` marks finished
+rows; a killed cache run reopens the directory and writes only the rest. Rows are disjoint chunks, so
+several hosts write their own rows concurrently without coordination.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+LAYOUTS = ("compact", "upstream_compatible")
+FORMAT_VERSION = 1
+
+
+class CacheError(ValueError):
+    pass
+
+
+def _dtype(layout: str):
+    return ("bfloat16", ml_dtypes.bfloat16) if layout == "compact" else ("float32", np.float32)
+
+
+def _spec(path: str, shape, dtype: str, chunk, create: bool):
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
+    if create:
+        spec.update(create=True, open=True, metadata={
+            "shape": list(shape), "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}},
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                       {"name": "zstd", "configuration": {"level": 3}}],
+            "fill_value": -1 if dtype == "int32" else 0})
+    else:
+        spec["open"] = True
+    return spec
+
+
+class HiddenCache:
+    """Reader and (resumable) writer of one cache directory."""
+
+    def __init__(self, path: str, meta: dict, hidden, lengths):
+        self.path, self.meta = path, meta
+        self._hidden, self._lengths = hidden, lengths
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str, num_samples: int, max_len: int, hidden_size: int,
+               layout: str = "compact") -> "HiddenCache":
+        """Creates the cache, or reopens it when it exists with the same geometry (resume)."""
+        if layout not in LAYOUTS:
+            raise CacheError(f"cache layout {layout!r} unknown; allowed: {list(LAYOUTS)}")
+        path = os.path.abspath(path)
+        meta = {"num_samples": int(num_samples), "max_len": int(max_len), "hidden_size": int(hidden_size),
+                "layout": layout, "dtype": _dtype(layout)[0], "format_version": FORMAT_VERSION}
+        meta_path = os.path.join(path, "meta.json")
+        if os.path.exists(meta_path):
+            old = json.load(open(meta_path))
+            if old != meta:
+                diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+                raise CacheError(f"{path}: an existing cache has a different geometry (existing, requested): {diff}; "
+                                 "use another directory or delete it")
+        os.makedirs(path, exist_ok=True)
+        hidden = ts.open(_spec(os.path.join(path, "hidden"), (num_samples, max_len, hidden_size), meta["dtype"],
+                               (1, max_len, hidden_size), True)).result()
+        lengths = ts.open(_spec(os.path.join(path, "lengths"), (num_samples,), "int32", (1,), True)).result()
+        if not os.path.exists(meta_path):
+            with open(meta_path + ".tmp", "w") as f:
+                json.dump(meta, f)
+            os.replace(meta_path + ".tmp", meta_path)
+        return cls(path, meta, hidden, lengths)
+
+    @classmethod
+    def open(cls, path: str) -> "HiddenCache":
+        path = os.path.abspath(path)
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.exists(meta_path):
+            raise CacheError(f"{path} is not a hidden-state cache (no meta.json); run the `cache` stage first")
+        try:
+            meta = json.load(open(meta_path))
+            for key in ("num_samples", "max_len", "hidden_size", "layout", "dtype"):
+                if key not in meta:
+                    raise CacheError(f"{meta_path}: field {key!r} missing")
+            hidden = ts.open(_spec(os.path.join(path, "hidden"), None, None, None, False)).result()
+            lengths = ts.open(_spec(os.path.join(path, "lengths"), None, None, None, False)).result()
+        except (json.JSONDecodeError, ValueError) as e:
+            raise CacheError(f"{path}: unreadable cache: {e}") from e
+        want = (meta["num_samples"], meta["max_len"], meta["hidden_size"])
+        if tuple(hidden.shape) != want:
+            raise CacheError(f"{path}/hidden: shape {tuple(hidden.shape)} != meta.json {want}")
+        return cls(path, meta, hidden, lengths)
+
+    # ---- properties -----------------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return self.meta["num_samples"]
+
+    @property
+    def max_len(self) -> int:
+        return self.meta["max_len"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.meta["hidden_size"]
+
+    @property
+    def layout(self) -> str:
+        return self.meta["layout"]
+
+    def lengths(self) -> np.ndarray:
+        return self._lengths.read().result()
+
+    def done_mask(self) -> np.ndarray:
+        return self.lengths() >= 0
+
+    def pending(self, indices: Sequence[int]) -> np.ndarray:
+        """The subset of `indices` not yet written."""
+        indices = np.asarray(indices, np.int64)
+        if len(indices) == 0:
+            return indices
+        done = self.done_mask()
+        return indices[~done[indices]]
+
+    def check_hidden_size(self, expected: int, key: str = "config.planner.vl_dim"):
+        if self.hidden_size != expected:
+            raise CacheError(f"{self.path}: cache hidden size {self.hidden_size} does not match {key}={expected}")
+
+    # ---- write ------------------------------------------------------------------------------------------
+    def write(self, indices: Sequence[int], hidden: np.ndarray, mask: np.ndarray):
+        """Writes rows `indices` from VLM outputs `hidden` [b, L, H] whose real tokens are `mask` [b, L] (any
+        padding side). Lengths are committed only after the hidden rows."""
+        hidden, mask = np.asarray(hidden), np.asarray(mask).astype(bool)
+        if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size:
+            raise CacheError(f"{self.path}: hidden states of shape {hidden.shape} do not match the cache's hidden "
+                             f"size {self.hidden_size}")
+        np_dtype = _dtype(self.layout)[1]
+        lengths = mask.sum(-1).astype(np.int32)
+        if lengths.max(initial=0) > self.max_len:
+            raise CacheError(f"{self.path}: a sample has {lengths.max()} tokens > cache max_len {self.max_len}")
+        writes = []
+        for row, idx in enumerate(indices):
+            real = hidden[row][mask[row]].astype(np_dtype)  # [n, H]
+            n = len(real)
+            out = np.zeros((self.max_len, self.hidden_size), np_dtype)
+            if self.layout == "compact":
+                out[:n] = real
+            else:
+                out[self.max_len - n:] = real  # left padding, as upstream
+            writes.append(self._hidden[int(idx)].write(out))
+        for w in writes:
+            w.result()
+        for idx, n in zip(indices, lengths):
+            self._lengths[int(idx)].write(np.int32(n)).result()
+
+    # ---- read -------------------------------------------------------------------------------------------
+    def read(self, indices: Sequence[int], pad_to: int | None = None, dtype=np.float32):
+        """Returns (states [b, P, H], mask [b, P]); P = `pad_to` (static shapes for jit) or the longest row.
+
+        compact: real tokens first, mask marks them. upstream_compatible: the padded rows as stored (P = max_len)
+        with the mask of the real (right-aligned) tokens.
+        """
+        indices = [int(i) for i in indices]
+        lengths = np.array([int(self._lengths[i].read().result()) for i in indices], np.int32)
+        missing = [i for i, n in zip(indices, lengths) if n < 0]
+        if missing:
+            raise CacheError(f"{self.path}: rows {missing[:10]} were never written; finish the `cache` stage")
+        if self.layout == "upstream_compatible":
+            p = self.max_len
+            states = np.stack([self._hidden[i].read().result() for i in indices]).astype(dtype)
+            mask = np.arange(p)[None] >= (p - lengths)[:, None]
+            return states, mask
+        p = int(pad_to or max(int(lengths.max(initial=1)), 1))
+        if p < lengths.max(initial=0):
+            raise CacheError(f"{self.path}: pad_to={p} is shorter than a row of {lengths.max()} tokens")
+        p_read = min(p, self.max_len)
+        futures = [self._hidden[i, :p_read].read() for i in indices]
+        states = np.zeros((len(indices), p, self.hidden_size), dtype)
+        for b, f in enumerate(futures):
+            states[b, :p_read] = f.result().astype(dtype)
+        mask = np.arange(p)[None] < lengths[:, None]
+        return states, mask
