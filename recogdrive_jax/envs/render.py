@@ -159,7 +159,7 @@ class Renderer:
         t_hit = np.full(R, np.inf)
         s_hit = np.zeros(R)
         seg_hit = np.full(R, -1)
-        if len(near):
+        if len(near) and len(self.seg_b):
             p0, e = self.seg_p0[near], self.seg_e[near]                # [S, 2]
             w = p0 - o
             den = d[:, None, 0] * e[None, :, 1] - d[:, None, 1] * e[None, :, 0]      # [W, S]
@@ -174,8 +174,9 @@ class Renderer:
             seg_hit = np.where(np.isfinite(t_hit), near[j], -1)
         depth = t_hit * cos_a                                         # [W]
         z = self.cam_h + y[:, None] * np.where(np.isfinite(depth), depth, 0.0)[None, :] / f     # [H, W]
-        bidx = np.where(seg_hit >= 0, self.seg_b[np.maximum(seg_hit, 0)], 0)
-        height = np.where(seg_hit >= 0, self.city.building_height[bidx], -1.0)
+        has_b = len(self.seg_b) > 0
+        bidx = np.where(seg_hit >= 0, self.seg_b[np.maximum(seg_hit, 0)], 0) if has_b else np.zeros(R, np.int64)
+        height = np.where(seg_hit >= 0, self.city.building_height[bidx], -1.0) if has_b else np.full(R, -1.0)
         wall = (seg_hit >= 0)[None, :] & (z >= 0) & (z <= height[None, :])
 
         img = np.zeros((R, R, 3), np.float64)
