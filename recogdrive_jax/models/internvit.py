@@ -80,13 +80,13 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float, *, param_dtype: Dtype = jnp.float32):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), sharding=("norm",))
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight.value.astype(dtype) * x32.astype(dtype)
+        return self.weight[...].astype(dtype) * x32.astype(dtype)
 
 
 def make_norm(kind: str, dim: int, eps: float, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
@@ -142,17 +142,17 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm2 = make_norm(cfg.norm_type, d, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp = VisionMlp(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.ls1 = nnx.Param(jnp.full((d,), cfg.initializer_factor, param_dtype), sharding=("embed",))
-        self.ls2 = nnx.Param(jnp.full((d,), cfg.initializer_factor, param_dtype), sharding=("embed",))
+        self.ls1 = nnx.Param(jnp.full((d,), cfg.initializer_factor, param_dtype), out_sharding=("embed",))
+        self.ls2 = nnx.Param(jnp.full((d,), cfg.initializer_factor, param_dtype), out_sharding=("embed",))
 
     def __call__(self, x: jax.Array, drop_rate: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
         dtype = x.dtype
-        a = self.ls1.value.astype(dtype) * self.attn(self.norm1(x))
+        a = self.ls1[...].astype(dtype) * self.attn(self.norm1(x))
         if key is not None:
             k1, k2 = jax.random.split(key)
             a = _drop_path(a, drop_rate, k1)
         x = x + a
-        m = self.ls2.value.astype(dtype) * self.mlp(self.norm2(x))
+        m = self.ls2[...].astype(dtype) * self.mlp(self.norm2(x))
         if key is not None:
             m = _drop_path(m, drop_rate, k2)
         return x + m
@@ -200,9 +200,9 @@ class InternViT(nnx.Module):
             raise ValueError(f"InternViT: pixel_values give a {h}x{w} patch grid but the position table is for "
                              f"{self.cfg.grid_size}x{self.cfg.grid_size}; resize position_embedding at load time")
         x = x.reshape(t, h * w, d)
-        cls = jnp.broadcast_to(self.class_embedding.value.astype(x.dtype), (t, 1, d))
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (t, 1, d))
         x = jnp.concatenate([cls, x], axis=1)
-        return x + self.position_embedding.value.astype(x.dtype)
+        return x + self.position_embedding[...].astype(x.dtype)
 
     def __call__(self, pixel_values: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """`rng` enables stochastic depth (drop_path_rate linspace over layers); None = deterministic."""
