@@ -181,10 +181,10 @@ class InternViT(nnx.Module):
             kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), (None, None, None, "embed")),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
         self.class_embedding = nnx.Param(std * jax.random.normal(rngs.params(), (1, 1, d), param_dtype),
-                                         sharding=(None, None, "embed"))
+                                         out_sharding=(None, None, "embed"))
         self.position_embedding = nnx.Param(
             std * jax.random.normal(rngs.params(), (1, cfg.num_positions, d), param_dtype),
-            sharding=(None, None, "embed"))
+            out_sharding=(None, None, "embed"))
 
         @nnx.split_rngs(splits=cfg.num_hidden_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
