@@ -72,3 +72,48 @@ def validate_common(config) -> None:
     _require(t.batch_size % o.grad_accum == 0, "optim.grad_accum",
              f"must divide config.train.batch_size={t.batch_size}, got {o.grad_accum}")
     _require(o.schedule in ("cosine", "constant"), "optim.schedule", f"unknown {o.schedule!r}; allowed: ['cosine', 'constant']")
+
+
+def planner_block(variant: str = "small", vlm_size: str = "large", **overrides) -> ml_collections.ConfigDict:
+    """`config.planner`: any field of `models.planner.PlannerConfig` (kind 'diffusion' | 'mlp', ...)."""
+    return ml_collections.ConfigDict(dict(variant=variant, vlm_size=vlm_size, **overrides))
+
+
+def planner_data_block(**overrides) -> ml_collections.ConfigDict:
+    """`config.data` of the planner stages (data/planner_data.py)."""
+    d = dict(
+        cache_dir="",  # hidden-state cache (from the `cache` stage); empty = synthetic world + fixed scene tokens
+        vl_pad_to=0,  # static VL length read from a compact cache (0 = the cache's max_len)
+        num_train_scenes=2000,
+        num_eval_scenes=128,
+        scene_seed=0,
+        token_seed=0,
+    )
+    d.update(overrides)
+    return ml_collections.ConfigDict(d)
+
+
+def planner_eval_block(**overrides) -> ml_collections.ConfigDict:
+    d = dict(
+        split="eval",
+        deterministic=True,  # deterministic DDIM; False = upstream's stochastic evaluation (eta = 1)
+        batch_size=64,
+        num_plots=6,
+        baseline="",  # 'constant_velocity' scores the baseline instead of a checkpoint (eval stage)
+        checkpoint="",  # eval stage: a run workdir or parameter checkpoint to score
+        use_ema=True,
+    )
+    d.update(overrides)
+    return ml_collections.ConfigDict(d)
+
+
+def planner_stage_config(stage: str, variant: str = "small", vlm_size: str = "large") -> ml_collections.ConfigDict:
+    """Common keys + planner/data/eval blocks, with upstream's IL optimiser (DESIGN §8.1)."""
+    c = base_config()
+    c.stage = stage
+    c.planner = planner_block(variant, vlm_size)
+    c.data = planner_data_block()
+    c.eval = planner_eval_block()
+    c.train.ema_decay = 0.999
+    c.optim.update(dict(lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0, min_lr_ratio=0.01))
+    return c

@@ -45,14 +45,19 @@ def logical_to_mesh(logical: Sequence[str | None] | None, rules: dict[str, Any] 
     rules = LOGICAL_RULES if rules is None else rules
     if logical is None:
         return P()
-    out = []
+    out, used = [], set()
     for name in logical:
         if name is None:
             out.append(None)
             continue
         if name not in rules:
             raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
-        out.append(rules[name])
+        axes = rules[name]
+        names = set((axes,) if isinstance(axes, str) else (axes or ()))
+        if names & used:  # e.g. ('mlp', 'mlp'): a mesh axis can split only one dimension
+            axes = None
+        used |= names if axes is not None else set()
+        out.append(axes)
     return P(*out)
 
 

@@ -31,11 +31,17 @@ from recogdrive_jax.train.state import LossFn, TrainState, init_train_state, mak
 class Task:
     name: str
     init_params: Callable[[jax.Array], Any]  # rng -> params tree (traced: runs under eval_shape and jit)
-    loss_fn: LossFn  # (params, batch, rng) -> (loss, metrics)
+    loss_fn: LossFn | None  # (params, batch, rng) -> (loss, metrics); None when update_fn/make_update is given
     train_iter: Any  # yields process-local numpy batch dicts; get_state()/set_state() for exact resume
     logical: Any = None  # logical specs (P of names) per param, e.g. `sharding.logical_specs(nnx_state)`
     eval_fn: Callable[[TrainState, int], dict] | None = None  # host-level evaluation, returns floats
     ema_decay: float = 0.0
+    # A custom pure update `(state, batch, rng, extra) -> (state, metrics)` (e.g. DiffGRPO, PPO) built with
+    # `make_optimizer(config.optim, ...)`-compatible optimizer `tx`; replaces the default loss-gradient step.
+    update_fn: Callable[[TrainState, Any, jax.Array, Any], tuple[TrainState, dict]] | None = None
+    make_update: Callable[[Any], Callable] | None = None  # tx -> update_fn, when the update needs the optimizer
+    # Constant inputs of every step (e.g. frozen reference params); parameter-shaped trees get param shardings.
+    extra: Any = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -138,9 +144,21 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
             state = jax.jit(lambda r: init_train_state(task.init_params(r), tx, ema),
                             out_shardings=shardings)(init_rng)
 
-    step_fn = make_train_step(task.loss_fn, tx, grad_accum=int(config.optim.get("grad_accum", 1)),
-                              ema_decay=float(task.ema_decay), schedule=schedule)
+    if task.make_update is not None:
+        step_fn = task.make_update(tx)
+    elif task.update_fn is not None:
+        step_fn = task.update_fn
+    else:
+        inner = make_train_step(task.loss_fn, tx, grad_accum=int(config.optim.get("grad_accum", 1)),
+                                ema_decay=float(task.ema_decay), schedule=schedule)
+        step_fn = lambda state, batch, rng, extra: inner(state, batch, rng)  # noqa: E731
     repl = sh.replicated(mesh)
+    extra = task.extra
+    extra_sh = None
+    if extra is not None:
+        same = jax.tree.structure(extra) == jax.tree.structure(abstract_state.params)
+        extra_sh = shardings.params if same else jax.tree.map(lambda _: repl, extra)
+        extra = jax.device_put(extra, extra_sh)
     jitted = None
 
     writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(tcfg.get("tensorboard", True)))
@@ -176,9 +194,9 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
             batch = sh.make_global_batch(mesh, local)
             if jitted is None:
                 batch_sh = jax.tree.map(lambda x: sh.batch_sharding(mesh, x.ndim), batch)
-                jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
-                                 donate_argnums=(0,))
-            state, metrics = jitted(state, batch, jax.random.fold_in(step_rng, step))
+                jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl, extra_sh),
+                                 out_shardings=(shardings, repl), donate_argnums=(0,))
+            state, metrics = jitted(state, batch, jax.random.fold_in(step_rng, step), extra)
             pending.append(metrics)
             steps_since += 1
             done = step + 1

@@ -1,0 +1,100 @@
+"""Inputs of the planner stages (`il`, `rl`, `eval`): per split, the scenes (for the PDM scorer and plots),
+history / status / expert future, and the VL memory — from the hidden-state cache when
+`config.data.cache_dir` is set, else from the fixed scene-token encoder (`data/scene_tokens.py`).
+
+A cache directory holds one sub-directory per split (`<cache_dir>/<split>/`, written by the `cache` stage) with the
+scenes it was computed from (`scenes.npz`), so cached states and PDM scenes always belong together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import grain
+import jax
+import numpy as np
+
+from recogdrive_jax.data import scene_tokens
+from recogdrive_jax.data.hidden_cache import HiddenCache
+from recogdrive_jax.sim import world
+
+SPLITS = ("train", "eval", "test")
+
+
+@dataclasses.dataclass
+class PlannerSplit:
+    """One split, host-side. `scenes` is a batched `world.Scene` (leading axis N)."""
+    name: str
+    scenes: world.Scene
+    vl_states: np.ndarray | None  # [N, L, H] when held in memory (scene tokens)
+    vl_mask: np.ndarray | None  # [N, L]
+    cache: HiddenCache | None = None
+    pad_to: int | None = None  # static VL length for cache reads
+
+    def __len__(self) -> int:
+        return int(self.scenes.history.shape[0])
+
+    def vl(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.cache is not None:
+            return self.cache.read(idx, pad_to=self.pad_to)
+        return self.vl_states[idx], self.vl_mask[idx]
+
+    def cond(self, idx) -> dict:
+        idx = np.asarray(idx)
+        states, mask = self.vl(idx)
+        return {"vl_states": states.astype(np.float32), "vl_mask": mask,
+                "status": self.scenes.status[idx], "history": self.scenes.history[idx]}
+
+    def batch(self, idx) -> dict:
+        """What the planner losses take: {'cond': ..., 'future': [b, 8, 3], 'index': [b]}."""
+        idx = np.asarray(idx)
+        return {"cond": self.cond(idx), "future": self.scenes.expert[idx], "index": idx.astype(np.int32)}
+
+    def scene_batch(self, idx) -> world.Scene:
+        idx = np.asarray(idx)
+        return world.Scene(**{k: np.asarray(getattr(self.scenes, k))[idx] for k in world.SCENE_SCHEMA})
+
+
+def split_seed(data_cfg, split: str) -> int:
+    """Disjoint scene seeds per split: train, eval and test never share a scene."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} unknown; allowed: {list(SPLITS)}")
+    return int(data_cfg.scene_seed) + 1_000_003 * SPLITS.index(split)
+
+
+def num_scenes(data_cfg, split: str) -> int:
+    return int(data_cfg.num_train_scenes if split == "train" else data_cfg.num_eval_scenes)
+
+
+def synthetic_scenes(data_cfg, split: str) -> world.Scene:
+    scenes = world.generate_scenes(num_scenes(data_cfg, split), seed=split_seed(data_cfg, split))
+    return world.stack_scenes(scenes)
+
+
+def load_split(data_cfg, split: str, vl_dim: int) -> PlannerSplit:
+    """The split from the cache (when `data_cfg.cache_dir`) or the synthetic world + fixed scene tokens."""
+    cache_dir = data_cfg.get("cache_dir", "") or ""
+    if cache_dir:
+        from recogdrive_jax.sim import scene_store
+        path = os.path.join(cache_dir, split)
+        cache = HiddenCache.open(path)
+        cache.check_hidden_size(vl_dim)
+        scenes = scene_store.load_scenes(os.path.join(path, "scenes.npz"))
+        if len(scenes.history) != cache.num_samples:
+            raise ValueError(f"{path}: scenes.npz has {len(scenes.history)} scenes but the cache {cache.num_samples}")
+        pad = data_cfg.get("vl_pad_to", 0) or cache.max_len
+        return PlannerSplit(split, scenes, None, None, cache=cache, pad_to=int(pad))
+    scenes = synthetic_scenes(data_cfg, split)
+    tokens, mask = scene_tokens.scene_tokens(scenes, vl_dim, seed=int(data_cfg.get("token_seed", 0)))
+    return PlannerSplit(split, scenes, tokens, mask)
+
+
+def train_iterator(split: PlannerSplit, local_batch_size: int, seed: int):
+    """Endless shuffled batches of this process's share; a checkpointable Grain iterator (get_state/set_state)."""
+    if len(split) < local_batch_size * jax.process_count():
+        raise ValueError(f"split {split.name!r} has {len(split)} samples, fewer than one global batch "
+                         f"({local_batch_size * jax.process_count()}); raise config.data.num_train_scenes")
+    ds = grain.MapDataset.range(len(split)).shuffle(seed=seed).repeat(None)
+    ds = ds[jax.process_index()::jax.process_count()]
+    ds = ds.batch(local_batch_size, drop_remainder=True).map(split.batch)
+    return iter(ds)

@@ -1,0 +1,111 @@
+"""Scoring planners on a split: PDM sub-metrics (sim/pdm.py), ADE/FDE, a Markdown table and BEV plots.
+
+Shared by the `il` stage's periodic evaluation, the `rl` stage and the `eval` stage, so a number printed by any
+of them means the same thing.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recogdrive_jax.sim import pdm
+
+# Reported keys (the eval stage's metrics.json), in table order.
+REPORT_KEYS = ("nc", "dac", "ddc", "ttc", "ep", "comfort", "pdms", "epdms", "ade", "fde", "num_scenes")
+_PDM_KEYS = {"nc": "nc", "dac": "dac", "ddc": "ddc", "ttc": "ttc", "ep": "ep", "comfort": "c", "pdms": "pdms",
+             "epdms": "epdms"}
+
+
+def score_plans(split, trajectories: np.ndarray, chunk: int = 64, **pdm_kwargs) -> dict[str, np.ndarray]:
+    """Per-scene metrics of one plan per scene: trajectories [N, 8, 3] → {key: [N]} (PDM keys + ade, fde)."""
+    n = len(split)
+    trajectories = np.asarray(trajectories, np.float32)
+    if trajectories.shape != (n, 8, 3):
+        raise ValueError(f"score_plans: trajectories of shape {trajectories.shape}, expected {(n, 8, 3)}")
+    out: dict[str, list] = {k: [] for k in _PDM_KEYS}
+    for start in range(0, n, chunk):
+        idx = np.arange(start, min(start + chunk, n))
+        pad = np.concatenate([idx, np.full(chunk - len(idx), idx[-1])])  # fixed shape: one compilation
+        res = pdm.pdm_score(split.scene_batch(pad), jnp.asarray(trajectories[pad])[:, None], **pdm_kwargs)
+        for k, src in _PDM_KEYS.items():
+            out[k].append(np.asarray(res[src])[: len(idx), 0])
+    per = {k: np.concatenate(v) for k, v in out.items()}
+    err = np.linalg.norm(trajectories[..., :2] - split.scenes.expert[..., :2], axis=-1)  # [N, 8]
+    per["ade"], per["fde"] = err.mean(-1), err[:, -1]
+    return per
+
+
+def summarize(per_scene: dict[str, np.ndarray]) -> dict[str, float]:
+    out = {k: float(np.nanmean(per_scene[k])) for k in REPORT_KEYS if k in per_scene}
+    out["num_scenes"] = int(len(per_scene["pdms"]))
+    return out
+
+
+def make_sampler(module_def, deterministic: bool = True) -> Callable:
+    """jit(params, cond, rng) → trajectories [B, 8, 3]; built once per module definition."""
+    @jax.jit
+    def sample(params, cond, rng):
+        return module_def.bind(params).sample(cond, rng, deterministic=deterministic)
+    return sample
+
+
+def plan_split(sampler, params, split, rng, batch_size: int = 64) -> np.ndarray:
+    """Plans for every scene of `split`, in fixed-size batches."""
+    n = len(split)
+    outs = []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
+        traj = sampler(params, jax.tree.map(jnp.asarray, split.cond(pad)), jax.random.fold_in(rng, start))
+        outs.append(np.asarray(traj)[: len(idx)])
+    return np.concatenate(outs)
+
+
+def constant_velocity_plans(split) -> np.ndarray:
+    from recogdrive_jax.sim.baselines import constant_velocity_plan
+    return np.stack([constant_velocity_plan(split.scenes.history[i], split.scenes.status[i])
+                     for i in range(len(split))]).astype(np.float32)
+
+
+def markdown_table(rows: dict[str, dict[str, float]]) -> str:
+    """rows: {name: summary}. One line per planner."""
+    keys = [k for k in REPORT_KEYS if any(k in r for r in rows.values())]
+    lines = ["| planner | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, r in rows.items():
+        cells = [f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str, summary: dict[str, float], table_rows: dict[str, dict[str, float]]):
+    if jax.process_index() != 0:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out_dir, "metrics.md"), "w") as f:
+        f.write(markdown_table(table_rows))
+
+
+def plot_scenes(out_dir: str, split, idx, plans: dict[str, np.ndarray], per_scene: dict[str, np.ndarray] | None,
+                prefix: str = "scene"):
+    """BEV PNGs of scenes `idx` with each named plan (and the expert)."""
+    if jax.process_index() != 0:
+        return []
+    from recogdrive_jax.sim import render
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i in idx:
+        i = int(i)
+        scene = split.scene_batch(np.array([i]))
+        scene = type(scene)(**{k: np.asarray(v)[0] for k, v in vars(scene).items()})
+        title = f"{prefix} {i}" + (f"  PDMS {per_scene['pdms'][i]:.3f}" if per_scene is not None else "")
+        path = os.path.join(out_dir, f"{prefix}_{i:05d}.png")
+        render.save_bev_png(path, scene, {name: p[i] for name, p in plans.items()}, title=title)
+        paths.append(path)
+    return paths
