@@ -68,7 +68,7 @@ def _cat_bias(ts):
 
 
 def _split3_lin(a):
-    return [x.T for x in np.split(a.T, 3, axis=0)]
+    return list(np.split(a.T, 3, axis=0))
 
 
 def _split3_bias(a):

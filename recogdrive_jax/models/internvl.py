@@ -153,7 +153,8 @@ def config_from_hf(d: dict, **overrides) -> InternVLConfig:
                               "layer_scale_init_value": "initializer_factor"}))
         llm = _llm_from_dict({**d["text_config"], "tie_word_embeddings": d.get(
             "tie_word_embeddings", d["text_config"].get("tie_word_embeddings", False))})
-        top = dict(downsample_ratio=d.get("downsample_ratio", 0.5), select_layer=d.get("vision_feature_layer", -1),
+        top = {k: v for k, v in _pick(d, InternVLConfig).items() if k not in ("vision_config", "llm_config")}
+        top.update(downsample_ratio=d.get("downsample_ratio", 0.5), select_layer=d.get("vision_feature_layer", -1),
                    image_token_id=d.get("image_token_id", 151667))
         if d.get("vision_feature_select_strategy", "default") != "default":
             raise ValueError("config.json: vision_feature_select_strategy must be 'default' (drop CLS)")
@@ -184,19 +185,25 @@ def _llm_to_dict(c: Qwen2Config, native: bool) -> dict:
              rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
              tie_word_embeddings=c.tie_word_embeddings, initializer_range=c.initializer_range,
              attention_dropout=c.attention_dropout, use_sliding_window=False, sliding_window=None)
+    rs = dict(c.rope_scaling or ())
     if native:  # transformers >= 5: rope_parameters
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": c.rope_theta}
+        d["rope_parameters"] = {"rope_type": "default", **rs, "rope_theta": c.rope_theta}
     else:
         d["rope_theta"] = c.rope_theta
-        d["rope_scaling"] = dict(c.rope_scaling) if c.rope_scaling else None
+        d["rope_scaling"] = {**rs, "type": rs["rope_type"]} if rs else None
     return d
 
 
 def config_to_hf(cfg: InternVLConfig, layout: str = "native") -> dict:
     """config.json dict for `layout` 'native' (InternVLForConditionalGeneration) or 'remote' (InternVLChatModel)."""
     v = cfg.vision_config
+    # Fields transformers does not use but a round trip needs (tiling, template, token ids); HF keeps extra keys.
+    extra = dict(template=cfg.template, dynamic_image_size=cfg.dynamic_image_size, use_thumbnail=cfg.use_thumbnail,
+                 min_dynamic_patch=cfg.min_dynamic_patch, max_dynamic_patch=cfg.max_dynamic_patch,
+                 img_start_token_id=cfg.img_start_token_id, img_end_token_id=cfg.img_end_token_id,
+                 eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
     if layout == "native":
-        return dict(
+        return dict(**extra,
             architectures=["InternVLForConditionalGeneration"], model_type="internvl",
             downsample_ratio=cfg.downsample_ratio, image_token_id=cfg.image_token_id,
             image_seq_length=cfg.num_image_token, projector_hidden_act="gelu", vision_feature_layer=-1,
@@ -211,11 +218,9 @@ def config_to_hf(cfg: InternVLConfig, layout: str = "native") -> dict:
                 initializer_range=v.initializer_range, use_mean_pooling=True))
     if layout == "remote":
         return dict(
-            architectures=["InternVLChatModel"], model_type="internvl_chat",
+            **extra, architectures=["InternVLChatModel"], model_type="internvl_chat",
             downsample_ratio=cfg.downsample_ratio, ps_version=cfg.ps_version, select_layer=cfg.select_layer,
-            template=cfg.template, force_image_size=v.image_size, dynamic_image_size=cfg.dynamic_image_size,
-            use_thumbnail=cfg.use_thumbnail, min_dynamic_patch=cfg.min_dynamic_patch,
-            max_dynamic_patch=cfg.max_dynamic_patch, image_token_id=cfg.image_token_id,
+            force_image_size=v.image_size, image_token_id=cfg.image_token_id,
             use_backbone_lora=0, use_llm_lora=0, tie_word_embeddings=False,
             llm_config=_llm_to_dict(cfg.llm_config, False),
             vision_config=dict(

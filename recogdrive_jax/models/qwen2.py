@@ -51,8 +51,12 @@ class Qwen2Config:
                              f"num_key_value_heads {self.num_key_value_heads}")
         if self.hidden_act != "silu":
             raise ValueError(f"llm_config: hidden_act {self.hidden_act!r}; only 'silu' is supported")
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if isinstance(self.rope_scaling, dict):  # canonical: 'rope_type' (HF also writes the legacy 'type')
+            rs = dict(self.rope_scaling)
+            if "type" in rs:
+                rs.setdefault("rope_type", rs.pop("type"))
+            rs.pop("rope_theta", None)
+            object.__setattr__(self, "rope_scaling", tuple(sorted(rs.items())) if rs else None)
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(f"llm_config: hidden_size {self.hidden_size} not divisible by heads")
