@@ -483,7 +483,7 @@ def abstract_planner(cfg: PlannerConfig) -> Planner:
 
 def planner_params(planner: Planner) -> dict:
     """The planner's parameters as a nested pure dict (what the converter writes and stages restore)."""
-    return nnx.state(planner, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(planner, nnx.Param))
 
 
 def load_planner_params(planner: Planner, params: Mapping) -> None:
