@@ -245,7 +245,7 @@ class Projector(nnx.Module):
             scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)), rngs=rngs)
         self.linear_1 = dense(din, dout, ("mlp", "embed"), bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = dense(dout, dout, ("embed", "embed"), bias=True, dtype=dtype, param_dtype=param_dtype,
+        self.linear_2 = dense(dout, dout, (None, "embed"), bias=True, dtype=dtype, param_dtype=param_dtype,
                               rngs=rngs)
 
     def __call__(self, x):
