@@ -1,0 +1,69 @@
+"""The driving prompt the VLM sees for a trajectory sample (ReCogDrive's backbone input, DESIGN §5, seed 000/004).
+
+Upstream feeds InternVL, with the `internvl2_5` template, a driving system message, the front-camera image, the
+last 4 ego poses as text and the navigation command; the planner is conditioned on the last hidden states of that
+prompt. The `cache` stage builds exactly this prompt for every synthetic-world scene, and the synthetic QA data
+can use the same question so that SFT teaches the model the prompt it is later cached on.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from recogdrive_jax.data.template import chat_prompt
+
+DRIVING_SYSTEM = (
+    "You are a vehicle trajectory prediction model for autonomous driving. Your task is to predict the ego "
+    "vehicle's 4-second trajectory based on the following inputs: the front camera image, the ego vehicle's "
+    "recent poses and a discrete navigation command. The input provides a 1.5-second history, and your output "
+    "must be a safe, comfortable trajectory for the next 4 seconds that stays on the drivable area, keeps its "
+    "lane and avoids collisions.")
+
+# world.COMMANDS order: left, straight, right, unknown (NAVSIM's 4-dim one-hot).
+COMMAND_TEXT = ("TURN LEFT", "GO STRAIGHT", "TURN RIGHT", "UNKNOWN")
+
+
+def history_text(history: np.ndarray) -> str:
+    """history [4, 3] (x, y, heading) at -1.5, -1.0, -0.5, 0 s in the ego frame → one line per pose."""
+    history = np.asarray(history, np.float64)
+    if history.ndim != 2 or history.shape[1] != 3:
+        raise ValueError(f"history: expected [T, 3] (x, y, heading), got shape {history.shape}")
+    n = len(history)
+    return "\n".join(f"   - t-{n - 1 - k}: ({x:.2f}, {y:.2f}, {h:.2f})" for k, (x, y, h) in enumerate(history))
+
+
+def command_text(command: int) -> str:
+    if not 0 <= int(command) < len(COMMAND_TEXT):
+        raise ValueError(f"navigation command {command!r}: expected an index in [0, {len(COMMAND_TEXT)})")
+    return COMMAND_TEXT[int(command)]
+
+
+def driving_question(history: np.ndarray, command: int) -> str:
+    """The user turn (with its `<image>` placeholder) for one sample."""
+    return ("<image>\nAs an autonomous driving system, predict the vehicle's trajectory based on:\n"
+            "1. Visual perception from the front camera view\n"
+            f"2. Historical motion context (last {len(np.asarray(history))} timesteps, x, y, heading):\n"
+            f"{history_text(history)}\n"
+            f"3. Active navigation command: [{command_text(command)}]\n"
+            "Output requirements:\n- Predict 8 future trajectory points at 0.5 s intervals\n"
+            "- Each point format: (x:float, y:float, heading:float)\n"
+            "- Use [PT, ...] to encapsulate the trajectory")
+
+
+def trajectory_answer(future: np.ndarray) -> str:
+    """The assistant turn for a future [8, 3]: '[PT, (x, y, h), ...]' with 2 decimals."""
+    future = np.asarray(future, np.float64)
+    return "[PT, " + ", ".join(f"({x:.2f}, {y:.2f}, {h:.2f})" for x, y, h in future) + "]"
+
+
+def scene_command(scene) -> int:
+    """Command index of one (unbatched) `world.Scene`."""
+    return int(np.asarray(scene.command))
+
+
+def driving_prompt(history: np.ndarray, command: int, num_tiles: Sequence[int], num_image_token: int,
+                   system_message: str | None = DRIVING_SYSTEM) -> str:
+    """The full inference prompt (system + user + assistant prefix), image placeholders expanded."""
+    return chat_prompt(driving_question(history, command), list(num_tiles), num_image_token=num_image_token,
+                       system_message=system_message)

@@ -1,0 +1,208 @@
+"""Length-grouped (optionally packed) SFT batches with a few static shapes, as a checkpointable Grain iterator.
+
+Upstream trains InternVL with `group_by_length=True` (HF `LengthGroupedSampler`: shuffle, cut into mega-batches of
+50 global batches, sort each by length) and optional packing. Under jit every new shape is a new compilation, so
+each batch is padded to the smallest of a few **length buckets** (`buckets`) and a few **tile buckets**
+(`tile_buckets`, per row). Grouping by length keeps the padding small; the buckets bound the number of compiled
+shapes to len(buckets) × len(tile_buckets).
+
+Packing (`pack=True`) concatenates samples into rows of at most max(buckets) tokens (first-fit decreasing, done once
+for the dataset, so the rows are the same every epoch and an epoch has a fixed number of batches). A packed row
+carries `segment_ids` (1, 2, ... per sample, 0 = padding) and per-sample positions; the loss masks attention to
+the same segment, so packed samples never see each other.
+
+Batch layout (process-local, `b` rows): input_ids/labels/attention_mask/segment_ids/positions [b, T] int32,
+pixel_values [b, M, S, S, 3] float32 and image_flags [b, M] int32 (a row's real tiles first; flag 0 = padding).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import grain
+import numpy as np
+
+IGNORE_INDEX = -100
+MEGABATCH_MULT = 50  # HF LengthGroupedSampler
+
+
+class BucketError(ValueError):
+    pass
+
+
+def default_buckets(max_len: int, smallest: int = 256) -> tuple[int, ...]:
+    """Powers of two from `smallest` below `max_len`, then `max_len` itself: ≤ log2(max/smallest)+1 shapes."""
+    out, b = [], max(1, int(smallest))
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    out.append(int(max_len))
+    return tuple(out)
+
+
+def bucket_for(n: int, buckets: Sequence[int], what: str = "sequence length") -> int:
+    for b in sorted(buckets):
+        if n <= b:
+            return int(b)
+    raise BucketError(f"{what} {n} exceeds the largest bucket {max(buckets)}")
+
+
+def pack_rows(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """First-fit decreasing: sample indices grouped into rows of total length ≤ capacity (deterministic)."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = int(lengths[i])
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(int(i))
+                room[r] -= n
+                break
+        else:
+            rows.append([int(i)])
+            room.append(capacity - n)
+    return rows
+
+
+def grouped_epoch(row_lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
+                  megabatch_mult: int = MEGABATCH_MULT) -> np.ndarray:
+    """One epoch's batches [num_batches, global_batch] of row indices: shuffled, then sorted by length inside
+    each mega-batch (HF `get_length_grouped_indices`), then the batch order shuffled (drop remainder)."""
+    n = len(row_lengths)
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    perm = rng.permutation(n)
+    mega = global_batch * megabatch_mult
+    grouped = []
+    for s in range(0, n, mega):
+        chunk = perm[s:s + mega]
+        grouped.append(chunk[np.argsort(-np.asarray(row_lengths)[chunk], kind="stable")])
+    flat = np.concatenate(grouped) if grouped else np.zeros(0, np.int64)
+    nb = n // global_batch
+    batches = flat[:nb * global_batch].reshape(nb, global_batch)
+    return batches[rng.permutation(nb)]
+
+
+class GroupedBatches:
+    """The batch plan plus the collate function; `iterator()` wraps them as a Grain iterator.
+
+    `load(i)` returns sample i as `data/template.build_sample` does with `pad_to_max_length=False` (input_ids,
+    labels, attention_mask [t]; pixel_values [n, S, S, 3]; image_flags [n]); `lengths[i]`/`tiles[i]` are its
+    estimated token and tile counts (for grouping; the real counts decide the bucket).
+    """
+
+    def __init__(self, load: Callable[[int], dict], lengths: np.ndarray, tiles: np.ndarray, *, global_batch: int,
+                 process_index: int, process_count: int, buckets: Sequence[int], tile_buckets: Sequence[int],
+                 image_size: int, pad_token_id: int, seed: int = 0, pack: bool = False):
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+        self.load, self.lengths, self.tiles = load, np.asarray(lengths), np.asarray(tiles)
+        self.global_batch, self.pi, self.pc = int(global_batch), int(process_index), int(process_count)
+        self.local_batch = self.global_batch // self.pc
+        self.buckets, self.tile_buckets = tuple(sorted(buckets)), tuple(sorted(tile_buckets))
+        self.image_size, self.pad_token_id, self.seed, self.pack = int(image_size), int(pad_token_id), int(seed), pack
+        cap = self.buckets[-1]
+        if pack:
+            self.rows = pack_rows(np.minimum(self.lengths, cap), cap)
+        else:
+            self.rows = [[i] for i in range(len(self.lengths))]
+        self.row_lengths = np.array([sum(int(self.lengths[i]) for i in r) for r in self.rows])
+        self.batches_per_epoch = len(self.rows) // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(self.rows)} training rows are fewer than one global batch ({self.global_batch}); "
+                             "add data or lower config.train.batch_size")
+        self._epoch_cache: dict[int, np.ndarray] = {}
+        self.skipped = 0
+
+    def epoch_plan(self, epoch: int) -> np.ndarray:
+        plan = self._epoch_cache.get(epoch)  # one cached epoch; Grain's reader threads may race harmlessly
+        if plan is None:
+            plan = grouped_epoch(self.row_lengths, self.global_batch, self.seed, epoch)
+            self._epoch_cache = {epoch: plan}
+        return plan
+
+    def local_rows(self, k: int) -> list[list[int]]:
+        """Sample indices of this process's rows of global batch k."""
+        plan = self.epoch_plan(k // self.batches_per_epoch)[k % self.batches_per_epoch]
+        mine = plan[self.pi * self.local_batch:(self.pi + 1) * self.local_batch]
+        return [self.rows[int(r)] for r in mine]
+
+    def _load(self, i: int) -> dict | None:
+        from recogdrive_jax.data.template import SampleError
+        try:
+            return self.load(i)
+        except SampleError as e:  # a bad row becomes padding; the loss ignores it
+            self.skipped += 1
+            logging.warning("SFT sample %d skipped: %s", i, e)
+            return None
+
+    def collate(self, rows: list[list[int]]) -> dict:
+        loaded = []
+        cap = self.buckets[-1]
+        for row in rows:
+            samples, used = [], 0
+            for i in row:
+                s = self._load(i)
+                if s is None:
+                    continue
+                n = len(s["input_ids"])
+                if used + n > cap:  # estimated lengths were short: keep the row within the largest bucket
+                    if not samples:
+                        raise BucketError(f"sample {i} has {n} tokens > largest bucket {cap}")
+                    self.skipped += 1
+                    continue
+                samples.append(s)
+                used += n
+            loaded.append(samples)
+        t = bucket_for(max([sum(len(s["input_ids"]) for s in r) for r in loaded] + [1]), self.buckets)
+        m = bucket_for(max([sum(int(np.sum(s["image_flags"] > 0)) for s in r) for r in loaded] + [1]),
+                       self.tile_buckets, "tiles per row")
+        b, sz = len(rows), self.image_size
+        out = {"input_ids": np.full((b, t), self.pad_token_id, np.int32),
+               "labels": np.full((b, t), IGNORE_INDEX, np.int32),
+               "attention_mask": np.zeros((b, t), np.int32), "segment_ids": np.zeros((b, t), np.int32),
+               "positions": np.zeros((b, t), np.int32),
+               "pixel_values": np.zeros((b, m, sz, sz, 3), np.float32), "image_flags": np.zeros((b, m), np.int32)}
+        for r, samples in enumerate(loaded):
+            pos, tile = 0, 0
+            for seg, s in enumerate(samples, start=1):
+                n = len(s["input_ids"])
+                out["input_ids"][r, pos:pos + n] = s["input_ids"]
+                out["labels"][r, pos:pos + n] = s["labels"]
+                out["attention_mask"][r, pos:pos + n] = 1
+                out["segment_ids"][r, pos:pos + n] = seg
+                out["positions"][r, pos:pos + n] = np.arange(n)
+                real = np.asarray(s["image_flags"]) > 0
+                k = int(real.sum())
+                out["pixel_values"][r, tile:tile + k] = np.asarray(s["pixel_values"])[real]
+                out["image_flags"][r, tile:tile + k] = 1
+                pos, tile = pos + n, tile + k
+        return out
+
+    def batch(self, k: int) -> dict:
+        return self.collate(self.local_rows(k))
+
+    def iterator(self, num_threads: int = 2, prefetch: int = 4, num_epochs: int = 1_000_000):
+        """Endless (num_epochs) Grain iterator with get_state/set_state (the loop checkpoints it)."""
+        ds = grain.MapDataset.range(self.batches_per_epoch * int(num_epochs)).map(self.batch)
+        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
+
+    def eval_batches(self):
+        """Every row exactly once, sorted by length, in global batches (the last one padded with empty rows);
+        yields this process's share of each."""
+        order = [int(i) for i in np.argsort(-self.row_lengths, kind="stable")]
+        for s in range(0, len(order), self.global_batch):
+            chunk = order[s:s + self.global_batch]
+            rows = [self.rows[i] for i in chunk] + [[]] * (self.global_batch - len(chunk))
+            yield self.collate(rows[self.pi * self.local_batch:(self.pi + 1) * self.local_batch])
+
+
+def shapes_in_epoch(plan: GroupedBatches, epoch: int = 0) -> set[tuple[int, int]]:
+    """The (T, M) bucket pairs an epoch would use, from the estimated lengths (diagnostics and tests)."""
+    out = set()
+    for k in range(plan.batches_per_epoch):
+        rows = plan.local_rows(epoch * plan.batches_per_epoch + k)
+        t = bucket_for(max(sum(int(plan.lengths[i]) for i in r) for r in rows), plan.buckets)
+        m = bucket_for(max(sum(int(plan.tiles[i]) for i in r) for r in rows), plan.tile_buckets, "tiles per row")
+        out.add((t, m))
+    return out
