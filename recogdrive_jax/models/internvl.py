@@ -337,7 +337,13 @@ class InternVLModel(nnx.Module):
 
 def init_model(cfg: InternVLConfig, *, seed: int = 0, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32) -> InternVLModel:
-    return InternVLModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+    """Randomly initialised model; the initialisers run in one jitted call (eager init dispatches op by op)."""
+    def make():
+        return InternVLModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    state = jax.jit(lambda: nnx.state(make()))()
+    return nnx.merge(graphdef, state)
 
 
 def abstract_model(cfg: InternVLConfig, *, dtype: Dtype = jnp.float32,
