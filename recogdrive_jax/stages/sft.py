@@ -66,6 +66,8 @@ def data_block(**overrides) -> ml_collections.ConfigDict:
         length_buckets=(),  # padded lengths; () = powers of two from 256 up to max_seq_length
         tile_buckets=(),  # tiles per row; () = (1, 2, 4, ..., max_dynamic_patch + thumbnail)
         pack=False,  # pack several samples per row (segment-masked attention)
+        per_device_batch_size=0,  # > 0: optim.grad_accum = train.batch_size / (this x devices), as upstream
+        num_epochs=0,  # > 0: train.num_steps = epochs x batches per epoch (upstream trains 3 epochs)
         num_workers=2,  # Grain reader threads
         prefetch=4,
     )
@@ -399,6 +401,23 @@ def export_hf(params, cfg, tok, out_dir: str, export_cfg) -> None:
     os.replace(tmp, out_dir)
 
 
+def derive_steps_and_accum(config, batches_per_epoch: int, num_devices: int) -> None:
+    """`data.num_epochs` → train.num_steps; `data.per_device_batch_size` → optim.grad_accum (upstream's
+    GRADIENT_ACC = BATCH_SIZE / PER_DEVICE_BATCH_SIZE / GPUS)."""
+    d = config.data
+    if d.get("num_epochs", 0):
+        config.train.num_steps = int(d.num_epochs) * int(batches_per_epoch)
+    pdb = int(d.get("per_device_batch_size", 0) or 0)
+    if pdb:
+        gbs, per_step = int(config.train.batch_size), pdb * num_devices
+        if gbs % per_step:
+            raise configs.ConfigError(
+                f"config.data.per_device_batch_size={pdb}: {pdb} x {num_devices} devices does not divide "
+                f"config.train.batch_size={gbs}")
+        config.optim.grad_accum = gbs // per_step
+    configs.validate_common(config)
+
+
 def run(config, workdir: str) -> dict:
     import jax
 
@@ -422,7 +441,8 @@ def run(config, workdir: str) -> dict:
     eval_plan = build_batches(eval_meta, tok, cfg, data, global_batch=gbs, seed=int(config.seed) + 1,
                               for_eval=True) if eval_meta else None
 
-    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy: freeze flags + init path
+    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy: derived knobs below
+    derive_steps_and_accum(config, plan.batches_per_epoch, jax.device_count())
     config.optim.freeze = tuple(config.optim.get("freeze", ()) or ()) + freeze_patterns(config.model)
     if resolved.params_path and not config.train.get("init_from"):
         config.train.init_from = resolved.params_path
