@@ -484,18 +484,24 @@ def _score(scene: Scene, trajectories: jax.Array, ep_weight, ttc_weight, comfort
 
 
 @functools.partial(jax.jit, static_argnames=("interval", "human_filter"))
+def _pdm_score_jit(scene, trajectories, weights, interval, human_filter):
+    return _score(scene, trajectories, weights[0], weights[1], weights[2], interval, human_filter)
+
+
 def pdm_score(scene: Scene, trajectories: jax.Array, ep_weight: float = 5.0, ttc_weight: float = 5.0,
               comfort_weight: float = 2.0, interval: float = world.PLAN_DT,
               human_filter: bool = True) -> dict[str, jax.Array]:
     """PDM sub-metrics and scores of candidate trajectories.
 
     scene: a batched `Scene` (leading axis B, e.g. `world.stack_scenes`); trajectories: [B, G, T, 3] ego-frame
-    poses (x, y, heading) at `interval` s (default 8 poses at 0.5 s). Weights are traced arguments (no
-    recompilation): v1 defaults 5/5/2; upstream's RL reward uses ep_weight=10. Returns [B, G] arrays for
-    METRIC_KEYS: nc, dac, ddc, ttc, ep, c, pdms (v1); tlc, lk, hc, ec (NaN), ddc_v2, ttc_v2, ep_v2, epdms (v2);
-    progress (raw metres) and ref_progress (the reference's raw progress).
+    poses (x, y, heading) at `interval` s (default 8 poses at 0.5 s). Weights may be floats or traced scalars
+    (no recompilation when they change): v1 defaults 5/5/2; upstream's RL reward uses ep_weight=10.
+    Returns [B, G] arrays for METRIC_KEYS: nc, dac, ddc, ttc, ep, c, pdms (v1); tlc, lk, hc, ec (NaN), ddc_v2,
+    ttc_v2, ep_v2, epdms (v2, `human_filter` on by default); progress (raw metres) and ref_progress (the
+    reference's raw progress). Compiled once per (B, G, T) shape; callable inside jit / vmap / shard_map.
     """
-    return _score(scene, trajectories, ep_weight, ttc_weight, comfort_weight, interval, human_filter)
+    weights = jnp.stack([jnp.asarray(w, jnp.result_type(float)) for w in (ep_weight, ttc_weight, comfort_weight)])
+    return _pdm_score_jit(scene, trajectories, weights, interval, human_filter)
 
 
 def pdm_score_single(scene: Scene, trajectory: np.ndarray, **kw) -> dict[str, float]:
