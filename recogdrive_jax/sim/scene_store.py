@@ -1,0 +1,71 @@
+"""Scene storage without pickle: the arrays the PDM scorer needs (NAVSIM's metric cache role) as `.npz`.
+
+A file holds either one scene (fields shaped as `world.SCENE_SCHEMA`) or a batch (every field with a leading
+axis N). Loading uses `allow_pickle=False` and validates every field's presence, shape, dtype and finiteness,
+raising `SceneStoreError` that names the file and field.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Sequence
+
+import numpy as np
+
+from recogdrive_jax.sim import world
+from recogdrive_jax.sim.world import SCENE_SCHEMA, Scene
+
+FORMAT_VERSION = 1
+
+
+class SceneStoreError(ValueError):
+    pass
+
+
+def save_scenes(path: str, scenes: Scene | Sequence[Scene]) -> str:
+    """Writes one scene or a list/batch of scenes to `path` (.npz, compressed); returns the path."""
+    if isinstance(scenes, Scene):
+        arrays = {k: np.asarray(getattr(scenes, k)) for k in SCENE_SCHEMA}
+    else:
+        arrays = {k: np.asarray(getattr(world.stack_scenes(list(scenes)), k)) for k in SCENE_SCHEMA}
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, __format_version__=np.array(FORMAT_VERSION), **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_scenes(path: str) -> Scene:
+    """Loads and validates a scene file; the result is batched iff the file is."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise SceneStoreError(f"{path}: not a readable scene .npz ({e})") from e
+    with data:
+        if "__format_version__" not in data.files:
+            raise SceneStoreError(f"{path}: missing field '__format_version__' (not a scene store file)")
+        version = int(data["__format_version__"])
+        if version != FORMAT_VERSION:
+            raise SceneStoreError(f"{path}: format version {version}, expected {FORMAT_VERSION}")
+        fields = {}
+        lead = None
+        for name, (shape, dtype) in SCENE_SCHEMA.items():
+            if name not in data.files:
+                raise SceneStoreError(f"{path}: missing field '{name}'")
+            try:
+                arr = data[name]
+            except ValueError as e:  # object arrays need pickle: refuse
+                raise SceneStoreError(f"{path}: field '{name}' is not a plain array ({e})") from e
+            if arr.dtype != dtype:
+                raise SceneStoreError(f"{path}: field '{name}' has dtype {arr.dtype}, expected {dtype}")
+            extra = arr.ndim - len(shape)
+            if extra not in (0, 1) or tuple(arr.shape[extra:]) != shape:
+                raise SceneStoreError(f"{path}: field '{name}' has shape {arr.shape}, expected {shape} or (N,)+{shape}")
+            this_lead = arr.shape[0] if extra else None
+            if lead is None and name == "history":
+                lead = this_lead
+            elif this_lead != lead:
+                raise SceneStoreError(f"{path}: field '{name}' has leading size {this_lead}, expected {lead}")
+            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                raise SceneStoreError(f"{path}: field '{name}' contains NaN or Inf")
+            fields[name] = arr
+    return Scene(**fields)
