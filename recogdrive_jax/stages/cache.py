@@ -165,16 +165,15 @@ def cache_split(split: str, scenes, builder: PromptBuilder, forward, params, out
     from recogdrive_jax.sim import scene_store
     from recogdrive_jax.sim import world
     n = int(scenes.history.shape[0])
-    cache = HiddenCache.create(out_dir, n, max_len, hidden_size, layout=cache_cfg.layout)
     scenes_path = os.path.join(out_dir, "scenes.npz")
-    if jax.process_index() == 0:
-        if os.path.exists(scenes_path):
-            old = scene_store.load_scenes(scenes_path)
-            if not np.array_equal(np.asarray(old.seed), np.asarray(scenes.seed)):
-                raise ValueError(f"{scenes_path}: the cached scenes differ from config.data's {split} scenes "
-                                 "(other scene_seed / num_*_scenes); use another workdir or delete it")
-        else:
-            scene_store.save_scenes(scenes_path, scenes)
+    if os.path.exists(scenes_path):
+        old = scene_store.load_scenes(scenes_path)
+        if np.asarray(old.seed).shape != np.asarray(scenes.seed).shape or not np.array_equal(old.seed, scenes.seed):
+            raise ValueError(f"{scenes_path}: the cached scenes differ from config.data's {split} scenes "
+                             "(other scene_seed / num_*_scenes); use another workdir or delete it")
+    cache = HiddenCache.create(out_dir, n, max_len, hidden_size, layout=cache_cfg.layout)
+    if jax.process_index() == 0 and not os.path.exists(scenes_path):
+        scene_store.save_scenes(scenes_path, scenes)
     mine = np.arange(jax.process_index(), n, jax.process_count())
     todo = cache.pending(mine)
     bs = int(cache_cfg.batch_size)
