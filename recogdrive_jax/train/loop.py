@@ -42,6 +42,9 @@ class Task:
     make_update: Callable[[Any], Callable] | None = None  # tx -> update_fn, when the update needs the optimizer
     # Constant inputs of every step (e.g. frozen reference params); parameter-shaped trees get param shardings.
     extra: Any = None
+    # Sees the state after init/restore and after every step, before the next `next(train_iter)` (e.g. a PPO
+    # rollout iterator that samples with the current params).
+    on_state: Callable[[TrainState], None] | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -144,6 +147,8 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
             state = jax.jit(lambda r: init_train_state(task.init_params(r), tx, ema),
                             out_shardings=shardings)(init_rng)
 
+    if task.on_state is not None:
+        task.on_state(state)
     if task.make_update is not None:
         step_fn = task.make_update(tx)
     elif task.update_fn is not None:
@@ -198,6 +203,8 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
                                  out_shardings=(shardings, repl), donate_argnums=(0,))
             state, metrics = jitted(state, batch, jax.random.fold_in(step_rng, step), extra)
             pending.append(metrics)
+            if task.on_state is not None:
+                task.on_state(state)
             steps_since += 1
             done = step + 1
             progress.update(done)

@@ -14,7 +14,18 @@ import optax
 
 
 def make_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
-    """Linear warmup over `warmup_ratio` (or `warmup_steps`) of the run, then cosine to `lr * min_lr_ratio`."""
+    """Linear warmup over `warmup_ratio` (or `warmup_steps`) of the run, then cosine to `lr * min_lr_ratio`.
+
+    `cosine_steps` (0 = the run length) sets the cosine period (PPO's T_max=20 over 15 updates) and
+    `optimizer_steps_per_step` > 1 holds the LR for that many optimizer updates, for updates that take several
+    optimizer steps per loop step (PPO epochs × minibatches) but step the schedule once per loop step.
+    """
+    per = int(optim_cfg.get("optimizer_steps_per_step", 1) or 1)
+    base = _step_schedule(optim_cfg, num_steps)
+    return base if per == 1 else (lambda count: base(count // per))
+
+
+def _step_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
     lr = float(optim_cfg.lr)
     warmup = int(optim_cfg.get("warmup_steps", 0) or round(float(optim_cfg.get("warmup_ratio", 0.0)) * num_steps))
     kind = optim_cfg.get("schedule", "cosine")
@@ -26,7 +37,7 @@ def make_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
         raise ValueError(f"config.optim.schedule: unknown {kind!r}; allowed: ['cosine', 'constant']")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
-        decay_steps=max(num_steps, warmup + 1), end_value=end)
+        decay_steps=max(int(optim_cfg.get("cosine_steps", 0) or num_steps), warmup + 1), end_value=end)
 
 
 def path_str(path) -> str:

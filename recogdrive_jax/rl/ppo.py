@@ -1,0 +1,416 @@
+"""VLM-PPO for the V-IRL navigation task (spec/virl.md §2): policy + value head, scoring, the jitted update, and
+the host-side glue that turns env observations into fixed-shape model inputs.
+
+The policy is one parameter tree `{'vlm': InternVL, 'value_head': ValueHead}`; the value head reads the final
+(post-norm) hidden state of the **last prompt token**. Every sample has the same static layout
+
+    input_ids [N, P + A]:  prompt left-padded to P  |  answer (generated tokens incl. EOS) right-padded to A
+
+so the value token is always column P−1 and the logits that predict the answer are columns P−1 … P+A−2 (only
+those A columns go through `lm_head`). The sequence log-prob is Σ_i w_i·log softmax(logits_i / T)[out_i] with
+the weights of `ppo_loss.answer_token_weights` (0.5 thought, 1.0 action, 0 for out[0..1] and padding).
+
+`make_ppo_update` is the pure `(state, batch, rng, extra) -> (state, metrics)` the generic loop jits with ZeRO-1
+shardings: epochs × minibatches × micro-batches are `lax.scan`s (one optimizer step per minibatch, gradients
+averaged over its micro-batches), each epoch a fresh permutation of the buffer. GAE runs on the host per rollout
+buffer (`rollout_advantages`), as upstream does per process before its PPO epochs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from recogdrive_jax.data import template as tmpl
+from recogdrive_jax.data.tiling import load_image
+from recogdrive_jax.models import internvl as ivl
+from recogdrive_jax.models.heads import ValueHead
+from recogdrive_jax.rl import advantages as adv_lib
+from recogdrive_jax.rl import ppo_loss
+from recogdrive_jax.train.module_def import ModuleDef
+from recogdrive_jax.train.state import TrainState
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------- the policy
+
+class PolicyWithValue(nnx.Module):
+    """InternVL chat model + value head: one module, one parameter tree, shared trunk."""
+
+    def __init__(self, cfg: ivl.InternVLConfig, value_hidden: Sequence[int] = (1024, 512), *,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.vlm = ivl.InternVLModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.value_head = ValueHead(cfg.llm_config.hidden_size, tuple(value_hidden), dtype=dtype,
+                                    param_dtype=param_dtype, rngs=rngs)
+
+
+def vlm_config(model_cfg) -> ivl.InternVLConfig:
+    """`config.model` → InternVLConfig: a named variant, LLM overrides (`llm.*`, e.g. the vocabulary of a
+    small tokenizer) and ViT overrides (`vit.*`)."""
+    base = ivl.get_config(str(model_cfg.variant))
+    llm = dict(model_cfg.get("llm", {}) or {})
+    vit = dict(model_cfg.get("vit", {}) or {})
+    for block, cls, name in ((llm, type(base.llm_config), "llm"), (vit, type(base.vision_config), "vit")):
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(block) - known)
+        if bad:
+            raise ValueError(f"config.model.{name}: unknown field(s) {bad}; allowed: {sorted(known)}")
+    return dataclasses.replace(base, llm_config=dataclasses.replace(base.llm_config, **llm),
+                               vision_config=dataclasses.replace(base.vision_config, **vit))
+
+
+def policy_def(model_cfg) -> tuple[ModuleDef, ivl.InternVLConfig]:
+    cfg = vlm_config(model_cfg)
+    dtype = _DTYPES[str(model_cfg.get("dtype", "float32"))]
+    hidden = tuple(int(h) for h in model_cfg.get("value_hidden", (1024, 512)))
+    return ModuleDef(lambda rngs: PolicyWithValue(cfg, hidden, dtype=dtype, rngs=rngs)), cfg
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+
+def _forward(policy: PolicyWithValue, batch: dict, prompt_len: int):
+    """→ (answer logits [B, A, V] fp32, values [B]) for the static prompt|answer layout."""
+    ids = batch["input_ids"]                                                    # [B, P + A]
+    b = ids.shape[0]
+    pv = batch["pixel_values"]                                                  # [B, nt, S, S, 3]
+    pv = pv.reshape(b * pv.shape[1], *pv.shape[2:])
+    flags = batch["image_flags"].reshape(-1)
+    out = policy.vlm(ids, batch["attention_mask"], pv, flags, compute_logits=False)
+    hidden = out["hidden_states"]                                               # [B, P + A, D]
+    values = policy.value_head.from_hidden(hidden[:, prompt_len - 1])           # [B]
+    h_ans = hidden[:, prompt_len - 1:-1]                                        # [B, A, D] predicts out[0..A)
+    logits = policy.vlm.language_model.logits(h_ans).astype(jnp.float32)
+    return logits, values
+
+
+def answer_tokens(batch: dict, prompt_len: int) -> jax.Array:
+    return batch["input_ids"][:, prompt_len:]                                   # [B, A]
+
+
+def score(policy: PolicyWithValue, batch: dict, prompt_len: int, temperature: float) -> dict:
+    """Weighted sequence log-prob [B] of the answers (logits / temperature, fp32 log_softmax), per-token
+    log-probs [B, A] and values [B]."""
+    logits, values = _forward(policy, batch, prompt_len)
+    tlp = ppo_loss.token_logprobs(logits, answer_tokens(batch, prompt_len), temperature)
+    return {"logp": ppo_loss.sequence_logprob(tlp, batch["weights"]), "token_logp": tlp, "values": values}
+
+
+def make_score_fn(mdef: ModuleDef, prompt_len: int, temperature: float):
+    """Jitted `(params, batch) -> {'logp', 'values'}`: the no-grad scoring pass of the rollout (logp_old,
+    V_old) — the same computation the update differentiates."""
+    @jax.jit
+    def fn(params, batch):
+        out = score(mdef.bind(params), batch, prompt_len, temperature)
+        return {"logp": out["logp"], "values": out["values"]}
+    return fn
+
+
+def sft_loss(policy: PolicyWithValue, batch: dict, prompt_len: int) -> tuple[jax.Array, dict]:
+    """Masked token cross-entropy on the answer (+EOS), the SFT objective on the same layout."""
+    logits, _ = _forward(policy, batch, prompt_len)
+    tlp = ppo_loss.token_logprobs(logits, answer_tokens(batch, prompt_len))
+    mask = batch["answer_mask"].astype(jnp.float32)
+    n = jnp.maximum(mask.sum(), 1.0)
+    loss = -jnp.sum(jnp.where(mask > 0, tlp, 0.0)) / n
+    acc = jnp.sum(mask * (jnp.argmax(logits, -1) == answer_tokens(batch, prompt_len))) / n
+    return loss, {"token_accuracy": acc}
+
+
+# ----------------------------------------------------------------------------------------------------- update
+
+@dataclasses.dataclass(frozen=True)
+class PPOHParams:
+    """The `config.ppo` knobs the update needs (spec §2 table)."""
+    epochs: int = 4
+    num_minibatches: int = 2          # optimizer steps per epoch
+    grad_accum: int = 128             # micro-batches per optimizer step
+    clip_param: float = 0.1
+    value_clip: float = 0.1
+    value_coef: float = 0.5
+    ratio_cap: float = 10.0
+    use_clipped_value_loss: bool = True
+    temperature: float = 0.2
+    shuffle: bool = True
+
+    @classmethod
+    def from_config(cls, ppo_cfg, grad_accum: int) -> "PPOHParams":
+        return cls(epochs=int(ppo_cfg.epochs), num_minibatches=int(ppo_cfg.num_minibatches),
+                   grad_accum=int(grad_accum), clip_param=float(ppo_cfg.clip_param),
+                   value_clip=float(ppo_cfg.value_clip), value_coef=float(ppo_cfg.value_coef),
+                   ratio_cap=float(ppo_cfg.ratio_cap),
+                   use_clipped_value_loss=bool(ppo_cfg.get("use_clipped_value_loss", True)),
+                   temperature=float(ppo_cfg.temperature), shuffle=bool(ppo_cfg.get("shuffle", True)))
+
+    @property
+    def optimizer_steps_per_update(self) -> int:
+        return self.epochs * self.num_minibatches
+
+
+_UPDATE_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_flags", "weights", "old_logp", "old_values",
+                "advantages", "returns", "sample_mask")
+
+
+def ppo_minibatch_loss(params, mdef: ModuleDef, batch: dict, prompt_len: int, hp: PPOHParams):
+    """Clipped policy + value loss of one micro-batch (means over its valid samples)."""
+    out = score(mdef.bind(params), batch, prompt_len, hp.temperature)
+    mask = batch["sample_mask"] * jnp.isfinite(batch["old_logp"])
+    old_logp = jnp.where(jnp.isfinite(batch["old_logp"]), batch["old_logp"], 0.0)
+    loss, metrics = ppo_loss.ppo_loss(
+        out["logp"], old_logp, batch["advantages"], out["values"], batch["old_values"], batch["returns"],
+        clip_param=hp.clip_param, value_clip=hp.value_clip, value_coef=hp.value_coef, ratio_cap=hp.ratio_cap,
+        use_clipped_value_loss=hp.use_clipped_value_loss, sample_mask=mask)
+    metrics["value_mean"] = jnp.sum(mask * out["values"]) / jnp.maximum(mask.sum(), 1.0)
+    return loss, metrics
+
+
+def make_ppo_update(mdef: ModuleDef, tx: optax.GradientTransformation, hp: PPOHParams, prompt_len: int,
+                    schedule: optax.Schedule | None = None):
+    """The pure PPO update over one rollout buffer of N samples (leading dim of every batch leaf).
+
+    N must be divisible by num_minibatches × grad_accum. Metrics are means over all minibatches, plus
+    `first_*` of the very first minibatch (where the policy still equals the rollout policy, so its ratio is 1)
+    and, when the buffer carries them, rollout statistics (`rollout_reward`, `rollout_accuracy`).
+    `schedule` (the optimizer's, counted in optimizer steps) only adds the `lr` metric.
+    """
+    grad_fn = jax.value_and_grad(lambda p, mb: ppo_minibatch_loss(p, mdef, mb, prompt_len, hp), has_aux=True)
+    m, k = hp.num_minibatches, hp.grad_accum
+
+    def minibatch_step(carry, mb):
+        params, opt_state = carry                                               # mb leaves [k, micro, ...]
+
+        def micro(acc, x):
+            (loss, metrics), grads = grad_fn(params, x)
+            return jax.tree.map(jnp.add, acc, (loss, metrics, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            lambda: (lambda r: (r[0][0], r[0][1], r[1]))(grad_fn(params, jax.tree.map(lambda x: x[0], mb)))))
+        (loss, metrics, grads), _ = jax.lax.scan(micro, zeros, mb)
+        loss, metrics, grads = jax.tree.map(lambda v: v / k, (loss, metrics, grads))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        return (params, opt_state), metrics
+
+    def update(state: TrainState, batch: dict, rng: jax.Array, extra: Any = None):
+        stats = {}
+        if "rewards" in batch:
+            stats = {"rollout_reward": batch["rewards"].mean(),
+                     "rollout_accuracy": (batch["rewards"] == 1.0).mean(),
+                     "rollout_episodes": jnp.sum(jnp.maximum(batch["terminated"], batch["truncated"])),
+                     "rollout_answer_tokens": batch["attention_mask"][:, prompt_len:].sum(-1).mean()}
+        batch = {key: batch[key] for key in _UPDATE_KEYS}
+        n = batch["input_ids"].shape[0]
+        if n % (m * k):
+            raise ValueError(f"PPO buffer of {n} samples is not divisible by ppo.num_minibatches × "
+                             f"optim.grad_accum = {m} × {k}")
+
+        def epoch(carry, key):
+            perm = jax.random.permutation(key, n) if hp.shuffle else jnp.arange(n)
+            shuffled = jax.tree.map(lambda x: x[perm].reshape(m, k, n // (m * k), *x.shape[1:]), batch)
+            return jax.lax.scan(minibatch_step, carry, shuffled)
+
+        (params, opt_state), per = jax.lax.scan(epoch, (state.params, state.opt_state),
+                                                jax.random.split(rng, hp.epochs))   # per: leaves [E, M]
+        metrics = {key: v.mean() for key, v in per.items()}
+        for key in ("ratio_mean", "clip_fraction", "approx_kl", "policy_loss"):
+            metrics[f"first_{key}"] = per[key][0, 0]
+        metrics["param_norm"] = optax.global_norm(params)
+        metrics.update(stats)
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step * hp.optimizer_steps_per_update)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                          ema_params=state.ema_params), metrics
+
+    return update
+
+
+def rollout_advantages(rewards: np.ndarray, values: np.ndarray, terminated: np.ndarray, truncated: np.ndarray, *,
+                       gamma: float, lam: float, cut_at_truncation: bool = False, normalize: bool = True,
+                       valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Host-side GAE over one buffer: rewards/terminated/truncated [T, E], values [T+1, E] (bootstrap last) →
+    (advantages [T, E] normalised over the buffer's valid samples, returns [T, E] = raw A + V)."""
+    a, r = adv_lib.gae(rewards, values, terminated, truncated, gamma=gamma, lam=lam,
+                       cut_at_truncation=cut_at_truncation)
+    a, r = np.asarray(a), np.asarray(r)
+    if normalize:
+        sel = np.ones_like(a, bool) if valid is None else valid.astype(bool)
+        mu, sd = a[sel].mean(), a[sel].std(ddof=1) if sel.sum() > 1 else 0.0
+        a = (a - mu) / (sd + 1e-5)
+    return a.astype(np.float32), r.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ host-side encoding
+
+@dataclasses.dataclass
+class PromptLayout:
+    """Static sizes of model inputs: P prompt tokens, A answer tokens, `max_tiles` image tiles per sample."""
+    prompt_len: int
+    answer_len: int
+    max_tiles: int = 1
+    system_message: str | None = tmpl.INTERNVL2_5_SYSTEM
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.answer_len
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+class ChatEncoder:
+    """Env observations ↔ token arrays: the InternVL chat from `obs['messages']` (image first in the first user
+    turn), left-padded to P; generated tokens → the text the env scores + the log-prob weights."""
+
+    def __init__(self, tokenizer, cfg: ivl.InternVLConfig, layout: PromptLayout, weight_mode: str = "key",
+                 thought_coef: float = 0.5, action_coef: float = 1.0):
+        self.tok, self.cfg, self.layout = tokenizer, cfg, layout
+        self.weight_mode, self.thought_coef, self.action_coef = weight_mode, thought_coef, action_coef
+        self.pad_id, self.eos_id = int(cfg.pad_token_id), int(cfg.eos_token_id)
+        self._pieces: dict[int, str] = {}
+        vocab = len(tokenizer)
+        if vocab > cfg.llm_config.vocab_size:
+            raise ValueError(f"tokenizer has {vocab} tokens but config.model.llm.vocab_size is "
+                             f"{cfg.llm_config.vocab_size}")
+
+    # ---- prompt ----
+    def tiles(self, image: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, int]:
+        """[max_tiles, S, S, 3] float32 (zero-padded), flags [max_tiles], number of real tiles."""
+        s, nt = self.cfg.force_image_size, self.layout.max_tiles
+        out = np.zeros((nt, s, s, 3), np.float32)
+        flags = np.zeros(nt, np.int32)
+        if image is None:
+            return out, flags, 0
+        t = load_image(image, image_size=s, max_num=self.cfg.max_dynamic_patch, min_num=self.cfg.min_dynamic_patch,
+                       use_thumbnail=self.cfg.use_thumbnail, dynamic=self.cfg.dynamic_image_size)
+        if t.shape[0] > nt:
+            raise ValueError(f"image gives {t.shape[0]} tiles but config.prompt.max_tiles is {nt}")
+        out[:t.shape[0]], flags[:t.shape[0]] = t, 1
+        return out, flags, t.shape[0]
+
+    def prompt_text(self, messages: list[dict], num_tiles: int) -> str:
+        turns = [dict(m) for m in messages]
+        if not turns or turns[-1]["role"] != "user":
+            raise ValueError("messages must end with a user turn")
+        if num_tiles:
+            turns[0]["content"] = tmpl.IMAGE_PLACEHOLDER + "\n" + turns[0]["content"]
+        history = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns) - 1, 2)]
+        return tmpl.chat_prompt(turns[-1]["content"], [num_tiles] if num_tiles else [],
+                                num_image_token=self.cfg.num_image_token,
+                                system_message=self.layout.system_message, history=history)
+
+    def encode_prompt(self, obs: dict) -> dict:
+        """obs → {'prompt_ids' [P] (left-padded), 'prompt_mask' [P], 'pixel_values', 'image_flags'}.
+
+        A retry conversation that would not fit in P keeps its structure but shortens the earlier assistant
+        outputs (the model's own, possibly malformed, text) before giving up with PromptTooLong."""
+        pv, flags, nt = self.tiles(obs.get("image"))
+        messages = obs["messages"]
+        ids = self.tok(self.prompt_text(messages, nt), add_special_tokens=False).input_ids
+        cut = 400
+        while len(ids) > self.layout.prompt_len and cut >= 25 and len(messages) > 1:
+            short = [dict(m, content=m["content"][:cut]) if m["role"] == "assistant" else m for m in messages]
+            ids = self.tok(self.prompt_text(short, nt), add_special_tokens=False).input_ids
+            cut //= 2
+        if len(ids) > self.layout.prompt_len:
+            raise PromptTooLong(f"prompt of {len(ids)} tokens exceeds config.prompt.max_prompt_len="
+                                f"{self.layout.prompt_len}")
+        p = self.layout.prompt_len
+        prompt = np.full(p, self.pad_id, np.int32)
+        mask = np.zeros(p, np.int32)
+        prompt[p - len(ids):], mask[p - len(ids):] = ids, 1
+        return {"prompt_ids": prompt, "prompt_mask": mask, "pixel_values": pv, "image_flags": flags}
+
+    # ---- answer ----
+    def piece(self, t: int) -> str:
+        if t not in self._pieces:
+            self._pieces[t] = self.tok.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self._pieces[t]
+
+    def answer_length(self, out: np.ndarray) -> int:
+        """Tokens up to and including the first EOS (all A when none)."""
+        hit = np.nonzero(out == self.eos_id)[0]
+        return int(hit[0]) + 1 if hit.size else len(out)
+
+    def decode_answer(self, out: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
+        """Generated ids [A] → (text for env.step, weights [A], answer mask [A])."""
+        n = self.answer_length(out)
+        ids = [int(t) for t in out[:n]]
+        text = self.tok.decode([t for t in ids if t != self.eos_id], skip_special_tokens=True,
+                               clean_up_tokenization_spaces=False)
+        pieces = [self.piece(t) for t in ids]
+        w = ppo_loss.answer_token_weights("".join(pieces), ppo_loss.offsets_from_pieces(pieces), ids,
+                                          mode=self.weight_mode, thought_coef=self.thought_coef,
+                                          action_coef=self.action_coef, length=len(out))
+        mask = np.zeros(len(out), np.int32)
+        mask[:n] = 1
+        return text, w, mask
+
+    def encode_answer(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Target text (SFT) → ids [A] ending in EOS, right-padded, and the loss mask [A]."""
+        ids = self.tok(text, add_special_tokens=False).input_ids + [self.eos_id]
+        a = self.layout.answer_len
+        if len(ids) > a:
+            raise PromptTooLong(f"answer of {len(ids)} tokens exceeds config.prompt.max_new_tokens={a}")
+        out = np.full(a, self.pad_id, np.int32)
+        mask = np.zeros(a, np.int32)
+        out[:len(ids)], mask[:len(ids)] = ids, 1
+        return out, mask
+
+
+def join_sequences(prompts: dict, answers: np.ndarray, answer_mask: np.ndarray) -> dict:
+    """Stacked prompt dicts + answers [B, A] → the model-input part of a batch."""
+    return {"input_ids": np.concatenate([prompts["prompt_ids"], answers], 1).astype(np.int32),
+            "attention_mask": np.concatenate([prompts["prompt_mask"], answer_mask], 1).astype(np.int32),
+            "pixel_values": prompts["pixel_values"], "image_flags": prompts["image_flags"]}
+
+
+def stack(dicts: list[dict]) -> dict:
+    return {k: np.stack([d[k] for d in dicts]) for k in dicts[0]}
+
+
+def local_rows(x) -> np.ndarray:
+    """This process's rows of a batch-sharded global array (all rows in a single process)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    shards = {}
+    for s in x.addressable_shards:
+        shards.setdefault(s.index[0].start or 0, np.asarray(s.data))
+    return np.concatenate([shards[k] for k in sorted(shards)])
+
+
+class Generator:
+    """Batched KV-cache sampling with the InternVL port (`internvl.generate`) on the current params."""
+
+    def __init__(self, mdef: ModuleDef, encoder: ChatEncoder, *, temperature: float, top_p: float = 1.0,
+                 mesh=None):
+        self.mdef, self.enc, self.temperature, self.top_p, self.mesh = mdef, encoder, temperature, top_p, mesh
+
+    def _global(self, x: np.ndarray):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from recogdrive_jax.parallel import sharding as sh
+        return sh.make_global_batch(self.mesh, x)
+
+    def __call__(self, params, prompts: dict, rng: jax.Array, temperature: float | None = None) -> np.ndarray:
+        """prompts: stacked encode_prompt dicts (B rows) → generated ids [B, A] (pad after EOS)."""
+        b = prompts["prompt_ids"].shape[0]
+        vlm = self.mdef.bind(params).vlm
+        pv = prompts["pixel_values"].reshape(b * self.enc.layout.max_tiles, *prompts["pixel_values"].shape[2:])
+        out = ivl.generate(vlm, self._global(prompts["prompt_ids"]), self._global(prompts["prompt_mask"]),
+                           self._global(pv), self._global(prompts["image_flags"].reshape(-1)),
+                           max_new_tokens=self.enc.layout.answer_len,
+                           temperature=self.temperature if temperature is None else float(temperature),
+                           top_p=self.top_p, rng=rng)
+        return local_rows(out).astype(np.int32)
+
+
+__all__ = ["PolicyWithValue", "vlm_config", "policy_def", "score", "make_score_fn", "sft_loss", "PPOHParams",
+           "ppo_minibatch_loss", "make_ppo_update", "rollout_advantages", "PromptLayout", "PromptTooLong",
+           "ChatEncoder", "join_sequences", "stack", "local_rows", "Generator"]
