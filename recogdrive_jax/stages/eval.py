@@ -1,0 +1,80 @@
+"""Stage `eval`: scores a planner checkpoint (or the constant-velocity baseline) on a split.
+
+Writes WORKDIR/eval/<split>/metrics.json (nc, dac, ddc, ttc, ep, comfort, pdms, epdms, ade, fde, num_scenes),
+metrics.md (the planner next to the constant-velocity baseline), per_scene.jsonl and BEV PNGs of the best and
+worst scenes. `config.eval.checkpoint` is a run workdir (its latest checkpoint; EMA params when
+`config.eval.use_ema`) or a parameter checkpoint directory (e.g. converted from PyTorch);
+`--config.eval.baseline=constant_velocity` scores the baseline instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from recogdrive_jax.configs import ConfigError
+from recogdrive_jax.data import planner_data
+from recogdrive_jax.eval import planner_eval
+from recogdrive_jax.models.planner import build_planner
+from recogdrive_jax.parallel import mesh as mesh_lib
+from recogdrive_jax.parallel import sharding as sh
+from recogdrive_jax.stages import planner_common
+from recogdrive_jax.train import loop
+from recogdrive_jax.train.module_def import ModuleDef
+
+BASELINES = ("constant_velocity",)
+
+
+def load_planner_params(config, mdef: ModuleDef, mesh):
+    path = config.eval.get("checkpoint", "") or ""
+    if not path:
+        raise ConfigError("config.eval.checkpoint: required (a run workdir or a parameter checkpoint dir), or set "
+                          "config.eval.baseline=constant_velocity")
+    if not os.path.isdir(path):
+        raise ConfigError(f"config.eval.checkpoint={path!r}: no such directory")
+    abstract = mdef.abstract_params()
+    shardings = sh.to_shardings(mesh, sh.param_partition_specs(abstract, mdef.logical, mesh))
+    return loop.load_init_params(path, abstract, shardings, prefer_ema=bool(config.eval.use_ema))
+
+
+def run(config, workdir: str) -> dict:
+    ecfg = config.eval
+    baseline = ecfg.get("baseline", "") or ""
+    if baseline and baseline not in BASELINES:
+        raise ConfigError(f"config.eval.baseline: unknown {baseline!r}; allowed: {list(BASELINES)} or ''")
+    split_name = ecfg.split
+    if split_name not in planner_data.SPLITS:
+        raise ConfigError(f"config.eval.split: unknown {split_name!r}; allowed: {list(planner_data.SPLITS)}")
+    pcfg = planner_common.planner_config(config)
+    split = planner_data.load_split(config.data, split_name, pcfg.vl_dim)
+    cv_plans = planner_eval.constant_velocity_plans(split)
+    cv_per = planner_eval.score_plans(split, cv_plans)
+    cv = planner_eval.summarize(cv_per)
+    if baseline:
+        name, plans, per, summary = baseline, cv_plans, cv_per, cv
+        rows = {baseline: cv}
+    else:
+        mdef = ModuleDef(lambda rngs: build_planner(pcfg, rngs))
+        mesh = mesh_lib.make_mesh(config.get("mesh"))
+        params = load_planner_params(config, mdef, mesh)
+        sampler = planner_eval.make_sampler(mdef, deterministic=bool(ecfg.deterministic))
+        plans = planner_eval.plan_split(sampler, params, split, jax.random.key(int(config.seed) + 17),
+                                        int(ecfg.batch_size))
+        per = planner_eval.score_plans(split, plans)
+        summary = planner_eval.summarize(per)
+        name = "planner"
+        rows = {"planner": summary, "constant_velocity": cv}
+    out_dir = os.path.join(workdir, "eval", split_name)
+    planner_eval.write_report(out_dir, summary, rows)
+    if jax.process_index() == 0:
+        with open(os.path.join(out_dir, "per_scene.jsonl"), "w") as f:
+            for i in range(len(split)):
+                f.write(json.dumps({"index": i, **{k: float(v[i]) for k, v in per.items()}}) + "\n")
+    planner_common.plot_examples(out_dir, split, plans, per, int(ecfg.num_plots))
+    if jax.process_index() == 0:
+        print(f"[eval] {name} on {split_name} ({summary['num_scenes']} scenes): PDMS {summary['pdms']:.4f} "
+              f"EPDMS {summary['epdms']:.4f} ADE {summary['ade']:.3f} m FDE {summary['fde']:.3f} m "
+              f"(constant-velocity PDMS {cv['pdms']:.4f})", flush=True)
+        print(planner_eval.markdown_table(rows), flush=True)
+    return {**summary, "name": name}
