@@ -98,3 +98,23 @@ def train_iterator(split: PlannerSplit, local_batch_size: int, seed: int):
     ds = ds[jax.process_index()::jax.process_count()]
     ds = ds.batch(local_batch_size, drop_remainder=True).map(split.batch)
     return iter(ds)
+
+
+def _rl_batch(split: PlannerSplit, idx) -> dict:
+    """{'cond', 'scene', 'index'}: the planner inputs plus the scenes' PDM arrays, so the reward is computed inside
+    the jitted RL step. int64 scene fields become int32 (jax default precision; only `seed` is int64)."""
+    idx = np.asarray(idx)
+    scene = split.scene_batch(idx)
+    scene = world.Scene(**{k: (v.astype(np.int32) if v.dtype == np.int64 else v) for k, v in vars(scene).items()})
+    return {"cond": split.cond(idx), "scene": scene, "index": idx.astype(np.int32)}
+
+
+def rl_iterator(split: PlannerSplit, local_batch_size: int, seed: int):
+    """Endless shuffled RL batches (`_rl_batch`) of this process's share; checkpointable like `train_iterator`."""
+    if len(split) < local_batch_size * jax.process_count():
+        raise ValueError(f"split {split.name!r} has {len(split)} samples, fewer than one global batch "
+                         f"({local_batch_size * jax.process_count()}); raise config.data.num_train_scenes")
+    ds = grain.MapDataset.range(len(split)).shuffle(seed=seed).repeat(None)
+    ds = ds[jax.process_index()::jax.process_count()]
+    ds = ds.batch(local_batch_size, drop_remainder=True).map(lambda idx: _rl_batch(split, idx))
+    return iter(ds)
