@@ -65,3 +65,15 @@ def test_scene_store_roundtrip_and_validation(tmp_path):
     np.savez(tmp_path / "obj.npz", __format_version__=np.array(1), **dict(fields, seed=np.array([{}], object)))
     with pytest.raises(scene_store.SceneStoreError, match="'seed'"):
         scene_store.load_scenes(str(tmp_path / "obj.npz"))
+
+
+def test_metric_cache_converter_requires_navsim(tmp_path):
+    from recogdrive_jax.convert import navsim_metric_cache as conv
+
+    try:
+        import navsim  # noqa: F401
+        pytest.skip("navsim installed")
+    except ImportError:
+        pass
+    with pytest.raises(SystemExit, match="optional NAVSIM install"):
+        conv.main([str(tmp_path), str(tmp_path / "out.npz")])
