@@ -39,17 +39,12 @@ def _inputs(cfg, seed, b=3, length=7):
 
 
 @nnx.jit
-def _jax_all(m, cond, x, t, x_init, z):
+def _jax_all(m, cond, x, t, x_init, z, torch_chain):
     eps = m.predict_noise(x, t, cond)
     det = m.denoise_chain(cond, jax.random.key(0), mode="deterministic", x_init=x_init, step_noise=z)
     ev = m.denoise_chain(cond, jax.random.key(0), mode="eval", x_init=x_init, step_noise=z)
     rl = m.sample_with_chain(cond, jax.random.key(0), x_init=x_init, step_noise=z)
-    return eps, det, ev, rl
-
-
-@nnx.jit
-def _jax_lp(m, chain, cond):
-    return m.chain_log_prob(chain, cond)
+    return eps, det, ev, rl, m.chain_log_prob(torch_chain, cond)
 
 
 def _check(cfg, seed):
@@ -57,7 +52,6 @@ def _check(cfg, seed):
     d = _inputs(cfg, seed)
     T = lambda a: torch.from_numpy(np.asarray(a))
     cond = dict(vl_states=jnp.asarray(d["vl"]), status=jnp.asarray(d["st"]), history=jnp.asarray(d["his"]))
-    eps, det, ev, rl = _jax_all(jm, cond, d["x"], d["t"], d["x_init"], d["z"])
     with torch.no_grad():
         ctx = tm.encode(T(d["vl"]), T(d["his"]), T(d["st"]))
         eps_t = tm.predict_noise(T(d["x"]), T(d["t"]), ctx).numpy()
@@ -65,14 +59,14 @@ def _check(cfg, seed):
         ev_t = tm.sample_chain(ctx, T(d["x_init"]), T(d["z"]), min_std=1e-4, noise_clip=1.0).numpy()
         rl_t = tm.sample_chain(ctx, T(d["x_init"]), T(d["z"]), min_std=0.04, noise_clip=5.0).numpy()
         lp_t = tm.get_logprobs(ctx, T(rl_t), min_std=0.1).numpy()  # [B*K, 8, 3]
+    eps, det, ev, rl, lp = _jax_all(jm, cond, d["x"], d["t"], d["x_init"], d["z"], jnp.asarray(rl_t))
     assert np.abs(eps_t).max() > 0.1  # not a trivially small signal
     np.testing.assert_allclose(np.asarray(eps), eps_t, atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(det), det_t, atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(ev), ev_t, atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(rl["chain"]), rl_t, atol=TOL, rtol=0)
     # log-probs of the torch chain recomputed under the converted params, and those returned with the JAX chain
-    lp = np.asarray(_jax_lp(jm, jnp.asarray(rl_t), cond)).reshape(-1, 8, 3)
-    np.testing.assert_allclose(lp, lp_t, atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(lp).reshape(-1, 8, 3), lp_t, atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(rl["log_probs"]).reshape(-1, 8, 3), lp_t, atol=TOL, rtol=0)
 
 
