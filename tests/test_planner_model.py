@@ -8,7 +8,7 @@ from flax import nnx
 
 from recogdrive_jax.models.layers import count_params
 from recogdrive_jax.models.planner import (PlannerConfig, abstract_planner, build_planner, denormalize_pose,
-                                           normalize_pose, planner_config, planner_params)
+                                           normalize_pose, planner_config, planner_params, repeat_context)
 
 
 def _batch(cfg, b=2, length=6, seed=0):
@@ -84,9 +84,14 @@ def test_diffusion_rl_interface_and_flow():
         keys = jax.random.split(jax.random.key(1), 2)
         s = jax.vmap(lambda k: m.sample(cond, k))(keys)
         d = jax.vmap(lambda k: m.sample(cond, k, deterministic=True, x_init=jnp.zeros((3, 8, 3))))(keys)
-        return out, lp, g, s, d, fm.sample(cond, jax.random.key(0))
+        # G = 2 rollouts per scene from one encoder pass
+        rep = m.sample_with_chain(None, jax.random.key(3), ctx=repeat_context(m.encode(cond), 2))
+        lp_rep = m.chain_log_prob(rep["chain"], {k: jnp.repeat(v, 2, axis=0) for k, v in cond.items()})
+        return out, lp, g, s, d, fm.sample(cond, jax.random.key(0)), rep, lp_rep
 
-    out, lp, g, (s1, s2), (d1, d2), flow_traj = run(m, fm, cond)
+    out, lp, g, (s1, s2), (d1, d2), flow_traj, rep, lp_rep = run(m, fm, cond)
+    assert rep["chain"].shape == (6, 6, 8, 3)
+    np.testing.assert_allclose(lp_rep, rep["log_probs"], atol=1e-5)
     assert out["chain"].shape == (3, 6, 8, 3) and out["log_probs"].shape == (3, 5, 8, 3)
     assert float(jnp.abs(out["chain"][:, -1]).max()) <= 1.0
     np.testing.assert_allclose(out["trajectory"], denormalize_pose(out["chain"][:, -1]), rtol=1e-6, atol=1e-5)

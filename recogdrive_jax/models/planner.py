@@ -276,12 +276,23 @@ class DiffusionPlanner(nnx.Module):
         """Convenience: encode + predict in one call (parity tests, debugging)."""
         return self.predict(x, t, self.encode(cond))
 
-    def _eps_fn(self, ctx: Mapping[str, jax.Array]):
+    def eps_fn(self, ctx: Mapping[str, jax.Array]):
+        """A pure `(x, t) -> eps` closure over the current params and an encoded context (for diffusion/ddim.py)."""
         graphdef, state = nnx.split(self)
 
         def eps_fn(x, t):
             return nnx.merge(graphdef, state).predict(x, t, ctx)
         return eps_fn
+
+    _eps_fn = eps_fn  # (older callers)
+
+    @property
+    def ddpm_schedule(self):
+        return self._ddpm
+
+    @property
+    def ddim_schedule(self):
+        return self._ddim
 
     # -- training ----------------------------------------------------------------------------------------------
     def loss(self, batch: Mapping[str, Any], rng: jax.Array) -> tuple[jax.Array, dict]:
@@ -294,6 +305,10 @@ class DiffusionPlanner(nnx.Module):
         return ddim_lib.epsilon_loss(fn, self._ddpm, x0, rng)
 
     # -- sampling ----------------------------------------------------------------------------------------------
+    def draw_noise(self, rng: jax.Array, b: int, x_init=None, step_noise=None):
+        """(x_init [B, H, A], step_noise [K, B, H, A]) ~ N(0, I), unless given."""
+        return self._noises(rng, b, x_init, step_noise)
+
     def _noises(self, rng: jax.Array, b: int, x_init, step_noise):
         shape = (b, self.cfg.horizon, self.cfg.action_dim)
         k0, k1 = jax.random.split(rng)
@@ -322,13 +337,13 @@ class DiffusionPlanner(nnx.Module):
         chain, _ = self._run_sampler(cond, rng, mode, x_init, step_noise)
         return jnp.moveaxis(chain, 0, 1)
 
-    def _run_sampler(self, cond, rng, mode, x_init, step_noise):
+    def _run_sampler(self, cond, rng, mode, x_init, step_noise, ctx=None):
         """-> (chain [K+1, B, H, A], log_probs [K, B, H, A] for mode 'rl' else None)."""
         if mode not in ("eval", "deterministic", "rl"):
             raise ValueError(f"planner sampling mode {mode!r}: expected 'eval', 'deterministic' or 'rl'")
         cfg = self.cfg
         rl = mode == "rl"
-        ctx = self.encode(cond)
+        ctx = self.encode(cond) if ctx is None else ctx
         x_init, step_noise = self._noises(rng, ctx["memory"].shape[0], x_init, step_noise)
         eps_fn = self._eps_fn(ctx)
         if cfg.sampling_method == "flow":
@@ -345,21 +360,24 @@ class DiffusionPlanner(nnx.Module):
         return ddim_lib.ddim_sample(eps_fn, x_init, step_noise, self._ddim, settings,
                                     logprob_min_std=cfg.logprob_min_std if rl else None)
 
-    def sample_with_chain(self, cond: Mapping[str, jax.Array], rng: jax.Array, *, x_init: jax.Array | None = None,
-                          step_noise: jax.Array | None = None) -> dict[str, jax.Array]:
+    def sample_with_chain(self, cond: Mapping[str, jax.Array] | None, rng: jax.Array, *,
+                          x_init: jax.Array | None = None, step_noise: jax.Array | None = None,
+                          ctx: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
         """RL rollout (`sample_chain`): eta 1, std floor `sampling_min_std` (0.04), noise clip 5.
 
         Returns chain [B, K+1, H, A] (normalised; chain[:, 0] the initial noise, chain[:, K] the clipped output),
         log_probs [B, K, H, A] (std floor `logprob_min_std` = 0.1, as `chain_log_prob` recomputes them) and
-        trajectory [B, H, 3] in raw units.
+        trajectory [B, H, 3] in raw units. `ctx` (from `encode`, e.g. `repeat_context`-ed G times) replaces `cond`.
         """
-        chain, lps = self._run_sampler(cond, rng, "rl", x_init, step_noise)
+        chain, lps = self._run_sampler(cond, rng, "rl", x_init, step_noise, ctx)
         chain = jnp.moveaxis(chain, 0, 1)
         return {"chain": chain, "log_probs": jnp.moveaxis(lps, 0, 1), "trajectory": denormalize_pose(chain[:, -1])}
 
-    def chain_log_prob(self, chain: jax.Array, cond: Mapping[str, jax.Array]) -> jax.Array:
+    def chain_log_prob(self, chain: jax.Array, cond: Mapping[str, jax.Array] | None, *,
+                       ctx: Mapping[str, jax.Array] | None = None) -> jax.Array:
         """Per-coordinate log-probs [B, K, H, A] of a chain [B, K+1, H, A] under the current params (differentiable);
-        flattening to [B*K, H, A] gives upstream's (b, k) order. No clamping here (the RL loss clamps)."""
+        flattening to [B*K, H, A] gives upstream's (b, k) order. No clamping here (the RL loss clamps).
+        `ctx` (from `encode`) replaces `cond`."""
         cfg = self.cfg
         if cfg.sampling_method == "flow":
             raise NotImplementedError("planner: sampling_method='flow' has no chain log-probs; RL needs 'ddim'")
@@ -367,11 +385,17 @@ class DiffusionPlanner(nnx.Module):
         if chain.ndim != 4 or chain.shape[1] != k + 1:
             raise ValueError(f"chain_log_prob: chain has shape {chain.shape}, expected [B, {k + 1}, "
                              f"{cfg.horizon}, {cfg.action_dim}]")
-        ctx = self.encode(cond)
-        lps = ddim_lib.chain_log_prob(self._eps_fn(ctx), jnp.moveaxis(chain, 1, 0), self._ddim,
+        ctx = self.encode(cond) if ctx is None else ctx
+        lps = ddim_lib.chain_log_prob(self.eps_fn(ctx), jnp.moveaxis(chain, 1, 0), self._ddim,
                                       min_std=cfg.logprob_min_std, eta=1.0, denoised_clip=cfg.denoised_clip,
                                       eps_clip=cfg.eps_clip)
         return jnp.moveaxis(lps, 0, 1)
+
+
+def repeat_context(ctx: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
+    """Each scene's encoded context repeated n times along the batch (torch `repeat_interleave`: b0 b0 .. b1 b1 ..),
+    so G rollouts per scene share one encoder pass."""
+    return {k: jnp.repeat(v, n, axis=0) for k, v in ctx.items()}
 
 
 class RegressionPlanner(nnx.Module):
