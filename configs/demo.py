@@ -13,15 +13,15 @@ STEPS = ("il",)
 
 def il_config() -> ml_collections.ConfigDict:
     c = configs.planner_stage_config("il", variant="tiny4")
-    c.train.num_steps = 600
-    c.train.batch_size = 64
+    c.train.num_steps = 1500
+    c.train.batch_size = 128
     c.train.log_every = 100
-    c.train.eval_every = 300
-    c.train.checkpoint_every = 300
+    c.train.eval_every = 500
+    c.train.checkpoint_every = 500
     c.train.ema_decay = 0.99
-    c.optim.lr = 1e-3
+    c.optim.lr = 2e-3
     c.optim.warmup_ratio = 0.05
-    c.data.num_train_scenes = 1500
+    c.data.num_train_scenes = 3000
     c.data.num_eval_scenes = 128
     c.eval.num_plots = 4
     return c

@@ -68,8 +68,7 @@ def plan_split(sampler, params, split, rng, batch_size: int = 64) -> np.ndarray:
 
 def constant_velocity_plans(split) -> np.ndarray:
     from recogdrive_jax.sim.baselines import constant_velocity_plan
-    return np.stack([constant_velocity_plan(split.scenes.history[i], split.scenes.status[i])
-                     for i in range(len(split))]).astype(np.float32)
+    return constant_velocity_plan(split.scenes.status, split.scenes.history)
 
 
 def markdown_table(rows: dict[str, dict[str, float]]) -> str:
@@ -104,8 +103,8 @@ def plot_scenes(out_dir: str, split, idx, plans: dict[str, np.ndarray], per_scen
         i = int(i)
         scene = split.scene_batch(np.array([i]))
         scene = type(scene)(**{k: np.asarray(v)[0] for k, v in vars(scene).items()})
-        title = f"{prefix} {i}" + (f"  PDMS {per_scene['pdms'][i]:.3f}" if per_scene is not None else "")
-        path = os.path.join(out_dir, f"{prefix}_{i:05d}.png")
-        render.save_bev_png(path, scene, {name: p[i] for name, p in plans.items()}, title=title)
+        path = os.path.join(out_dir, f"{prefix}_{i:05d}"
+                            + (f"_pdms{per_scene['pdms'][i]:.2f}" if per_scene is not None else "") + ".png")
+        render.render_bev(scene, {name: p[i] for name, p in plans.items()}, path=path)
         paths.append(path)
     return paths

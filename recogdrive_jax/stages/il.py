@@ -44,6 +44,6 @@ def run(config, workdir: str) -> dict:
                               {"il": final, "constant_velocity": baseline})
     if jax.process_index() == 0:
         print(f"[il] held-out PDMS {final.get('pdms', float('nan')):.4f} vs constant-velocity baseline "
-              f"{baseline['pdms']:.4f} ({final.get('num_scenes', 0)} scenes; ADE {final.get('ade', float('nan')):.3f} m)",
+              f"{baseline['pdms']:.4f} ({int(final.get('num_scenes', 0))} scenes; ADE {final.get('ade', float('nan')):.3f} m)",
               flush=True)
     return {**final, "baseline_pdms": baseline["pdms"]}
