@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from recogdrive_jax.data import length_grouping as lg
+from recogdrive_jax.data import qa as qa_index
 from recogdrive_jax.data import qa_records
 from recogdrive_jax.data import template as tpl
 from recogdrive_jax.data.tokenizer import build_tokenizer
@@ -72,7 +73,7 @@ def test_labels_cover_exactly_the_assistant_tokens(tok, toy_meta, pack):
     cfg = iv.get_config("tiny", max_dynamic_patch=6)
     dcfg = _data_cfg(pack=True, length_buckets=(256, 512), tile_buckets=(4, 8, 12)) if pack else _data_cfg()
     plan = sft.build_batches(toy_meta, tok, cfg, dcfg, global_batch=4, seed=0)
-    records = qa_records.load_mixture(toy_meta)
+    records, _ = qa_index.build_index(toy_meta, seed=0)
     rows = plan.local_rows(0) + plan.local_rows(1)
     batch = plan.collate(rows)
     ctx = cfg.image_token_id
@@ -85,7 +86,7 @@ def test_labels_cover_exactly_the_assistant_tokens(tok, toy_meta, pack):
         # every label-free real token is system / user / role prefix / image; pads are -100 and segment 0
         assert (seg[batch["attention_mask"][r] == 0] == 0).all() and (labels[seg == 0] == -100).all()
         assert sorted(set(seg[seg > 0])) == list(range(1, len(row) + 1))
-        n_img = sum(len(records[i]["images"]) for i in row)
+        n_img = sum(len(records[i]["image_paths"]) for i in row)
         assert int((ids == ctx).sum()) == cfg.num_image_token * 3 * n_img  # (2,1) grid + thumbnail per image
         assert int(batch["image_flags"][r].sum()) == 3 * n_img
         for s in range(1, len(row) + 1):  # positions restart in each packed segment
@@ -109,18 +110,19 @@ def test_repeat_time_arithmetic(tmp_path, tok):
     meta = {**json.load(open(a)), **json.load(open(b))}
     path = str(tmp_path / "meta.json")
     json.dump(meta, open(path, "w"))
-    recs = qa_records.load_mixture(path)
-    assert [r["source"] for r in recs].count("a") == 20 and [r["source"] for r in recs].count("b") == 3
-    assert qa_records.load_mixture(path) == recs  # deterministic
+    recs, stats = qa_index.build_index(path)
+    assert [r["dataset"] for r in recs].count("a") == 20 and [r["dataset"] for r in recs].count("b") == 3
+    assert stats.per_dataset == {"a": 20, "b": 3}
+    assert qa_index.build_index(path)[0] == recs  # deterministic
     meta["b"]["repeat_time"] = 0
     json.dump(meta, open(path, "w"))
-    with pytest.raises(qa_records.MixtureError, match="'b'.*repeat_time"):
-        qa_records.load_mixture(path)
+    with pytest.raises(qa_index.QADataError, match="'b'.*repeat_time"):
+        qa_index.build_index(path)
     # estimated lengths bound the real ones from above only loosely, but tiles are exact
     scfg = sft.sample_cfg(iv.get_config("tiny", max_dynamic_patch=6), _data_cfg())
     lengths, tiles = qa_records.estimate_lengths(recs[:6], tok, scfg)
     for r, n, t in zip(recs[:6], lengths, tiles):
-        s = tpl.build_sample(r["conversations"], r["images"], tok, scfg)
+        s = tpl.build_sample(r["conversations"], r["image_paths"], tok, scfg)
         assert int(np.sum(s["image_flags"] > 0)) == t and abs(len(s["input_ids"]) - n) <= 4
 
 

@@ -6,7 +6,8 @@ each batch is padded to the smallest of a few **length buckets** (`buckets`) and
 (`tile_buckets`, per row). Grouping by length keeps the padding small; the buckets bound the number of compiled
 shapes to len(buckets) × len(tile_buckets).
 
-Packing (`pack=True`) concatenates samples into rows of at most max(buckets) tokens (first-fit decreasing, done once
+Packing (`pack=True`) concatenates samples into rows of at most max(buckets) tokens and max(tile_buckets) tiles
+(first-fit decreasing, done once
 for the dataset, so the rows are the same every epoch and an epoch has a fixed number of batches). A packed row
 carries `segment_ids` (1, 2, ... per sample, 0 = padding) and per-sample positions; the loss masks attention to
 the same segment, so packed samples never see each other.
@@ -47,21 +48,26 @@ def bucket_for(n: int, buckets: Sequence[int], what: str = "sequence length") ->
     raise BucketError(f"{what} {n} exceeds the largest bucket {max(buckets)}")
 
 
-def pack_rows(lengths: np.ndarray, capacity: int) -> list[list[int]]:
-    """First-fit decreasing: sample indices grouped into rows of total length ≤ capacity (deterministic)."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
+def pack_rows(lengths: np.ndarray, capacity: int, tiles: np.ndarray | None = None,
+              tile_capacity: int | None = None) -> list[list[int]]:
+    """First-fit decreasing: sample indices grouped into rows of total length ≤ capacity (and total tiles ≤
+    tile_capacity), deterministic."""
+    lengths = np.asarray(lengths)
+    tiles = np.zeros_like(lengths) if tiles is None else np.asarray(tiles)
+    tcap = int(tile_capacity) if tile_capacity is not None else int(1 << 62)
+    order = np.argsort(-lengths, kind="stable")
     rows: list[list[int]] = []
-    room: list[int] = []
+    room: list[list[int]] = []
     for i in order:
-        n = int(lengths[i])
-        for r, free in enumerate(room):
-            if n <= free:
+        n, k = int(lengths[i]), int(tiles[i])
+        for r, (free, tfree) in enumerate(room):
+            if n <= free and k <= tfree:
                 rows[r].append(int(i))
-                room[r] -= n
+                room[r] = [free - n, tfree - k]
                 break
         else:
             rows.append([int(i)])
-            room.append(capacity - n)
+            room.append([capacity - n, tcap - k])
     return rows
 
 
@@ -103,7 +109,7 @@ class GroupedBatches:
         self.image_size, self.pad_token_id, self.seed, self.pack = int(image_size), int(pad_token_id), int(seed), pack
         cap = self.buckets[-1]
         if pack:
-            self.rows = pack_rows(np.minimum(self.lengths, cap), cap)
+            self.rows = pack_rows(np.minimum(self.lengths, cap), cap, self.tiles, self.tile_buckets[-1])
         else:
             self.rows = [[i] for i in range(len(self.lengths))]
         self.row_lengths = np.array([sum(int(self.lengths[i]) for i in r) for r in self.rows])

@@ -157,8 +157,11 @@ def load_params(resolved, mdef, mesh):
 # --------------------------------------------------------------------------------------------------- stage
 
 def cache_split(split: str, scenes, builder: PromptBuilder, forward, params, out_dir: str, cache_cfg,
-                hidden_size: int, t_pad: int, m_pad: int, max_len: int, pad_id: int) -> dict:
-    """Writes (resuming) one split's cache; returns counts."""
+                hidden_size: int, t_pad: int, m_pad: int, max_len: int, pad_id: int,
+                prompt_ids: list[np.ndarray] | None = None) -> dict:
+    """Writes (resuming) one split's cache; returns counts. `prompt_ids[i]`: scene i's prompt, if known."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import jax
 
     from recogdrive_jax.data.hidden_cache import HiddenCache
@@ -179,14 +182,26 @@ def cache_split(split: str, scenes, builder: PromptBuilder, forward, params, out
     bs = int(cache_cfg.batch_size)
     ndev = len(jax.local_devices())
     bs_pad = -(-bs // ndev) * ndev
+
+    def prepare(idx):  # host side: render, tile, tokenize (overlaps the previous batch's forward)
+        samples = []
+        for i in idx:
+            scene = world.index_scene(scenes, int(i))
+            pv = builder.tiles(front_image(scene))
+            ids = prompt_ids[int(i)] if prompt_ids is not None and len(pv) == m_pad else builder.ids(scene, len(pv))
+            samples.append((ids, pv))
+        return collate(samples, t_pad, m_pad, builder.cfg.force_image_size, pad_id, bs_pad)
+
     t0, done = time.time(), 0
-    for s in range(0, len(todo), bs):
-        idx = todo[s:s + bs]
-        samples = [builder.sample(world.index_scene(scenes, int(i))) for i in idx]
-        batch = collate(samples, t_pad, m_pad, builder.cfg.force_image_size, pad_id, bs_pad)
-        hidden = forward(params, batch)[:len(idx)]
-        cache.write(idx, hidden, batch["attention_mask"][:len(idx)])
-        done += len(idx)
+    chunks = [todo[s:s + bs] for s in range(0, len(todo), bs)]
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(prepare, chunks[0]) if chunks else None
+        for k, idx in enumerate(chunks):
+            batch = nxt.result()
+            nxt = pool.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
+            hidden = forward(params, batch)[:len(idx)]
+            cache.write(idx, hidden, batch["attention_mask"][:len(idx)])
+            done += len(idx)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"cache_{split}_done")
@@ -219,8 +234,9 @@ def run(config, workdir: str) -> dict:
     from recogdrive_jax.sim import world
     probe = world.index_scene(scenes[splits[0]], 0)
     m_pad = len(builder.tiles(front_image(probe)))
-    lengths = {s: np.array([len(builder.ids(world.index_scene(sc, i), m_pad)) for i in range(len(sc.history))])
-               for s, sc in scenes.items()}
+    prompt_ids = {s: [builder.ids(world.index_scene(sc, i), m_pad) for i in range(len(sc.history))]
+                  for s, sc in scenes.items()}
+    lengths = {s: np.array([len(x) for x in v]) for s, v in prompt_ids.items()}
     longest = int(max(int(v.max()) for v in lengths.values()))
     max_len = int(c.max_len) or (UPSTREAM_MAX_LEN if c.layout == "upstream_compatible" else longest)
     if longest > max_len:
@@ -229,7 +245,7 @@ def run(config, workdir: str) -> dict:
     results = {}
     for s in splits:
         r = cache_split(s, scenes[s], builder, forward, params, os.path.join(workdir, s), c, cfg.llm_config.hidden_size,
-                        t_pad, m_pad, max_len, tok.pad_token_id)
+                        t_pad, m_pad, max_len, tok.pad_token_id, prompt_ids[s])
         results[s] = r
         if jax.process_index() == 0:
             print(f"[cache] {s}: {r['finished']}/{r['num_samples']} rows done ({r['computed']} computed now, "

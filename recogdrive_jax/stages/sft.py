@@ -56,7 +56,8 @@ def data_block(**overrides) -> ml_collections.ConfigDict:
         eval_meta_path="",  # held-out mixture for the eval loss; '' = none (synthetic: generated)
         synthetic_scenes=0,  # with meta_path '': scenes of the synthetic world turned into QA (WORKDIR/qa)
         synthetic_eval_scenes=0,
-        synthetic_seed=0,
+        synthetic_seed=0,  # = the planner stages' data.scene_seed: train QA from the planner's train scenes
+        skip_bad_rows=False,  # drop (and count) malformed rows instead of failing
         max_seq_length=12288,
         max_dynamic_patch=16,  # ReCogDrive: up to 16 tiles (+ thumbnail)
         min_dynamic_patch=1,
@@ -321,55 +322,55 @@ def default_tile_buckets(cfg) -> tuple[int, ...]:
     return tuple(out) + (top,)
 
 
+EVAL_QA_SEED = 5_000_011  # disjoint from the planner splits' scene seeds (scene_seed + k * 1_000_003, k < 3)
+
+
 def synthetic_qa(data_cfg, workdir: str, split: str) -> str:
-    """Generates the synthetic driving QA of `split` into WORKDIR/qa/<split> once; returns its meta JSON."""
+    """Generates the synthetic driving QA of `split` (sim/qa.py) into WORKDIR/qa/<split> once; returns its meta JSON.
+
+    The train QA comes from the planner's train scenes (`synthetic_seed` = `data.scene_seed` of the planner
+    stages, like upstream's SFT on navtrain QA); the eval QA from scenes no planner split uses.
+    """
     import jax
 
     from recogdrive_jax.sim import qa as sim_qa
     n = int(data_cfg.synthetic_scenes if split == "train" else data_cfg.synthetic_eval_scenes)
+    seed = int(data_cfg.synthetic_seed) + (0 if split == "train" else EVAL_QA_SEED)
     out = os.path.join(workdir, "qa", split)
-    meta = os.path.join(out, "meta.json")
-    if not os.path.isfile(meta) and jax.process_index() == 0:
-        tmp = out + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        seed = int(data_cfg.synthetic_seed) * 2 + (0 if split == "train" else 1) + 7_000_001
-        sim_qa.write_qa_dataset(tmp, num_scenes=n, seed=seed)
-        _relocate_meta(tmp, out)
+    marker = os.path.join(out, "DONE.json")  # written last: a partial directory is regenerated
+    if jax.process_index() == 0:
+        done = json.load(open(marker)) if os.path.isfile(marker) else None
+        if done is None or done.get("num_scenes") != n or done.get("seed") != seed:
+            shutil.rmtree(out, ignore_errors=True)
+            meta = sim_qa.write_qa_dataset(out, num_scenes=n, seed=seed)
+            with open(marker, "w") as f:
+                json.dump({"num_scenes": n, "seed": seed, "meta": os.path.abspath(meta)}, f)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"sft_synthetic_qa_{split}")
-    return meta
-
-
-def _relocate_meta(tmp: str, out: str) -> None:
-    """Moves a generated dataset from `tmp` to `out` and rewrites the meta JSON's absolute paths."""
-    os.replace(tmp, out)
-    meta_path = os.path.join(out, "meta.json")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    t, o = os.path.abspath(tmp), os.path.abspath(out)
-    for entry in meta.values():
-        for key in ("root", "annotation"):
-            if isinstance(entry.get(key), str) and entry[key].startswith(t):
-                entry[key] = o + entry[key][len(t):]
-    with open(meta_path, "w") as f:
-        json.dump(meta, f, indent=2)
+    return json.load(open(marker))["meta"]
 
 
 def build_batches(meta_path: str, tok, cfg, data_cfg, *, global_batch: int, seed: int, for_eval: bool = False):
-    """The QA mixture of `meta_path` as a `GroupedBatches` plan (repeat_time applied, data/qa_records.py)."""
+    """The QA mixture of `meta_path` (validated rows after repeat_time, `data/qa.build_index`) as a
+    `GroupedBatches` plan."""
     import jax
 
     from recogdrive_jax.data import length_grouping as lg
+    from recogdrive_jax.data import qa as qa_index
     from recogdrive_jax.data import qa_records as qa_lib
     from recogdrive_jax.data import template as tpl
     scfg = sample_cfg(cfg, data_cfg)
-    records = qa_lib.load_mixture(meta_path, seed=seed)
+    records, stats = qa_index.build_index(meta_path, seed=seed, skip_bad_rows=bool(data_cfg.skip_bad_rows))
+    if stats.bad_rows and jax.process_index() == 0:
+        logging.warning("%s: skipped %d bad rows, e.g. %s", meta_path, stats.bad_rows, stats.bad_reasons[:3])
+    if not records:
+        raise qa_index.QADataError(f"{meta_path}: the mixture is empty")
     lengths, tiles = qa_lib.estimate_lengths(records, tok, scfg)
 
     def load(i: int) -> dict:
         r = records[i]
-        return tpl.build_sample(r["conversations"], r["images"], tok, scfg)
+        return tpl.build_sample(r["conversations"], r["image_paths"], tok, scfg)
 
     buckets = tuple(data_cfg.length_buckets) or lg.default_buckets(int(data_cfg.max_seq_length))
     tile_buckets = tuple(data_cfg.tile_buckets) or default_tile_buckets(cfg)

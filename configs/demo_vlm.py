@@ -1,0 +1,99 @@
+"""The demo's VLM steps: SFT of the tiny InternVL on synthetic driving QA (about a minute on 2 CPU cores, loss
+visibly falling), then the hidden-state cache of the planner's scenes, then IL on that cache.
+
+Meant to be merged into configs/demo.py's pipeline (each step runs in WORKDIR/<name>; `{workdir}` is the
+pipeline's workdir):
+
+    pipeline.steps = 'sft,cache,il_vlm'
+    pipeline.configs = {'sft': sft_config(), 'cache': cache_config(), 'il_vlm': il_on_cache(il_config())}
+
+Run on its own:
+  python -m recogdrive_jax.main --config=configs/demo_vlm.py --workdir=workdir/demo_vlm
+  python -m recogdrive_jax.main --config=configs/demo_vlm.py:sft --workdir=workdir/demo_vlm
+"""
+import ml_collections
+
+from recogdrive_jax import configs
+from recogdrive_jax.stages.cache import cache_stage_config
+from recogdrive_jax.stages.sft import sft_stage_config
+
+TINY_VLM_HIDDEN = 64  # models/internvl.VARIANTS['tiny'].llm_config.hidden_size
+# The planner scenes the cache covers; keep equal to the il step's data block (configs/demo.py: il_config()).
+NUM_TRAIN_SCENES, NUM_EVAL_SCENES = 1500, 128
+
+
+def sft_config() -> ml_collections.ConfigDict:
+    c = sft_stage_config("tiny")
+    c.model.remat = False  # tiny: recomputation only costs time
+    c.model.dtype = "float32"  # CPUs have no fast bf16 matmuls, and fp32 compiles in half the time
+    c.data.synthetic_scenes = 60  # -> ~530 QA rows (perception, prediction, planning, cognitive, trajectory)
+    c.data.synthetic_eval_scenes = 8
+    c.data.max_dynamic_patch = 6  # the tiny ViT's 56 px tiles: front camera -> 6 + thumbnail
+    c.data.max_seq_length = 512
+    c.data.system_message = ""  # no system turn: shorter rows for a CPU demo
+    c.data.pack = True  # packed rows of 512 tokens / 24 tiles: one static shape, one compilation
+    c.data.length_buckets = (512,)
+    c.data.tile_buckets = (24,)
+    c.train.num_steps = 30
+    c.train.batch_size = 8
+    c.train.log_every = 5
+    c.train.eval_every = 30
+    c.train.checkpoint_every = 15
+    c.optim.lr = 3e-3
+    c.optim.warmup_ratio = 0.1
+    c.eval.max_batches = 2
+    return c
+
+
+def cache_config() -> ml_collections.ConfigDict:
+    c = cache_stage_config()
+    c.model.init_from = "{workdir}/sft"
+    c.model.dtype = "float32"
+    c.data.num_train_scenes = NUM_TRAIN_SCENES
+    c.data.num_eval_scenes = NUM_EVAL_SCENES
+    c.cache.batch_size = 32
+    c.cache.max_dynamic_patch = 6  # as the SFT step
+    c.cache.system_message = ""  # the driving prompt without a system turn, as the SFT trajectory rows
+    return c
+
+
+def il_config() -> ml_collections.ConfigDict:
+    """configs/demo.py's il step (kept in sync by hand)."""
+    c = configs.planner_stage_config("il", variant="tiny4")
+    c.train.num_steps = 600
+    c.train.batch_size = 64
+    c.train.log_every = 100
+    c.train.eval_every = 300
+    c.train.checkpoint_every = 300
+    c.train.ema_decay = 0.99
+    c.optim.lr = 1e-3
+    c.optim.warmup_ratio = 0.05
+    c.data.num_train_scenes = NUM_TRAIN_SCENES
+    c.data.num_eval_scenes = NUM_EVAL_SCENES
+    c.eval.num_plots = 4
+    return c
+
+
+def il_on_cache(c: ml_collections.ConfigDict, cache_step: str = "cache") -> ml_collections.ConfigDict:
+    """An il config reading the cache step's hidden states (Hv = the tiny VLM's width)."""
+    c = ml_collections.ConfigDict(c.to_dict())
+    c.data.cache_dir = "{workdir}/" + cache_step
+    c.planner.vl_dim = TINY_VLM_HIDDEN
+    return c
+
+
+STEPS = ("sft", "cache", "il_vlm")
+
+
+def get_config(arg: str | None = None):
+    steps = tuple(s for s in (arg or ",".join(STEPS)).split(",") if s)
+    c = configs.base_config()
+    c.stage = "pipeline"
+    c.pipeline = ml_collections.ConfigDict()
+    c.pipeline.steps = ",".join(steps)
+    c.pipeline.configs = ml_collections.ConfigDict(
+        {"sft": sft_config(), "cache": cache_config(), "il_vlm": il_on_cache(il_config())})
+    unknown = [s for s in steps if s not in c.pipeline.configs]
+    if unknown:
+        raise ValueError(f"configs/demo_vlm.py: unknown step(s) {unknown}; allowed: {sorted(c.pipeline.configs)}")
+    return c
