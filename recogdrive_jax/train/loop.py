@@ -92,7 +92,11 @@ def load_init_params(path: str, abstract_params, param_shardings, prefer_ema: bo
         ckptr.close()
         tree = raw.get("ema_params") if prefer_ema and raw.get("ema_params") is not None else raw["params"]
         _check_same_structure(tree, abstract_params, path)
-        return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tree, param_shardings)
+        # Match leaves by path: Orbax restores nnx.List indices as string keys ('0', '1', ..., '10'), so the
+        # restored tree's structure (and its leaf order) differs from the model's.
+        flat = {optim.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+        return jax.tree_util.tree_map_with_path(
+            lambda p, s: jax.device_put(np.asarray(flat[optim.path_str(p)]), s), param_shardings)
     return ckpt_lib.load_params(path, target)
 
 
