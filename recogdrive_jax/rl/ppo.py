@@ -65,6 +65,14 @@ def vlm_config(model_cfg) -> ivl.InternVLConfig:
                                vision_config=dataclasses.replace(base.vision_config, **vit))
 
 
+def str_keys(tree):
+    """Integer dict keys (nnx.List indices, e.g. the value head's layers) as strings: the form Orbax restores,
+    so init, restore and the jitted shardings all see one tree structure (`ModuleDef.bind` maps them back)."""
+    if isinstance(tree, dict):
+        return {str(k): str_keys(v) for k, v in tree.items()}
+    return tree
+
+
 def policy_def(model_cfg) -> tuple[ModuleDef, ivl.InternVLConfig]:
     cfg = vlm_config(model_cfg)
     dtype = _DTYPES[str(model_cfg.get("dtype", "float32"))]
@@ -81,7 +89,13 @@ def _forward(policy: PolicyWithValue, batch: dict, prompt_len: int):
     pv = batch["pixel_values"]                                                  # [B, nt, S, S, 3]
     pv = pv.reshape(b * pv.shape[1], *pv.shape[2:])
     flags = batch["image_flags"].reshape(-1)
-    out = policy.vlm(ids, batch["attention_mask"], pv, flags, compute_logits=False)
+    vlm = policy.vlm
+    # Image features go only into the prompt's <IMG_CONTEXT> slots: a sampled <IMG_CONTEXT> id in the answer
+    # keeps its token embedding, as during generation (decode_step embeds tokens only).
+    emb = vlm.language_model.model.embed_tokens(ids)
+    prompt_only = ids.at[:, prompt_len:].set(vlm.cfg.pad_token_id)
+    emb = ivl.merge_image_embeds(emb, prompt_only, vlm.extract_feature(pv), vlm.cfg.image_token_id, flags)
+    out = vlm(ids, batch["attention_mask"], inputs_embeds=emb, compute_logits=False)
     hidden = out["hidden_states"]                                               # [B, P + A, D]
     values = policy.value_head.from_hidden(hidden[:, prompt_len - 1])           # [B]
     h_ans = hidden[:, prompt_len - 1:-1]                                        # [B, A, D] predicts out[0..A)
@@ -411,6 +425,6 @@ class Generator:
         return local_rows(out).astype(np.int32)
 
 
-__all__ = ["PolicyWithValue", "vlm_config", "policy_def", "score", "make_score_fn", "sft_loss", "PPOHParams",
+__all__ = ["PolicyWithValue", "vlm_config", "str_keys", "policy_def", "score", "make_score_fn", "sft_loss", "PPOHParams",
            "ppo_minibatch_loss", "make_ppo_update", "rollout_advantages", "PromptLayout", "PromptTooLong",
            "ChatEncoder", "join_sequences", "stack", "local_rows", "Generator"]

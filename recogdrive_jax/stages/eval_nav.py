@@ -156,6 +156,7 @@ def run(config, workdir: str) -> dict:
     from recogdrive_jax import configs
     from recogdrive_jax.parallel import mesh as mesh_lib
     from recogdrive_jax.parallel import sharding as sh
+    from recogdrive_jax.rl import ppo as ppo_lib
     from recogdrive_jax.stages.ppo import NavPolicy, resolve_tokenizer
     from recogdrive_jax.train import loop
     configs.validate_common(config)
@@ -171,7 +172,7 @@ def run(config, workdir: str) -> dict:
         config.model.tokenizer = os.path.join(ckpt, "tokenizer")
     tokenizer = resolve_tokenizer(config, workdir)
     policy = NavPolicy(config, tokenizer)
-    abstract = policy.mdef.abstract_params()
+    abstract = ppo_lib.str_keys(policy.mdef.abstract_params())
     shardings = jax.tree.map(lambda _: sh.replicated(mesh), abstract)
     params = loop.load_init_params(ckpt, abstract, shardings, prefer_ema=False)
     results = evaluate(params, config, tokenizer, os.path.join(workdir, "eval_nav"), mesh=mesh)

@@ -319,6 +319,10 @@ def run(config, workdir: str) -> dict:
     policy = NavPolicy(config, tokenizer)
     algo = str(config.get("algo", "ppo"))
     prompt_len = policy.layout.prompt_len
+    logical = ppo_lib.str_keys(policy.mdef.logical)
+
+    def init_params(rng):
+        return ppo_lib.str_keys(policy.mdef.init(rng))
 
     def eval_fn(state, step):
         if not eval_nav.splits_of(config.eval_nav):
@@ -329,15 +333,14 @@ def run(config, workdir: str) -> dict:
     if algo == "sft":
         def loss_fn(params, batch, rng):
             return ppo_lib.sft_loss(policy.mdef.bind(params), batch, prompt_len)
-        task = loop.Task(name="virl_sft", init_params=policy.mdef.init, loss_fn=loss_fn,
-                         logical=policy.mdef.logical, eval_fn=eval_fn,
+        task = loop.Task(name="virl_sft", init_params=init_params, loss_fn=loss_fn, logical=logical, eval_fn=eval_fn,
                          train_iter=SFTIterator(config, policy, int(config.train.batch_size)))
     else:
         hp = ppo_lib.PPOHParams.from_config(config.ppo, int(config.optim.grad_accum))
         rollouts = RolloutIterator(config, policy, mesh)
         schedule = optim.make_schedule(config.optim, int(config.train.num_steps))
-        task = loop.Task(name="ppo", init_params=policy.mdef.init, loss_fn=None, logical=policy.mdef.logical,
-                         eval_fn=eval_fn, train_iter=rollouts,
+        task = loop.Task(name="ppo", init_params=init_params, loss_fn=None, logical=logical, eval_fn=eval_fn,
+                         train_iter=rollouts,
                          make_update=lambda tx: ppo_lib.make_ppo_update(policy.mdef, tx, hp, prompt_len,
                                                                         schedule=schedule),
                          on_state=lambda state: rollouts.set_params(state.params))
