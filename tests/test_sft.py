@@ -253,6 +253,7 @@ def _train_cfg(meta, steps=6, **kw):
     c = sft.sft_stage_config("tiny")
     c.data = _data_cfg(meta_path=meta, length_buckets=(256,), num_workers=2)
     c.model.remat = False
+    c.model.dtype = "float32"  # compiles in half the time of bf16 on CPU
     c.train.update(num_steps=steps, batch_size=8, log_every=1, checkpoint_every=3, async_checkpoint=False,
                    tensorboard=False)
     c.optim.lr = 3e-3
