@@ -127,7 +127,7 @@ def bench_sft(a) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     first_loss_torch = torch_step()  # warm-up
     t0 = time.perf_counter()
