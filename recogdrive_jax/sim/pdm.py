@@ -329,7 +329,9 @@ def comfort(ax, ay, heading, *, acc_window=41, jerk_window=41, ax_lon=None) -> j
 def _first_index(mask: jax.Array, axis: int) -> jax.Array:
     """Index of the first True along `axis` (0 where there is none): an O(n) argmax reduction. (A cumsum-based
     "first" lowers to a quadratic reduce_window on XLA:CPU and dominated the scorer's run time.)"""
-    return jnp.argmax(mask, axis=axis)
+    n = mask.shape[axis]
+    iota = jax.lax.broadcasted_iota(jnp.int32, mask.shape, axis % mask.ndim)
+    return jnp.minimum(jnp.min(jnp.where(mask, iota, n), axis), n - 1)  # plain min-reduce: cheaper than argmax
 
 
 def _any_at_first(mask: jax.Array, flag: jax.Array, axis: int) -> jax.Array:
