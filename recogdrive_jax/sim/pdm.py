@@ -334,12 +334,6 @@ def _first_index(mask: jax.Array, axis: int) -> jax.Array:
     return jnp.minimum(jnp.min(jnp.where(mask, iota, n), axis), n - 1)  # plain min-reduce: cheaper than argmax
 
 
-def _any_at_first(mask: jax.Array, flag: jax.Array, axis: int) -> jax.Array:
-    """Whether `flag` holds where `mask` is first True along `axis` (False where mask never is)."""
-    i = jnp.expand_dims(_first_index(mask, axis), axis)
-    return jnp.any(mask, axis) & jnp.take_along_axis(flag, i, axis).squeeze(axis)
-
-
 def _score(scene: Scene, trajectories: jax.Array, ep_weight, ttc_weight, comfort_weight, interval: float,
            human_filter: bool) -> dict[str, jax.Array]:
     dtype = jnp.result_type(float)
@@ -404,14 +398,20 @@ def _score(scene: Scene, trajectories: jax.Array, ep_weight, ttc_weight, comfort
     o_h = ob[:, None, :T, :, 2]
     hit = boxes_intersect(centre[..., None, :], th[..., None], (HALF_LENGTH, HALF_WIDTH), o_c, o_h, o_half)
     hit &= (valid[:, None, :T] & exists[:, None, None, :])  # [B, G1, T, A]
-    front_c = rear + world.EGO_FRONT * fwd
-    front_hit = boxes_intersect(front_c[..., None, :], th[..., None], (0.0, HALF_WIDTH), o_c, o_h, o_half)
-    dotp, norm = rel(o_c, rear[..., None, :], fwd[..., None, :])
+    # Only the class at each object's first contact time matters (spec §3 NC), so classify there: [B, G1, A]
+    # gathers instead of [B, G1, T, A] arrays.
+    t_n = _first_index(hit, 2)  # [B, G1, A]
+    o_n = ob[jnp.arange(B)[:, None, None], t_n, jnp.arange(ob.shape[2])[None, None, :]]  # [B, G1, A, 5]
+    at_n = lambda v: jnp.take_along_axis(v, t_n[..., None] if v.ndim == 4 else t_n, 2)  # noqa: E731
+    rear_n, fwd_n, th_n = at_n(rear), at_n(fwd), at_n(th)
+    front_c = rear_n + world.EGO_FRONT * fwd_n
+    front_hit = boxes_intersect(front_c, th_n, (0.0, HALF_WIDTH), o_n[..., :2], o_n[..., 2],
+                                (o_n[..., 3] / 2, o_n[..., 4] / 2))
+    dotp, norm = rel(o_n[..., :2], rear_n, fwd_n)
     behind = dotp < COS_BEHIND * norm
-    ego_stopped = (speed <= STOPPED_SPEED)[..., None]
-    at_fault = ~ego_stopped & (stopped[:, None, None, :] | (~behind & (front_hit | lateral_fault[..., None])))
-    at_fault = jnp.broadcast_to(at_fault, hit.shape)
-    fault_obj = _any_at_first(hit, at_fault, 2)  # [B, G1, A]: class at the first contact time
+    ego_stopped = at_n(speed) <= STOPPED_SPEED
+    at_fault = ~ego_stopped & (stopped[:, None, :] | (~behind & (front_hit | at_n(lateral_fault))))
+    fault_obj = jnp.any(hit, 2) & at_fault  # [B, G1, A]
     obj_nc = jnp.where(fault_obj, jnp.where(is_agent[:, None, :], 0.0, 0.5), 1.0)
     nc = jnp.min(obj_nc, -1).astype(dtype)
     dac = jnp.where(jnp.any(non_drivable, -1), 0.0, 1.0).astype(dtype)
@@ -442,18 +442,21 @@ def _score(scene: Scene, trajectories: jax.Array, ep_weight, ttc_weight, comfort
     hit_t = boxes_intersect(c_s[..., None, :], th[..., None, None], (HALF_LENGTH, HALF_WIDTH), o_cs, o_hs, o_halfs)
     hit_t &= valid[:, None][:, :, frame] & exists[:, None, None, None, :]
     hit_t &= (speed >= TTC_MIN_SPEED)[..., None, None]  # [B, G1, T, S, A]
-    dot_s, norm_s = rel(o_cs, rear[..., None, None, :], fwd[..., None, None, :])
+
+    # Per object, only its first hit in (t outer, s inner) order matters, so the ahead / behind / area checks
+    # are evaluated only there ([B, G1, A] gathers instead of [B, G1, T, S, A] arrays). v2 stops at t < 32: the
+    # first hit within that range is the global first hit when the latter lies in range.
+    h = hit_t.reshape(B, G1, T * S, -1)
+    i_first = _first_index(h, 2)  # [B, G1, A]
+    t_i, s_i = i_first // S, i_first % S
+    f_i = t_i + jnp.asarray(TTC_STEPS, jnp.int32)[s_i]  # observation frame of the first hit
+    o_first = ob[jnp.arange(B)[:, None, None], f_i, jnp.arange(ob.shape[2])[None, None, :], :2]  # [B, G1, A, 2]
+    rear_i, fwd_i = (jnp.take_along_axis(v, t_i[..., None], 2) for v in (rear, fwd))  # [B, G1, A, 2]
+    dot_s, norm_s = rel(o_first, rear_i, fwd_i)
     ahead = dot_s > COS_AHEAD * norm_s
     not_behind = ~(dot_s < COS_BEHIND * norm_s)
-    area_flag = (lateral_fault | rear_in_int)[..., None, None]
-    counts = ahead | (area_flag & not_behind)
-
-    # Per object, only its first hit in (t outer, s inner) order matters. v2 stops at t < 32: the first hit
-    # within that range is the global first hit when the latter lies in range.
-    h = hit_t.reshape(B, G1, T * S, -1)
-    cnt = jnp.broadcast_to(counts, hit_t.shape).reshape(B, G1, T * S, -1)
-    i_first = _first_index(h, 2)  # [B, G1, A]
-    at_first = jnp.any(h, 2) & jnp.take_along_axis(cnt, i_first[:, :, None], 2)[:, :, 0]
+    area_flag = jnp.take_along_axis(lateral_fault | rear_in_int, t_i, 2)
+    at_first = jnp.any(h, 2) & (ahead | (area_flag & not_behind))
     ttc = jnp.where(jnp.any(at_first, -1), 0.0, 1.0).astype(dtype)
     ttc_v2 = jnp.where(jnp.any(at_first & (i_first < 32 * S), -1), 0.0, 1.0).astype(dtype)
 
