@@ -28,6 +28,7 @@ def score_plans(split, trajectories: np.ndarray, chunk: int = 64, **pdm_kwargs) 
     if trajectories.shape != (n, 8, 3):
         raise ValueError(f"score_plans: trajectories of shape {trajectories.shape}, expected {(n, 8, 3)}")
     out: dict[str, list] = {k: [] for k in _PDM_KEYS}
+    chunk = min(chunk, n)
     for start in range(0, n, chunk):
         idx = np.arange(start, min(start + chunk, n))
         pad = np.concatenate([idx, np.full(chunk - len(idx), idx[-1])])  # fixed shape: one compilation
@@ -57,6 +58,7 @@ def make_sampler(module_def, deterministic: bool = True) -> Callable:
 def plan_split(sampler, params, split, rng, batch_size: int = 64) -> np.ndarray:
     """Plans for every scene of `split`, in fixed-size batches."""
     n = len(split)
+    batch_size = min(batch_size, n)
     outs = []
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
