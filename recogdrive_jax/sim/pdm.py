@@ -110,6 +110,40 @@ def interpolate_plan(traj: jax.Array, interval: float) -> jax.Array:
     return jnp.stack([lerp(full[..., 0]), lerp(full[..., 1]), wrap(lerp(h_un))], -1)
 
 
+def solve_small(a: jax.Array, b: jax.Array) -> jax.Array:
+    """x = a^-1 b for a [..., n, n], b [..., n]: Gaussian elimination with partial pivoting (as LAPACK getrf/getrs)
+    in plain jnp ops.
+
+    Replaces `jnp.linalg.solve`, whose CPU kernel (batched getrf run through ParallelBatchMap on XLA's intra-op
+    pool) deadlocks when several CPU devices execute it at once inside a sharded jit, e.g. the DiffGRPO step on a
+    multi-device CPU mesh: every pool worker ends up waiting for sub-tasks queued behind it."""
+    n = a.shape[-1]
+    rows = jnp.arange(n)
+    m = jnp.concatenate([a, b[..., None]], -1)  # [..., n, n+1]
+    col = lambda x, j: jax.lax.dynamic_index_in_dim(x, j, -1, keepdims=False)  # noqa: E731
+    row = lambda x, j: jax.lax.dynamic_index_in_dim(x, j, -2, keepdims=False)  # noqa: E731
+
+    def eliminate(j, m):
+        p = jnp.argmax(jnp.where(rows >= j, jnp.abs(col(m, j)), -1.0), -1)  # pivot row [...]
+        row_j = row(m, j)
+        row_p = jnp.take_along_axis(m, p[..., None, None], axis=-2)[..., 0, :]  # [..., n+1]
+        is_p = (rows == p[..., None])[..., None]  # [..., n, 1]
+        m = jnp.where((rows == j)[:, None], row_p[..., None, :], jnp.where(is_p, row_j[..., None, :], m))
+        f = jnp.where(rows > j, col(m, j) / col(row_p, j)[..., None], 0.0)  # [..., n]
+        return m - f[..., :, None] * row_p[..., None, :]
+
+    m = jax.lax.fori_loop(0, n, eliminate, m)
+    u, c = m[..., :n], m[..., n]
+
+    def substitute(k, x):
+        i = n - 1 - k
+        ui = row(u, i)
+        xi = (col(c, i) - jnp.sum(ui * x, -1)) / col(ui, i)
+        return jnp.where(rows == i, xi[..., None], x)
+
+    return jax.lax.fori_loop(0, n, substitute, jnp.zeros_like(c))
+
+
 def fit_profiles(poses: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Velocity and curvature profiles [..., 40] of [..., 41, 3] reference poses (spec §2 profile fit)."""
     lk_np, kv_np = _profile_matrices()
@@ -124,7 +158,7 @@ def fit_profiles(poses: jax.Array) -> tuple[jax.Array, jax.Array]:
     q = jnp.diag(jnp.asarray(np.r_[1e-10, np.full(N_STATES - 2, 1e-2)], dtype))
     ata = jnp.einsum("...ki,...kj->...ij", a, a) + q
     aty = jnp.einsum("...ki,...k->...i", a, dh)
-    x = jnp.linalg.solve(ata, aty[..., None])[..., 0]
+    x = solve_small(ata, aty)
     kappa = jnp.einsum("ij,...j->...i", lk, x)
     return v, kappa
 
@@ -260,8 +294,8 @@ def boxes_intersect(c1, h1, half1, c2, h2, half2) -> jax.Array:
 def project_on_polyline(pts: jax.Array, line: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(arc length of the nearest point, distance) of pts [..., P, 2] on polylines line [..., C, 2].
 
-    Loops over the C-1 segments keeping a running (first) minimum: no [..., P, C] intermediates, same float ops
-    and tie-breaking (argmin picks the first minimum) as the broadcast form."""
+    Loops over the C-1 segments keeping a running (first) minimum: no [..., P, C] intermediates; same formula and
+    tie-breaking (the first minimum wins) as a broadcast argmin, equal to it up to float rounding (~1 ulp)."""
     a = line[..., :-1, :]  # [..., C-1, 2]
     ab = line[..., 1:, :] - a
     seg2 = (ab ** 2).sum(-1)  # [..., C-1]
@@ -327,11 +361,12 @@ def comfort(ax, ay, heading, *, acc_window=41, jerk_window=41, ax_lon=None) -> j
 
 
 def _first_index(mask: jax.Array, axis: int) -> jax.Array:
-    """Index of the first True along `axis` (0 where there is none): an O(n) argmax reduction. (A cumsum-based
-    "first" lowers to a quadratic reduce_window on XLA:CPU and dominated the scorer's run time.)"""
+    """Index of the first True along `axis` (n - 1 where there is none; callers mask with `any`): one O(n)
+    min-reduce. (The former cumsum-based "first" lowers to a quadratic reduce_window on XLA:CPU and dominated the
+    scorer's run time at T * S = 164.)"""
     n = mask.shape[axis]
     iota = jax.lax.broadcasted_iota(jnp.int32, mask.shape, axis % mask.ndim)
-    return jnp.minimum(jnp.min(jnp.where(mask, iota, n), axis), n - 1)  # plain min-reduce: cheaper than argmax
+    return jnp.minimum(jnp.min(jnp.where(mask, iota, n), axis), n - 1)
 
 
 def _score(scene: Scene, trajectories: jax.Array, ep_weight, ttc_weight, comfort_weight, interval: float,
