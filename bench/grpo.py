@@ -1,0 +1,187 @@
+"""DiffGRPO step throughput: the jitted JAX step vs the upstream shape of the computation, same planner, one process.
+
+    python bench/grpo.py [--config small] [--batch 4] [--group 8] [--vl-len 32] [--steps 2] [--threads 1]
+
+JAX: `rl/grpo.py` — G chains per scene, the vectorised PDM reward (`sim/pdm.py`), advantages, log-probs, BC on the
+reference's chains and the AdamW update, all in one jit.
+Upstream shape: PyTorch `sample_chain` on the repeated batch with the reference planner (tests/torch_ref/planner.py),
+a per-trajectory Python PDM scorer (tests/pdm_reference.py: NAVSIM-style loops, one reference simulation per
+scene), group advantages in torch, `get_logprobs` + BC, backward, clip 1.0, AdamW.
+Prints scenes/s of both and `grpo_step_jax_vs_torch: <ratio>x` (> 1 = JAX faster).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def _parse(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="small", help="planner variant (small = upstream DiT)")
+    p.add_argument("--vlm-size", default="large", choices=["large", "small"])
+    p.add_argument("--batch", type=int, default=4, help="scenes per step")
+    p.add_argument("--group", type=int, default=8, help="G chains per scene")
+    p.add_argument("--vl-len", type=int, default=32, help="VL tokens (upstream 2800; short on CPU)")
+    p.add_argument("--steps", type=int, default=2, help="timed repetitions")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for both frameworks (1 = single-threaded XLA and torch: fair and stable on a "
+                        "shared machine); 0 = defaults")
+    return p.parse_args(argv)
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.threads == 1:  # before jax initialises its CPU client
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import pdm_reference  # noqa: E402
+from recogdrive_jax import configs  # noqa: E402
+from recogdrive_jax.convert.planner import torch_state_dict_to_params  # noqa: E402
+from recogdrive_jax.models.planner import build_planner, planner_config  # noqa: E402
+from recogdrive_jax.rl import grpo  # noqa: E402
+from recogdrive_jax.sim import world  # noqa: E402
+from recogdrive_jax.train import optim  # noqa: E402
+from recogdrive_jax.train.module_def import ModuleDef  # noqa: E402
+from recogdrive_jax.train.state import init_train_state  # noqa: E402
+from torch_ref.planner import TorchPlanner, denormalize, lightning_state_dict  # noqa: E402
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()  # warm-up / compile
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+class TorchGRPO:
+    """Upstream's ReinforceAlgorithm step (recogdrive_rl_algo.py), written from spec/planner.md §4."""
+
+    def __init__(self, tm: TorchPlanner, ref: TorchPlanner, scenes, rl: grpo.GRPOConfig, seed: int = 0):
+        self.tm, self.ref, self.scenes, self.rl = tm, ref, scenes, rl
+        self.opt = torch.optim.AdamW(tm.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4)
+        self.w = torch.tensor(grpo.discount_weights(tm.K, rl.gamma))
+        self.gen = torch.Generator().manual_seed(seed)
+        self.timing = {"sample": 0.0, "score": 0.0, "update": 0.0}
+
+    def step(self, vl, his, st):
+        g, b, k = self.rl.group_size, vl.shape[0], self.tm.K
+        t0 = time.perf_counter()
+        rep = lambda x: x.repeat_interleave(g, dim=0)  # noqa: E731
+        with torch.no_grad():
+            ctx = self.tm.encode(rep(vl), rep(his), rep(st))
+            n = b * g
+            chain = self.tm.sample_chain(ctx, torch.randn(n, 8, 3, generator=self.gen),
+                                         torch.randn(k, n, 8, 3, generator=self.gen))
+            ref_ctx = self.ref.encode(vl, his, st)
+            ref_chain = self.ref.sample_chain(ref_ctx, torch.randn(b, 8, 3, generator=self.gen),
+                                              torch.randn(k, b, 8, 3, generator=self.gen))
+        traj = denormalize(chain[:, -1]).numpy().astype(np.float64)
+        t1 = time.perf_counter()
+        rewards = []
+        for i in range(b):  # per scene: one reference simulation, then a Python loop over its trajectories
+            try:
+                res = pdm_reference.score_many(self.scenes[i], traj[i * g:(i + 1) * g], ep_weight=self.rl.ep_weight,
+                                               ttc_weight=self.rl.ttc_weight, comfort_weight=self.rl.comfort_weight)
+                rewards.extend(r["pdms"] for r in res)
+            except Exception:  # upstream: reward 0 when scoring fails
+                rewards.extend([0.0] * g)
+        t2 = time.perf_counter()
+        r = torch.tensor(rewards, dtype=torch.float32).view(b, g)
+        adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-8)).view(-1)
+        ctx = self.tm.encode(rep(vl), rep(his), rep(st))
+        lp = self.tm.get_logprobs(ctx, chain).clamp(-5, 2).mean((-2, -1)).view(b * g, k)
+        pg = -(lp * adv[:, None] * self.w[None]).mean()
+        bc_lp = self.tm.get_logprobs(self.tm.encode(vl, his, st), ref_chain).clamp(-5, 2)
+        loss = pg + self.rl.bc_weight * (-bc_lp.mean())
+        self.opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.tm.parameters(), 1.0)
+        self.opt.step()
+        t3 = time.perf_counter()
+        for key, dt in (("sample", t1 - t0), ("score", t2 - t1), ("update", t3 - t2)):
+            self.timing[key] += dt
+        return float(loss.detach())
+
+
+def main(args) -> int:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg = planner_config(args.config, vlm_size=args.vlm_size)
+    b, g = args.batch, args.group
+    rl = grpo.GRPOConfig(group_size=g)
+    print(f"# grpo bench: {args.config} (D={cfg.embed_dim}, layers={cfg.num_layers}, Hv={cfg.vl_dim}), {b} scenes x "
+          f"G={g}, L {args.vl_len}, {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}")
+    scenes = world.generate_scenes(b, seed=123)
+    batch_scene = world.stack_scenes(scenes)
+    batch_scene = world.Scene(**{k: (v.astype(np.int32) if v.dtype == np.int64 else v)
+                                 for k, v in vars(batch_scene).items()})
+    rng = np.random.default_rng(0)
+    vl = rng.normal(size=(b, args.vl_len, cfg.vl_dim)).astype(np.float32)
+    his, st = batch_scene.history.astype(np.float32), batch_scene.status.astype(np.float32)
+
+    torch.manual_seed(0)
+    tm = TorchPlanner(vl_dim=cfg.vl_dim, num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_layers=cfg.num_layers,
+                      output_dim=cfg.output_dim, mlp_hidden=cfg.mlp_hidden)
+    ref = TorchPlanner(vl_dim=cfg.vl_dim, num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_layers=cfg.num_layers,
+                       output_dim=cfg.output_dim, mlp_hidden=cfg.mlp_hidden)
+    ref.load_state_dict(tm.state_dict())
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    params = torch_state_dict_to_params(lightning_state_dict(tm), cfg, verbose=False)
+    mdef = ModuleDef(lambda r: build_planner(cfg, r))
+    params = jax.tree.map(jnp.asarray, _as_pure(mdef, params))
+
+    ocfg = configs.planner_stage_config("rl").optim
+    ocfg.update(dict(lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0, min_lr_ratio=0.0))
+    tx = optim.make_optimizer(ocfg, 1000, params)
+    update = jax.jit(grpo.make_update(mdef.bind, rl, tx, num_denoise_steps=cfg.num_inference_steps),
+                     donate_argnums=(0,))
+    batch = {"cond": {"vl_states": jnp.asarray(vl), "status": jnp.asarray(st), "history": jnp.asarray(his)},
+             "scene": jax.tree.map(jnp.asarray, batch_scene)}
+    ref_params = jax.tree.map(jnp.copy, params)  # the frozen reference (the state's params are donated)
+    holder = {"state": init_train_state(params, tx), "i": 0}
+
+    def jax_step():
+        holder["i"] += 1
+        holder["state"], m = update(holder["state"], batch, jax.random.key(holder["i"]), ref_params)
+        jax.block_until_ready(m)
+
+    t0 = time.perf_counter()
+    jax_step()
+    compile_s = time.perf_counter() - t0
+    t_jax = _median_time(jax_step, args.steps)
+
+    algo = TorchGRPO(tm, ref, scenes, rl)
+    tvl, this, tst = torch.from_numpy(vl), torch.from_numpy(his), torch.from_numpy(st)
+    t_torch = _median_time(lambda: algo.step(tvl, this, tst), args.steps)
+    share = {k: v / (args.steps + 1) for k, v in algo.timing.items()}
+    print(f"jax: {b / t_jax:.2f} scenes/s ({t_jax:.3f} s/step; first call incl. compile {compile_s:.1f} s)")
+    print(f"torch+python scorer: {b / t_torch:.2f} scenes/s ({t_torch:.3f} s/step: sample {share['sample']:.3f} s, "
+          f"score {share['score']:.3f} s, update {share['update']:.3f} s; means)")
+    print(f"grpo_step_jax_vs_torch: {t_torch / t_jax:.1f}x")
+    return 0
+
+
+def _as_pure(mdef: ModuleDef, params) -> dict:
+    """Converter output (nested numpy dict) -> the exact pure-dict structure of `mdef.init`."""
+    from flax import nnx
+    return nnx.state(mdef.bind(params), nnx.Param).to_pure_dict()
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS))
