@@ -118,3 +118,32 @@ def test_box_intersection_matches_eager_for_xla_sensitive_shape():
     with jax.disable_jit():
         eager = np.asarray(f(c1, h1, c2, h2, size[0], size[1]))
     np.testing.assert_array_equal(jitted, eager)
+
+
+def test_geometry_loops_match_broadcast_formulas():
+    # The loop-based point-in-polygon / polyline projection against the plain broadcast formulas (float32 numpy).
+    rng = np.random.default_rng(1)
+    pts = rng.uniform(-6, 6, (2, 50, 2)).astype(np.float32)
+    polys = rng.uniform(-5, 5, (2, 3, 7, 2)).astype(np.float32)
+    polys[:, 2, 4:] = polys[:, 2, :1]  # padded tail repeating the first vertex
+    a = polys[:, None]
+    b = np.roll(a, -1, axis=-2)
+    py, px = pts[:, :, None, None, 1], pts[:, :, None, None, 0]
+    cond = (a[..., 1] > py) != (b[..., 1] > py)
+    den = np.where(cond, b[..., 1] - a[..., 1], 1.0)
+    xint = a[..., 0] + (py - a[..., 1]) * (b[..., 0] - a[..., 0]) / den
+    expect = (cond & (px < xint)).sum(-1) % 2 == 1
+    np.testing.assert_array_equal(np.asarray(jax.jit(pdm.points_in_polygons)(pts, polys)), expect)
+    line = np.cumsum(rng.uniform(0.2, 1.5, (2, 30, 2)), 1).astype(np.float32)
+    line[:, -5:] = line[:, -6:-5]  # padded tail (zero-length segments)
+    arc, dist = jax.jit(pdm.project_on_polyline)(pts * 3 + 10, line)
+    seg = np.diff(line, axis=1).astype(np.float64)
+    cum = np.concatenate([np.zeros((2, 1)), np.cumsum(np.hypot(seg[..., 0], seg[..., 1]), 1)[:, :-1]], 1)
+    ap = (pts * 3 + 10)[:, :, None].astype(np.float64) - line[:, None, :-1]
+    s2 = (seg ** 2).sum(-1)[:, None]
+    t = np.where(s2 > 0, np.clip((ap * seg[:, None]).sum(-1) / np.where(s2 > 0, s2, 1), 0, 1), 0)
+    d = np.hypot(*np.moveaxis(ap - t[..., None] * seg[:, None], -1, 0))
+    i = d.argmin(-1)[..., None]
+    np.testing.assert_allclose(np.asarray(dist), np.take_along_axis(d, i, -1)[..., 0], rtol=1e-5, atol=1e-5)
+    expect_arc = np.take_along_axis(cum[:, None] + t * np.hypot(seg[..., 0], seg[..., 1])[:, None], i, -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(arc), expect_arc, rtol=1e-5, atol=1e-4)
