@@ -281,7 +281,7 @@ def boxes_intersect(c1, h1, half1, c2, h2, half2) -> jax.Array:
     co1, si1, co2, si2 = (bc(v) for v in (*cs1, *cs2))
     l1, w1 = bc(half1[0]), bc(half1[1])
     l2, w2 = bc(half2[0]), bc(half2[1])
-    c, s = jnp.cos(h2 - h1), jnp.sin(h2 - h1)
+    c, s = co2 * co1 + si2 * si1, si2 * co1 - co2 * si1  # cos / sin of h2 - h1
     ac, as_ = jnp.abs(c), jnp.abs(s)
     # Projections of d on the axes e1 = (cos h1, sin h1), e2 = (-sin h1, cos h1), o1, o2 (same for h2).
     sep = (jnp.abs(co1 * dx + si1 * dy) > l1 + l2 * ac + w2 * as_)
