@@ -6,12 +6,13 @@ before anything is built, so a bad value fails in a second with a message naming
 from __future__ import annotations
 
 import ml_collections
+from recogdrive_jax.errors import UserError
 
 # The cache's layouts; upstream_compatible = left-padded fp32 like the PyTorch pipeline.
 CACHE_LAYOUTS = ("compact", "upstream_compatible")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value is invalid; the message names the key."""
 
 

@@ -16,23 +16,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config f
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
 
-# Errors that are the user's to fix; anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = ()
-
-
 def _user_errors():
-    from recogdrive_jax.configs import ConfigError
-    from recogdrive_jax.parallel.mesh import MeshError
-    from recogdrive_jax.stages import UnknownStageError
+    from recogdrive_jax.errors import UserError
     from recogdrive_jax.train.checkpoint import CheckpointError
     from recogdrive_jax.train.loop import NonFiniteLossError
-    errors = [ConfigError, MeshError, UnknownStageError, CheckpointError, NonFiniteLossError, FileNotFoundError]
-    try:
-        from recogdrive_jax.data.errors import DataError  # optional until the data package defines it
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (UserError, CheckpointError, NonFiniteLossError, FileNotFoundError)
 
 
 def fail(msg: str) -> None:

@@ -21,13 +21,10 @@ import os
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+from recogdrive_jax.errors import CheckpointKeyError  # noqa: F401  (re-exported)
 
 CONFIG_NAME = "recogdrive_internvl.json"  # our config (remote-layout HF form), next to the Orbax params
 PARAMS_DIR = "params"
-
-
-class CheckpointKeyError(ValueError):
-    """Missing / unexpected keys or shape mismatches, all listed."""
 
 
 # ----------------------------------------------------------------------------------------------- key rules

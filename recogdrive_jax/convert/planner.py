@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from recogdrive_jax.errors import CheckpointKeyError  # noqa: F401  (re-exported)
 
 PREFIX = "agent.action_head."
 ROTARY_KEY = "model.rotary_embedder.inv_freq"
@@ -29,10 +30,6 @@ ETA_KEY = "eta.eta_logit"
 # NNX module attribute -> torch submodule path (torch wraps these Linears in Sequential / ModuleList).
 _MODULE_RENAMES = {"to_out": "to_out.0", "adaLN_modulation": "adaLN_modulation.1",
                    "modulation_proj": "modulation_proj.1"}
-
-
-class CheckpointKeyError(ValueError):
-    """Checkpoint does not match the expected planner layout (lists every offending key)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,12 +25,13 @@ from typing import Sequence
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
+from recogdrive_jax.errors import UserError
 
 LAYOUTS = ("compact", "upstream_compatible")
 FORMAT_VERSION = 1
 
 
-class CacheError(ValueError):
+class CacheError(UserError):
     pass
 
 

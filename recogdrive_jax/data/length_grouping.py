@@ -22,12 +22,13 @@ from typing import Callable, Sequence
 
 import grain
 import numpy as np
+from recogdrive_jax.errors import UserError
 
 IGNORE_INDEX = -100
 MEGABATCH_MULT = 50  # HF LengthGroupedSampler
 
 
-class BucketError(ValueError):
+class BucketError(UserError):
     pass
 
 

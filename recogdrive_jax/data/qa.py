@@ -20,12 +20,13 @@ import numpy as np
 from PIL import Image
 
 from recogdrive_jax.data.qa_records import repeat_rows
+from recogdrive_jax.errors import UserError
 
 IMAGE_TOKEN = "<image>"
 ROLES = ("human", "gpt", "system")
 
 
-class QADataError(ValueError):
+class QADataError(UserError):
     pass
 
 

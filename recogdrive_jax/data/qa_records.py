@@ -17,9 +17,10 @@ import numpy as np
 
 from recogdrive_jax.data import template as tpl
 from recogdrive_jax.data.tiling import candidate_grids, closest_grid
+from recogdrive_jax.errors import UserError
 
 
-class MixtureError(ValueError):
+class MixtureError(UserError):
     pass
 
 

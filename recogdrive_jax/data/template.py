@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from recogdrive_jax.data.tiling import load_image
+from recogdrive_jax.errors import UserError
 
 IGNORE_INDEX = -100
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -26,7 +27,7 @@ ROLE_PREFIX = {"system": "<|im_start|>system\n", "human": "<|im_start|>user\n", 
 TURN_END = "<|im_end|>\n"
 
 
-class SampleError(ValueError):
+class SampleError(UserError):
     """A row that cannot become a training sample (the QA pipeline reports or skips it)."""
 
 

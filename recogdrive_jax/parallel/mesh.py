@@ -12,11 +12,12 @@ from typing import Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh
+from recogdrive_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
     pass
 
 

@@ -34,6 +34,7 @@ from recogdrive_jax.rl import advantages as adv_lib
 from recogdrive_jax.rl import ppo_loss
 from recogdrive_jax.train.module_def import ModuleDef
 from recogdrive_jax.train.state import TrainState
+from recogdrive_jax.errors import UserError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -274,7 +275,7 @@ class PromptLayout:
         return self.prompt_len + self.answer_len
 
 
-class PromptTooLong(ValueError):
+class PromptTooLong(UserError):
     pass
 
 

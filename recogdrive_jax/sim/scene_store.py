@@ -14,11 +14,12 @@ import numpy as np
 
 from recogdrive_jax.sim import world
 from recogdrive_jax.sim.world import SCENE_SCHEMA, Scene
+from recogdrive_jax.errors import UserError
 
 FORMAT_VERSION = 1
 
 
-class SceneStoreError(ValueError):
+class SceneStoreError(UserError):
     pass
 
 

@@ -3,6 +3,7 @@
 Modules are imported lazily so `--config.stage=il` does not import the VLM stack.
 """
 import importlib
+from recogdrive_jax.errors import UserError
 
 # name -> module defining `run(config, workdir)`.
 STAGES = {
@@ -17,7 +18,7 @@ STAGES = {
 }
 
 
-class UnknownStageError(ValueError):
+class UnknownStageError(UserError):
     pass
 
 

@@ -192,6 +192,8 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
         pending = []
         values = acc.compute_and_reset()
         values["steps_per_sec"] = steps_since / max(time.time() - t_last, 1e-9)
+        if "tokens" in values:  # stages that count tokens per step (SFT) get throughput for free
+            values["tokens_per_sec"] = values["tokens"] * values["steps_per_sec"]
         check_finite(step, values)
         writer.write(step, "train", values)
         progress.log(step, "train", values)
