@@ -1,17 +1,39 @@
 """The embedded default: the whole pipeline on tiny models and the procedurally generated driving world, on a
 laptop CPU in minutes. `make demo` runs it; every step is the real stage code with small settings.
 
+  sft     tiny InternVL SFT on synthetic driving QA (loss visibly falling)        configs/demo_vlm.py
+  cache   its last hidden states over the planner's scenes, in TensorStore        configs/demo_vlm.py
+  il_vlm  Stage 2 on that cache (shows the cache path; a 1-minute VLM carries little scene information)
+  il      Stage 2 on the fixed scene-token encoder; prints held-out PDMS vs the constant-velocity baseline
+  rl      Stage 3 DiffGRPO from `il`'s EMA params                                 configs/demo_rl.py
+  eval    the RL policy on the held-out test split (metrics.json / metrics.md / BEV PNGs)
+
   python -m recogdrive_jax.main --config=configs/demo.py --workdir=workdir/demo
-  python -m recogdrive_jax.main --config=configs/demo.py:il --workdir=workdir/demo_il   # one step only
+  python -m recogdrive_jax.main --config=configs/demo.py:il,rl,eval --workdir=workdir/demo   # some steps only
+
+Each step runs in WORKDIR/<step> and resumes from its own checkpoints, so rerunning continues where it stopped.
 """
+import importlib.util
+import os
+
 import ml_collections
 
 from recogdrive_jax import configs
 
-STEPS = ("il",)
+STEPS = ("sft", "cache", "il_vlm", "il", "rl", "eval")
+
+
+def _sibling(name: str):
+    """Loads configs/<name>.py (config files are not a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"recogdrive_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def il_config() -> ml_collections.ConfigDict:
+    """IL of the tiny4 DiT on scene tokens: enough steps to beat the constant-velocity baseline."""
     c = configs.planner_stage_config("il", variant="tiny4")
     c.train.num_steps = 1500
     c.train.batch_size = 128
@@ -29,12 +51,19 @@ def il_config() -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None):
     steps = tuple(s for s in (arg or ",".join(STEPS)).split(",") if s)
+    vlm, rl = _sibling("demo_vlm"), _sibling("demo_rl")
+    il_vlm = vlm.il_on_cache(vlm.il_config())
+    il_vlm.train.num_steps = 400
+    il_vlm.train.eval_every = 0
+    il_vlm.train.checkpoint_every = 200
     c = configs.base_config()
     c.stage = "pipeline"
     c.pipeline = ml_collections.ConfigDict()
     c.pipeline.steps = ",".join(steps)
-    c.pipeline.configs = ml_collections.ConfigDict({"il": il_config()})
+    c.pipeline.configs = ml_collections.ConfigDict({
+        "sft": vlm.sft_config(), "cache": vlm.cache_config(), "il_vlm": il_vlm, "il": il_config(),
+        "rl": rl.rl_config(), "eval": rl.eval_config()})
     unknown = [s for s in steps if s not in c.pipeline.configs]
     if unknown:
-        raise ValueError(f"configs/demo.py: unknown step(s) {unknown}; allowed: {sorted(c.pipeline.configs)}")
+        raise ValueError(f"configs/demo.py: unknown step(s) {unknown}; allowed: {list(STEPS)}")
     return c

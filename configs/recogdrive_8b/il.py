@@ -1,19 +1,6 @@
-"""Stage 2 for ReCogDrive-8B: DiT `small` planner on InternVL3-8B hidden states (Hv 3584), upstream IL recipe.
-
-  python -m recogdrive_jax.main --config=configs/recogdrive_8b/il.py --workdir=runs/il8b \
-      --config.data.cache_dir=runs/cache8b
-"""
-from recogdrive_jax import configs
+"""ReCogDrive-8B `il` stage with upstream's recipe: see `recogdrive_jax/recipes.py` for the values and commands."""
+from recogdrive_jax import recipes
 
 
 def get_config():
-    c = configs.planner_stage_config("il", variant="small", vlm_size="large")
-    c.train.num_steps = 200_000
-    c.train.batch_size = 512
-    c.train.log_every = 100
-    c.train.eval_every = 5000
-    c.train.checkpoint_every = 5000
-    c.optim.warmup_ratio = 0.01
-    c.data.num_train_scenes = 10_000
-    c.data.num_eval_scenes = 512
-    return c
+    return recipes.il("8b")

@@ -1,0 +1,6 @@
+"""ReCogDrive-2B `eval` stage with upstream's recipe: see `recogdrive_jax/recipes.py` for the values and commands."""
+from recogdrive_jax import recipes
+
+
+def get_config():
+    return recipes.eval("2b")
