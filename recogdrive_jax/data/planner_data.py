@@ -89,15 +89,21 @@ def load_split(data_cfg, split: str, vl_dim: int) -> PlannerSplit:
     return PlannerSplit(split, scenes, tokens, mask)
 
 
-def train_iterator(split: PlannerSplit, local_batch_size: int, seed: int):
-    """Endless shuffled batches of this process's share; a checkpointable Grain iterator (get_state/set_state)."""
+def _index_batches(split: PlannerSplit, local_batch_size: int, seed: int, make_batch):
+    """Endless shuffled index batches of this process's share, mapped by `make_batch(idx)`; a checkpointable Grain
+    iterator (get_state/set_state). Batches gather from the split's arrays in one indexing op (the per-sample
+    `data/trajectory.py` pipeline stacks row dicts, which costs more per step for in-memory splits)."""
     if len(split) < local_batch_size * jax.process_count():
         raise ValueError(f"split {split.name!r} has {len(split)} samples, fewer than one global batch "
                          f"({local_batch_size * jax.process_count()}); raise config.data.num_train_scenes")
     ds = grain.MapDataset.range(len(split)).shuffle(seed=seed).repeat(None)
     ds = ds[jax.process_index()::jax.process_count()]
-    ds = ds.batch(local_batch_size, drop_remainder=True).map(split.batch)
-    return iter(ds)
+    return iter(ds.batch(local_batch_size, drop_remainder=True).map(make_batch))
+
+
+def train_iterator(split: PlannerSplit, local_batch_size: int, seed: int):
+    """IL batches (`PlannerSplit.batch`)."""
+    return _index_batches(split, local_batch_size, seed, split.batch)
 
 
 def _rl_batch(split: PlannerSplit, idx) -> dict:
@@ -110,11 +116,5 @@ def _rl_batch(split: PlannerSplit, idx) -> dict:
 
 
 def rl_iterator(split: PlannerSplit, local_batch_size: int, seed: int):
-    """Endless shuffled RL batches (`_rl_batch`) of this process's share; checkpointable like `train_iterator`."""
-    if len(split) < local_batch_size * jax.process_count():
-        raise ValueError(f"split {split.name!r} has {len(split)} samples, fewer than one global batch "
-                         f"({local_batch_size * jax.process_count()}); raise config.data.num_train_scenes")
-    ds = grain.MapDataset.range(len(split)).shuffle(seed=seed).repeat(None)
-    ds = ds[jax.process_index()::jax.process_count()]
-    ds = ds.batch(local_batch_size, drop_remainder=True).map(lambda idx: _rl_batch(split, idx))
-    return iter(ds)
+    """RL batches (`_rl_batch`), shuffled and checkpointable like `train_iterator`."""
+    return _index_batches(split, local_batch_size, seed, lambda idx: _rl_batch(split, idx))
