@@ -301,7 +301,7 @@ def test_grpo_clip_ratio_is_one_on_the_first_inner_minibatch(tiny):
     assert 1 <= m["num_updates"] <= cfg.updates_per_step
     assert m["ratio_max_dev"] > 0.0  # later minibatches see moved params
     assert int(new.step) == 1
-    # a target KL of ~0 stops after the first update
+    # a target KL of ~0 stops after the first update (the first minibatch is always applied)
     cfg0 = dataclasses.replace(cfg, target_kl=1e-12)
     fn0 = jax.jit(grpo.make_update(mdef.bind, cfg0, tx, num_denoise_steps=5))
     _, m0 = fn0(state, jax.tree.map(jnp.asarray, _scene_batch()), jax.random.key(3), params)

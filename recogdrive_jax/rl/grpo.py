@@ -12,7 +12,8 @@ One call of the update returned by `make_update` is one upstream RL step, entire
      sampled by the frozen reference (`extra`);
   5. `grpo_clip`: PPO-style inner loop (lax.scan over epochs x random minibatches of the B*G pool): ratio on the
      per-sample mean log-prob, clip 0.2, advantage scaled by mean_k(w_k), optimizer step (with its global-norm
-     clip) per minibatch, early stop once approx-KL = mean(old - new) > target_kl.
+     clip) per minibatch, early stop once approx-KL = mean(old - new) > target_kl (checked on each minibatch
+     before its update, from the second on; the step's remaining minibatches are then skipped).
 
 Rewards that are not finite (a failed score, a diverged chain) are counted in `nan_reward_count`, get advantage 0,
 are left out of the group statistics and the loss mean, and their chains are zeroed before the log-prob so not
@@ -398,26 +399,28 @@ def make_update(bind: Callable, cfg: GRPOConfig, tx: optax.GradientTransformatio
         grad_fn = jax.value_and_grad(clip_loss, has_aux=True)
         aux_keys = ("policy_loss", "bc_loss", "logp_mean", "approx_kl", "clip_frac", "ratio_mean", "ratio_max_dev")
 
-        def run(st, idx):
+        def run(st, i, idx):
             (loss, aux), grads = grad_fn(st.params, bind, batch["cond"], ro["chain"][idx], idx // g, old[idx],
                                          adv[idx], valid[idx], ro["ref_chain"], cfg, mean_weight)
-            stop = (aux["approx_kl"] > cfg.target_kl) if cfg.target_kl > 0 else jnp.zeros((), bool)
+            # The first minibatch sits at the rollout params (KL 0 up to rounding): always applied.
+            stop = ((i > 0) & (aux["approx_kl"] > cfg.target_kl)) if cfg.target_kl > 0 else jnp.zeros((), bool)
             new = _tree_where(stop, st, _apply(st, grads, tx))
             out = {k: aux[k] for k in aux_keys}
             out.update(loss=loss, grad_norm=optax.global_norm(grads), evaluated=jnp.ones(()),
                        applied=1.0 - stop.astype(jnp.float32))
             return new, stop, out
 
-        def skip(st, idx):
+        def skip(st, i, idx):
             zeros = {k: jnp.zeros(()) for k in aux_keys + ("loss", "grad_norm", "evaluated", "applied")}
             return st, jnp.ones((), bool), zeros
 
-        def body(carry, idx):
+        def body(carry, xs):
             st, stopped = carry
-            st, stop, out = jax.lax.cond(stopped, skip, run, st, idx)
+            st, stop, out = jax.lax.cond(stopped, skip, run, st, *xs)
             return (st, stopped | stop), out
 
-        (new, stopped), outs = jax.lax.scan(body, (state, jnp.zeros((), bool)), mb_idx)
+        (new, stopped), outs = jax.lax.scan(body, (state, jnp.zeros((), bool)),
+                                              (jnp.arange(mb_idx.shape[0]), mb_idx))
         ev = outs["evaluated"]
         n_ev = jnp.maximum(jnp.sum(ev), 1.0)
         for k in aux_keys + ("loss", "grad_norm"):
