@@ -84,6 +84,35 @@ def il(size: str) -> ml_collections.ConfigDict:
     return c
 
 
+def rl(size: str, epochs: int = 10) -> ml_collections.ConfigDict:
+    """Stage 3 DiffGRPO (spec/planner.md §4): G = 8 chains per scene, PDM reward with progress 10 / TTC 5 / comfort
+    2, gamma 0.6, log-prob clamp [-5, 2], BC weight 0.1, AdamW lr 1e-4 cosine to 0 without warmup over 10 epochs,
+    grad clip 1.0. `train.init_from` (required) = the il workdir (EMA params) or a converted parameter checkpoint.
+    Variants: `rl.algo=grpo_clip|reinforce_pp`, `rl.reward=epdms`, `rl.bc_weight`.
+
+    Upstream steps the cosine once per epoch; here it decays per optimizer update over the same span. The batch is
+    global: 64 scenes = upstream's 8 per GPU on one 8-GPU node (scale with the number of devices)."""
+    import dataclasses
+
+    from recogdrive_jax.rl import grpo
+    c = configs.planner_stage_config("rl", variant="small", vlm_size=_size(size)["vlm_size"])
+    c.rl = ml_collections.ConfigDict(dataclasses.asdict(grpo.GRPOConfig()))
+    c.data.num_train_scenes = NUM_TRAIN_SCENES
+    c.data.num_eval_scenes = NUM_EVAL_SCENES
+    c.train.batch_size = 64
+    c.train.num_steps = epochs * c.data.num_train_scenes // c.train.batch_size
+    c.train.log_every = 10
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 200
+    c.train.ema_decay = 0.0  # the RL stage evaluates and saves the policy itself
+    c.train.init_from = ""
+    c.optim.update(dict(lr=1e-4, warmup_ratio=0.0, warmup_steps=0, schedule="cosine", min_lr_ratio=0.0,
+                        weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0))
+    c.eval.deterministic = False  # upstream evaluates with the stochastic sampler (eta 1)
+    c.eval.use_ema = False
+    return c
+
+
 def eval(size: str) -> ml_collections.ConfigDict:  # noqa: A001  (the stage's name)
     """PDM evaluation of a planner checkpoint (`eval.checkpoint`) or `eval.baseline=constant_velocity` on a split;
     writes WORKDIR/eval/<split>/metrics.json, metrics.md, per_scene.jsonl and BEV PNGs of the best/worst scenes.
