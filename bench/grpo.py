@@ -55,17 +55,10 @@ from recogdrive_jax.sim import world  # noqa: E402
 from recogdrive_jax.train import optim  # noqa: E402
 from recogdrive_jax.train.module_def import ModuleDef  # noqa: E402
 from recogdrive_jax.train.state import init_train_state  # noqa: E402
+from bench.common import time_call  # noqa: E402
 from torch_ref.planner import TorchPlanner, denormalize, lightning_state_dict  # noqa: E402
 
 
-def _median_time(fn, reps: int) -> float:
-    fn()  # warm-up / compile
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 class TorchGRPO:
@@ -164,11 +157,11 @@ def main(args) -> int:
     t0 = time.perf_counter()
     jax_step()
     compile_s = time.perf_counter() - t0
-    t_jax = _median_time(jax_step, args.steps)
+    t_jax = time_call(jax_step, args.steps)
 
     algo = TorchGRPO(tm, ref, scenes, rl)
     tvl, this, tst = torch.from_numpy(vl), torch.from_numpy(his), torch.from_numpy(st)
-    t_torch = _median_time(lambda: algo.step(tvl, this, tst), args.steps)
+    t_torch = time_call(lambda: algo.step(tvl, this, tst), args.steps)
     share = {k: v / (args.steps + 1) for k, v in algo.timing.items()}
     print(f"jax: {b / t_jax:.2f} scenes/s ({t_jax:.3f} s/step; first call incl. compile {compile_s:.1f} s)")
     print(f"torch+python scorer: {b / t_torch:.2f} scenes/s ({t_torch:.3f} s/step: sample {share['sample']:.3f} s, "

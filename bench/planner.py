@@ -48,19 +48,11 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from recogdrive_jax.convert.planner import torch_state_dict_to_params  # noqa: E402
-from recogdrive_jax.models.planner import build_planner, load_planner_params, normalize_pose, planner_config  # noqa: E402
+from recogdrive_jax.models.planner import build_planner, load_planner_params, planner_config  # noqa: E402
+from bench.common import time_call  # noqa: E402
 from torch_ref.planner import TorchPlanner, lightning_state_dict, normalize  # noqa: E402
 
 
-def _time(fn, reps: int) -> float:
-    """Median seconds per call after one warm-up call."""
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def main(args) -> int:
@@ -100,7 +92,7 @@ def main(args) -> int:
     t0 = time.perf_counter()
     jax_step(jm, opt, batch, next(keys)).block_until_ready()
     jax_compile = time.perf_counter() - t0
-    jt = _time(lambda: jax_step(jm, opt, batch, next(keys)).block_until_ready(), args.steps)
+    jt = time_call(lambda: jax_step(jm, opt, batch, next(keys)).block_until_ready(), args.steps)
 
     topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-4)
     tvl, tst, this, tfut = (torch.from_numpy(a) for a in (vl, st, his, fut))
@@ -115,7 +107,7 @@ def main(args) -> int:
         torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
         topt.step()
 
-    tt = _time(torch_step, args.steps)
+    tt = time_call(torch_step, args.steps)
     print(f"# train step: jax {1 / jt:.2f} steps/s (compile {jax_compile:.1f}s), torch {1 / tt:.2f} steps/s")
     print(f"planner_train_step_jax_vs_torch: {tt / jt:.2f}x")
 
@@ -124,7 +116,7 @@ def main(args) -> int:
     for b in (1, 64):
         vl_b, st_b, his_b, _ = make(b)
         cond = {"vl_states": jnp.asarray(vl_b), "status": jnp.asarray(st_b), "history": jnp.asarray(his_b)}
-        jl = _time(lambda: sample(jm, cond, next(keys)).block_until_ready(), args.steps)
+        jl = time_call(lambda: sample(jm, cond, next(keys)).block_until_ready(), args.steps)
         tvl_b, tst_b, this_b = (torch.from_numpy(a) for a in (vl_b, st_b, his_b))
 
         def torch_sample():
@@ -133,7 +125,7 @@ def main(args) -> int:
                 x = torch.randn(b, 8, 3)
                 tm.sample_chain(ctx, x, torch.randn(5, b, 8, 3), min_std=1e-4, noise_clip=1.0)
 
-        tl = _time(torch_sample, args.steps)
+        tl = time_call(torch_sample, args.steps)
         print(f"# ddim5 batch {b}: jax {jl * 1e3:.1f} ms, torch {tl * 1e3:.1f} ms")
         print(f"planner_ddim5_b{b}_jax_vs_torch: {tl / jl:.2f}x")
     return 0

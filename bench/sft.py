@@ -16,7 +16,6 @@ Usage: python bench/sft.py [--batch 4] [--seq 512] [--steps 5] [--dtype float32|
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
@@ -33,21 +32,12 @@ import torch  # noqa: E402
 
 from recogdrive_jax.convert import internvl as cv  # noqa: E402
 from recogdrive_jax.models import internvl as iv  # noqa: E402
-from recogdrive_jax.models.internvit import InternViTConfig  # noqa: E402
-from recogdrive_jax.models.qwen2 import Qwen2Config  # noqa: E402
+from bench.common import small_internvl_config as bench_config  # noqa: E402
 from recogdrive_jax.stages import sft  # noqa: E402
 from recogdrive_jax.train import optim  # noqa: E402
 from recogdrive_jax.train.state import init_train_state, make_train_step  # noqa: E402
 
 
-def bench_config() -> iv.InternVLConfig:
-    """The small config of bench/vlm.py: ViT 128x4 at 112 px (16 tokens a tile), LLM 256x6, vocab 4096."""
-    return dataclasses.replace(
-        iv.get_config("tiny"),
-        vision_config=InternViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                      intermediate_size=512, image_size=112, patch_size=14),
-        llm_config=Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-                               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096))
 
 
 def make_batch(cfg, b: int, t: int, tiles: int, seed: int = 0) -> dict:

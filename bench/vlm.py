@@ -10,7 +10,6 @@ Usage: python bench/vlm.py [--batch 4] [--prompt 256] [--new 32] [--repeats 3]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -25,27 +24,11 @@ import torch  # noqa: E402
 
 from recogdrive_jax.convert import internvl as cv  # noqa: E402
 from recogdrive_jax.models import internvl as iv  # noqa: E402
-from recogdrive_jax.models.internvit import InternViTConfig  # noqa: E402
-from recogdrive_jax.models.qwen2 import Qwen2Config  # noqa: E402
+from bench.common import small_internvl_config as bench_config, time_call  # noqa: E402
 
 
-def bench_config() -> iv.InternVLConfig:
-    return dataclasses.replace(
-        iv.get_config("tiny"),
-        vision_config=InternViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                      intermediate_size=512, image_size=112, patch_size=14),
-        llm_config=Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
-                               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096))
 
 
-def best(fn, repeats):
-    fn()  # warm-up / compile
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main(argv=None):
@@ -86,20 +69,20 @@ def main(argv=None):
         cache = iv.init_cache(cfg, b, t + n_new)
         return iv.prefill(nnx.merge(graphdef, state), cache, ids, mask, pv, None)
 
-    tj_prefill = best(lambda: jax.block_until_ready(j_prefill(state, j_ids, j_mask, j_pv)), a.repeats)
+    tj_prefill = time_call(lambda: jax.block_until_ready(j_prefill(state, j_ids, j_mask, j_pv)), a.repeats, "min")
 
     def torch_prefill():
         with torch.no_grad():
             return tm(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_pv, use_cache=True, logits_to_keep=1)
 
-    tt_prefill = best(torch_prefill, a.repeats)
+    tt_prefill = time_call(torch_prefill, a.repeats, "min")
 
     # ---- decode: JAX = full jitted generate minus prefill; torch = cached forward loop
     def j_gen():
         return jax.block_until_ready(iv.generate(jm, j_ids, j_mask, j_pv, None, max_new_tokens=n_new,
                                                  eos_token_id=-1))
 
-    tj_decode = max(best(j_gen, a.repeats) - tj_prefill, 1e-9)
+    tj_decode = max(time_call(j_gen, a.repeats, "min") - tj_prefill, 1e-9)
 
     def torch_decode():
         with torch.no_grad():

@@ -1,5 +1,4 @@
 """The generic loop: mesh invariance, exact kill-and-resume, restore onto another mesh, multi-host, knobs."""
-import json
 import os
 import signal
 import socket

@@ -2,9 +2,7 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import pdm_cases
 import pdm_reference

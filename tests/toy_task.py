@@ -119,7 +119,6 @@ def main():
     if args.sleep_after_checkpoint:
         # Slow every step down so the parent can kill us between checkpoints.
         import time
-        inner = task.loss_fn
         orig_next = task.train_iter.__next__
         type(task.train_iter).__next__ = lambda self: (time.sleep(args.sleep_after_checkpoint), orig_next())[1]
     state, _ = loop.train(config, args.workdir, task)

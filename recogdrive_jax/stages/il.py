@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 
 import jax
-import numpy as np
 
 from recogdrive_jax.data import planner_data
 from recogdrive_jax.eval import planner_eval
-from recogdrive_jax.models.planner import PlannerConfig, build_planner
+from recogdrive_jax.models.planner import build_planner
 from recogdrive_jax.stages import planner_common
 from recogdrive_jax.train import loop
 from recogdrive_jax.train.module_def import ModuleDef

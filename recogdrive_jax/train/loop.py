@@ -8,14 +8,12 @@ metrics, so no stage re-implements any of it. Resume order: this workdir's lates
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
