@@ -52,10 +52,7 @@ def il_config() -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None):
     steps = tuple(s for s in (arg or ",".join(STEPS)).split(",") if s)
     vlm, rl = _sibling("demo_vlm"), _sibling("demo_rl")
-    il_vlm = vlm.il_on_cache(vlm.il_config())
-    il_vlm.train.num_steps = 400
-    il_vlm.train.eval_every = 0
-    il_vlm.train.checkpoint_every = 200
+    il_vlm = vlm.il_on_cache(il_config())
     c = configs.base_config()
     c.stage = "pipeline"
     c.pipeline = ml_collections.ConfigDict()

@@ -5,7 +5,7 @@ Meant to be merged into configs/demo.py's pipeline (each step runs in WORKDIR/<n
 pipeline's workdir):
 
     pipeline.steps = 'sft,cache,il_vlm'
-    pipeline.configs = {'sft': sft_config(), 'cache': cache_config(), 'il_vlm': il_on_cache(il_config())}
+    pipeline.configs = {'sft': sft_config(), 'cache': cache_config(), 'il_vlm': il_on_cache(<demo.py il_config()>)}
 
 Run on its own:
   python -m recogdrive_jax.main --config=configs/demo_vlm.py --workdir=workdir/demo_vlm
@@ -18,7 +18,7 @@ from recogdrive_jax.stages.cache import cache_stage_config
 from recogdrive_jax.stages.sft import sft_stage_config
 
 TINY_VLM_HIDDEN = 64  # models/internvl.VARIANTS['tiny'].llm_config.hidden_size
-# The planner scenes the cache covers; keep equal to the il step's data block (configs/demo.py: il_config()).
+# The planner scenes the cache covers (the first scenes of the il step's training split, the whole eval split).
 NUM_TRAIN_SCENES, NUM_EVAL_SCENES = 1500, 128
 
 
@@ -57,29 +57,28 @@ def cache_config() -> ml_collections.ConfigDict:
     return c
 
 
-def il_config() -> ml_collections.ConfigDict:
-    """configs/demo.py's il step (kept in sync by hand)."""
-    c = configs.planner_stage_config("il", variant="tiny4")
-    c.train.num_steps = 600
-    c.train.batch_size = 64
-    c.train.log_every = 100
-    c.train.eval_every = 300
-    c.train.checkpoint_every = 300
-    c.train.ema_decay = 0.99
-    c.optim.lr = 1e-3
-    c.optim.warmup_ratio = 0.05
-    c.data.num_train_scenes = NUM_TRAIN_SCENES
-    c.data.num_eval_scenes = NUM_EVAL_SCENES
-    c.eval.num_plots = 4
-    return c
-
-
 def il_on_cache(c: ml_collections.ConfigDict, cache_step: str = "cache") -> ml_collections.ConfigDict:
-    """An il config reading the cache step's hidden states (Hv = the tiny VLM's width)."""
+    """An il config (configs/demo.py's) reading the cache step's hidden states (Hv = the tiny VLM's width); shorter,
+    since it only shows the cache path."""
     c = ml_collections.ConfigDict(c.to_dict())
     c.data.cache_dir = "{workdir}/" + cache_step
+    c.data.num_train_scenes, c.data.num_eval_scenes = NUM_TRAIN_SCENES, NUM_EVAL_SCENES  # what the cache holds
     c.planner.vl_dim = TINY_VLM_HIDDEN
+    c.train.num_steps = 400
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 200
     return c
+
+
+def _demo():
+    """configs/demo.py (config files are not a package)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+    spec = importlib.util.spec_from_file_location("recogdrive_configs_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 STEPS = ("sft", "cache", "il_vlm")
@@ -92,7 +91,7 @@ def get_config(arg: str | None = None):
     c.pipeline = ml_collections.ConfigDict()
     c.pipeline.steps = ",".join(steps)
     c.pipeline.configs = ml_collections.ConfigDict(
-        {"sft": sft_config(), "cache": cache_config(), "il_vlm": il_on_cache(il_config())})
+        {"sft": sft_config(), "cache": cache_config(), "il_vlm": il_on_cache(_demo().il_config())})
     unknown = [s for s in steps if s not in c.pipeline.configs]
     if unknown:
         raise ValueError(f"configs/demo_vlm.py: unknown step(s) {unknown}; allowed: {sorted(c.pipeline.configs)}")
