@@ -127,6 +127,6 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         print(f"[rl] held-out PDMS {final.get('pdms', float('nan')):.4f} (reference {ref_summary['pdms']:.4f}, "
               f"constant-velocity {baseline['pdms']:.4f}); EPDMS {final.get('epdms', float('nan')):.4f} "
-              f"(reference {ref_summary['epdms']:.4f}); {final.get('num_scenes', 0)} scenes", flush=True)
+              f"(reference {ref_summary['epdms']:.4f}); {int(final.get('num_scenes', 0))} scenes", flush=True)
     return {**final, "reference_pdms": ref_summary["pdms"], "reference_epdms": ref_summary["epdms"],
             "baseline_pdms": baseline["pdms"]}
