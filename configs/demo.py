@@ -14,23 +14,11 @@ laptop CPU in minutes. `make demo` runs it; every step is the real stage code wi
 
 Each step runs in WORKDIR/<step> and resumes from its own checkpoints, so rerunning continues where it stopped.
 """
-import importlib.util
-import os
-
 import ml_collections
 
 from recogdrive_jax import configs
 
 STEPS = ("sft", "cache", "il_vlm", "il", "rl", "eval")
-
-
-def _sibling(name: str):
-    """Loads configs/<name>.py (config files are not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"recogdrive_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def il_config() -> ml_collections.ConfigDict:
@@ -52,7 +40,8 @@ def il_config() -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None):
     steps = tuple(s for s in (arg or ",".join(STEPS)).split(",") if s)
-    vlm, rl = _sibling("demo_vlm"), _sibling("demo_rl")
+    vlm = configs.load_config_file("demo_vlm.py", relative_to=__file__)
+    rl = configs.load_config_file("demo_rl.py", relative_to=__file__)
     il_vlm = vlm.il_on_cache(il_config())
     c = configs.base_config()
     c.stage = "pipeline"

@@ -70,28 +70,18 @@ def il_on_cache(c: ml_collections.ConfigDict, cache_step: str = "cache") -> ml_c
     return c
 
 
-def _demo():
-    """configs/demo.py (config files are not a package)."""
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
-    spec = importlib.util.spec_from_file_location("recogdrive_configs_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 STEPS = ("sft", "cache", "il_vlm")
 
 
 def get_config(arg: str | None = None):
     steps = tuple(s for s in (arg or ",".join(STEPS)).split(",") if s)
+    demo = configs.load_config_file("demo.py", relative_to=__file__)
     c = configs.base_config()
     c.stage = "pipeline"
     c.pipeline = ml_collections.ConfigDict()
     c.pipeline.steps = ",".join(steps)
     c.pipeline.configs = ml_collections.ConfigDict(
-        {"sft": sft_config(), "cache": cache_config(), "il_vlm": il_on_cache(_demo().il_config())})
+        {"sft": sft_config(), "cache": cache_config(), "il_vlm": il_on_cache(demo.il_config())})
     unknown = [s for s in steps if s not in c.pipeline.configs]
     if unknown:
         raise ValueError(f"configs/demo_vlm.py: unknown step(s) {unknown}; allowed: {sorted(c.pipeline.configs)}")

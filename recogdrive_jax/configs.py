@@ -118,3 +118,17 @@ def planner_stage_config(stage: str, variant: str = "small", vlm_size: str = "la
     c.train.ema_decay = 0.999
     c.optim.update(dict(lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0, min_lr_ratio=0.01))
     return c
+
+
+def load_config_file(path: str, relative_to: str | None = None):
+    """Imports a config file as a module (config files are not a package), e.g. a sibling's shared pieces:
+    `load_config_file('_common.py', relative_to=__file__)`."""
+    import importlib.util
+    import os
+    if relative_to is not None:
+        path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+    name = "recogdrive_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -7,12 +7,10 @@
   python -m recogdrive_jax.main --config=configs/virl/eval_nav.py:tiny --workdir=/tmp/eval \
       --config.eval_nav.checkpoint=/tmp/ppo_tiny
 """
-import importlib.util
-import os
 
-_spec = importlib.util.spec_from_file_location("virl_common", os.path.join(os.path.dirname(__file__), "_common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from recogdrive_jax import configs
+
+common = configs.load_config_file("_common.py", relative_to=__file__)
 
 
 def get_config(arg=None):

@@ -6,12 +6,10 @@ to 1e-9 stepped once per update, γ 0.9, λ 0.95, T = 0.2. Start from an early S
       --config.train.init_from=runs/virl_sft --config.model.tokenizer=/path/to/internvl3_2b
   python -m recogdrive_jax.main --config=configs/virl/ppo.py:tiny --workdir=/tmp/ppo_tiny    # CPU minutes
 """
-import importlib.util
-import os
 
-_spec = importlib.util.spec_from_file_location("virl_common", os.path.join(os.path.dirname(__file__), "_common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from recogdrive_jax import configs
+
+common = configs.load_config_file("_common.py", relative_to=__file__)
 
 
 def get_config(arg=None):

@@ -8,14 +8,12 @@ EOS. Upstream recipe for VL: full fine-tune, lr 5e-7, cosine with 3 % warmup, ba
 
 Runs in stage `ppo` with `algo='sft'` (the same policy tree, prompt layout and evaluation).
 """
-import importlib.util
-import os
 
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("virl_common", os.path.join(os.path.dirname(__file__), "_common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from recogdrive_jax import configs
+
+common = configs.load_config_file("_common.py", relative_to=__file__)
 
 
 def get_config(arg=None):
