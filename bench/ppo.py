@@ -173,8 +173,8 @@ def main(argv=None):
     from recogdrive_jax.stages import ppo as stage
     config = bench_config(args)
     import tempfile
-    tok = stage.resolve_tokenizer(config, tempfile.mkdtemp())
-    policy = stage.NavPolicy(config, tok)
+    model = stage.NavModel(config, tempfile.mkdtemp())
+    policy = stage.NavPolicy(config, model.cfg, model.tokenizer)
     cfg = policy.cfg
     tm = hf_model(cfg)
     vlm = cv.load_hf_model({k: v.detach().numpy() for k, v in tm.state_dict().items()}, cfg, layout="native")
@@ -205,7 +205,7 @@ def main(argv=None):
     t_jax = time.perf_counter() - t0
 
     # ---- torch: the same loop with transformers
-    envs = [nav.make_env("in_distribution", seed=42 + e, **stage.env_kwargs(config.env)) for e in range(args.envs)]
+    envs = [nav.make_env_from_config("in_distribution", config.env, seed=42 + e) for e in range(args.envs)]
     tp = TorchPPO(tm.train(), value_np, policy.encoder, envs, policy.layout.prompt_len, hp,
                   micro=args.micro)
     tp.update(tp.rollout(args.steps))                         # warm-up

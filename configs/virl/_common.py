@@ -3,6 +3,7 @@
 import ml_collections
 
 from recogdrive_jax import configs
+from recogdrive_jax.stages import sft
 
 VARIANTS = ("full", "tiny")
 
@@ -18,21 +19,21 @@ def base(stage: str, variant: str) -> ml_collections.ConfigDict:
     tiny = variant == "tiny"
     c = configs.base_config()
     c.stage = stage
-    c.algo = "ppo"
-    c.model = ml_collections.ConfigDict(dict(
+    # The InternVL trunk exactly as the `sft` stage reads it (init_from: HF dir | converted dir | sft run).
+    c.model = sft.model_block(
         variant="tiny" if tiny else "internvl3_2b",
         dtype="float32" if tiny else "bfloat16",
-        # LLM field overrides; the tiny model uses the vocabulary of the small navigation tokenizer.
+        remat=not tiny,
+        # Random-init LLM field overrides; the tiny model uses the vocabulary of the small navigation tokenizer.
         llm=ml_collections.ConfigDict(dict(vocab_size=1024) if tiny else dict()),
         vit=ml_collections.ConfigDict(),
         value_hidden=(1024, 512),           # spec §2: Linear(D,1024)-ReLU-Linear(1024,512)-ReLU-Linear(512,1)
-        tokenizer="",                       # model tokenizer dir; '' = from init_from / WORKDIR, or built (tiny)
         system_message=not tiny,            # the internvl2_5 default system turn (off in tiny: fewer tokens)
-    ))
+    )
     c.env = ml_collections.ConfigDict(dict(
         train_split="in_distribution",
         city_seed=0, city_size_m=800.0 if tiny else 2000.0,
-        n_train_routes=16 if tiny else 1000, n_eval_routes=8 if tiny else 48, routes_per_style=1 if tiny else 2,
+        n_train_routes=16 if tiny else 1000, n_eval_routes=48, routes_per_style=2 if tiny else 2,
         view_size=28 if tiny else 448,      # grid (2R+5)²; tiny → one 56-px tile
         verify_iter=2, view_layout="prompt", full_oracle=False, wrap_relative=True, route_file=""))
     c.prompt = ml_collections.ConfigDict(dict(
@@ -42,7 +43,7 @@ def base(stage: str, variant: str) -> ml_collections.ConfigDict:
     c.eval_nav = ml_collections.ConfigDict(dict(
         splits="in_distribution,rule_ood,visual_ood", checkpoint="", seed=12,
         max_new_tokens=64 if tiny else 256, temperature=0.0, top_p=1.0,   # 0 = greedy (deterministic)
-        batch_size=8, max_routes=0, num_render=2, title=""))
+        batch_size=8 if tiny else 8, max_routes=0, num_render=2, title=""))
     return c
 
 

@@ -3,7 +3,7 @@
 = VLN-mini replica 9 styles × 2), verify_iter 2, max_new_tokens 256.
 
   python -m recogdrive_jax.main --config=configs/virl/eval_nav.py --workdir=runs/eval_ppo \
-      --config.eval_nav.checkpoint=runs/virl_ppo --config.model.tokenizer=/path/to/internvl3_2b
+      --config.eval_nav.checkpoint=runs/virl_ppo
   python -m recogdrive_jax.main --config=configs/virl/eval_nav.py:tiny --workdir=/tmp/eval \
       --config.eval_nav.checkpoint=/tmp/ppo_tiny
 """

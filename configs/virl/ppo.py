@@ -3,7 +3,7 @@ accumulated samples per process, clip 0.1, value coef 0.5, grad-norm 0.01, Adam 
 to 1e-9 stepped once per update, γ 0.9, λ 0.95, T = 0.2. Start from an early SFT checkpoint:
 
   python -m recogdrive_jax.main --config=configs/virl/ppo.py --workdir=runs/virl_ppo \
-      --config.train.init_from=runs/virl_sft --config.model.tokenizer=/path/to/internvl3_2b
+      --config.model.init_from=runs/virl_sft
   python -m recogdrive_jax.main --config=configs/virl/ppo.py:tiny --workdir=/tmp/ppo_tiny    # CPU minutes
 """
 
@@ -16,7 +16,6 @@ def get_config(arg=None):
     variant = common.variant_of(arg)
     tiny = variant == "tiny"
     c = common.base("ppo", variant)
-    c.algo = "ppo"
     c.ppo = common.ppo_block(tiny)
     processes = 1 if tiny else 8
     c.train.num_steps = 4 if tiny else 15                  # PPO updates

@@ -17,6 +17,7 @@ conversation); the `oracle` dict is for SFT data, evaluation and tests only.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from typing import Any
@@ -450,6 +451,24 @@ class NavMetrics:
 # ---------------------------------------------------------------------------------------------------------------
 # Splits
 # ---------------------------------------------------------------------------------------------------------------
+def env_kwargs(env_cfg) -> dict:
+    """`config.env` (configs/virl) → keyword arguments of `make_env`."""
+    kw = dict(city_seed=int(env_cfg.city_seed), city_size_m=float(env_cfg.city_size_m),
+              n_train_routes=int(env_cfg.n_train_routes), n_eval_routes=int(env_cfg.n_eval_routes),
+              routes_per_style=int(env_cfg.routes_per_style), view_size=int(env_cfg.view_size),
+              verify_iter=int(env_cfg.verify_iter), view_layout=str(env_cfg.view_layout),
+              full_oracle=bool(env_cfg.full_oracle), wrap_relative=bool(env_cfg.wrap_relative))
+    if env_cfg.get("route_file"):
+        if not os.path.exists(env_cfg.route_file):
+            raise FileNotFoundError(f"config.env.route_file={env_cfg.route_file!r} does not exist")
+        kw["route_file"] = str(env_cfg.route_file)
+    return kw
+
+
+def make_env_from_config(split: str, env_cfg, seed: int = 0) -> "NavigationEnv | MultiCityEnv":
+    return make_env(split, seed=seed, **env_kwargs(env_cfg))
+
+
 def make_env(split: str, seed: int = 0, *, city_seed: int = 0, city_size_m: float = 2000.0,
              n_train_routes: int = 1000, n_eval_routes: int = 48, routes_per_style: int = 2,
              n_heldout_routes: int = 200, route_file: str | None = None, **env_kwargs) -> NavigationEnv:

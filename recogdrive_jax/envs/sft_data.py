@@ -16,6 +16,7 @@ import os
 
 from PIL import Image
 
+from recogdrive_jax.envs import navigation as nav
 from recogdrive_jax.envs.navigation import MultiCityEnv, NavigationEnv, expert_answer
 
 
@@ -72,3 +73,47 @@ def write_sft_dataset(env: NavigationEnv | MultiCityEnv, out_dir: str, *, name: 
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return meta
+
+
+def tokenizer_corpus(env_cfg, num_routes: int = 24) -> list[str]:
+    """Text a small navigation tokenizer (the `tiny` model's) is trained on: expert prompts/answers with both
+    action spaces, the retry messages and the chat template (byte-level BPE, so any other text still encodes)."""
+    from recogdrive_jax.data import template as tmpl
+    kw = nav.env_kwargs(env_cfg)
+    kw.pop("route_file", None)
+    kw.update(n_train_routes=min(num_routes, int(env_cfg.n_train_routes)), view_size=8)
+    texts = []
+    for split in ("in_distribution", "rule_ood"):
+        env = nav.make_env(split, seed=0, **kw)
+        for r in range(len(env.routes)):
+            for obs, ans in expert_rollout(env, r, rail_seed=r):
+                texts += [obs["prompt"], ans]
+    texts += [nav.FAILED_PREFIX + m for m in (nav.MSG_WRONG_ACTION, nav.MSG_AT_INTERSECTION,
+                                              nav.MSG_NOT_AT_INTERSECTION)]
+    texts += [tmpl.INTERNVL2_5_SYSTEM] * 20 + list(tmpl.ROLE_PREFIX.values()) * 20
+    return texts
+
+
+def write_from_config(config, out_dir: str) -> str:
+    """The expert SFT set of a V-IRL config (`config.env` + `config.virl_sft`) in `out_dir`, written once (a
+    DONE marker guards against a partial directory); returns its meta JSON path."""
+    import jax
+    s = config.virl_sft
+    want = {"env": config.env.to_dict(), "virl_sft": s.to_dict()}
+    marker = os.path.join(out_dir, "DONE.json")
+    if jax.process_index() == 0:
+        done = json.load(open(marker)) if os.path.isfile(marker) else None
+        if done is None or done.get("config") != want:
+            import shutil
+            shutil.rmtree(out_dir, ignore_errors=True)
+            env = nav.make_env_from_config(str(config.env.get("train_split", "in_distribution")), config.env,
+                                           seed=int(s.seed))
+            n = int(s.num_routes) or len(env.routes)
+            meta = write_sft_dataset(env, out_dir, name="virl_sft", rail_redraws=int(s.rail_redraws),
+                                     route_indices=list(range(min(n, len(env.routes)))), seed=int(s.seed))
+            with open(marker, "w") as f:
+                json.dump({"config": want, "length": meta["virl_sft"]["length"]}, f)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("virl_sft_data")
+    return os.path.join(out_dir, "meta.json")

@@ -74,11 +74,18 @@ def str_keys(tree):
     return tree
 
 
-def policy_def(model_cfg) -> tuple[ModuleDef, ivl.InternVLConfig]:
-    cfg = vlm_config(model_cfg)
+def policy_def(model_cfg, cfg: ivl.InternVLConfig | None = None) -> tuple[ModuleDef, ivl.InternVLConfig]:
+    """The policy module definition over `cfg` (default: `vlm_config(model_cfg)`, a random-init variant)."""
+    cfg = vlm_config(model_cfg) if cfg is None else cfg
     dtype = _DTYPES[str(model_cfg.get("dtype", "float32"))]
     hidden = tuple(int(h) for h in model_cfg.get("value_hidden", (1024, 512)))
     return ModuleDef(lambda rngs: PolicyWithValue(cfg, hidden, dtype=dtype, rngs=rngs)), cfg
+
+
+def vlm_def(model_cfg, cfg: ivl.InternVLConfig) -> ModuleDef:
+    """The bare InternVL module (the policy's `vlm` subtree): what SFT trains, generation and eval run."""
+    dtype = _DTYPES[str(model_cfg.get("dtype", "float32"))]
+    return ModuleDef(lambda rngs: ivl.InternVLModel(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=rngs))
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
@@ -124,17 +131,6 @@ def make_score_fn(mdef: ModuleDef, prompt_len: int, temperature: float):
         out = score(mdef.bind(params), batch, prompt_len, temperature)
         return {"logp": out["logp"], "values": out["values"]}
     return fn
-
-
-def sft_loss(policy: PolicyWithValue, batch: dict, prompt_len: int) -> tuple[jax.Array, dict]:
-    """Masked token cross-entropy on the answer (+EOS), the SFT objective on the same layout."""
-    logits, _ = _forward(policy, batch, prompt_len)
-    tlp = ppo_loss.token_logprobs(logits, answer_tokens(batch, prompt_len))
-    mask = batch["answer_mask"].astype(jnp.float32)
-    n = jnp.maximum(mask.sum(), 1.0)
-    loss = -jnp.sum(jnp.where(mask > 0, tlp, 0.0)) / n
-    acc = jnp.sum(mask * (jnp.argmax(logits, -1) == answer_tokens(batch, prompt_len))) / n
-    return loss, {"token_accuracy": acc}
 
 
 # ----------------------------------------------------------------------------------------------------- update
@@ -401,11 +397,12 @@ def local_rows(x) -> np.ndarray:
 
 
 class Generator:
-    """Batched KV-cache sampling with the InternVL port (`internvl.generate`) on the current params."""
+    """Batched KV-cache sampling with the InternVL port (`internvl.generate`) on VLM params (the policy's
+    `vlm` subtree, or an SFT run's params): `vlm_mdef` = `vlm_def(...)`."""
 
-    def __init__(self, mdef: ModuleDef, encoder: ChatEncoder, *, temperature: float, top_p: float = 1.0,
+    def __init__(self, vlm_mdef: ModuleDef, encoder: ChatEncoder, *, temperature: float, top_p: float = 1.0,
                  mesh=None):
-        self.mdef, self.enc, self.temperature, self.top_p, self.mesh = mdef, encoder, temperature, top_p, mesh
+        self.mdef, self.enc, self.temperature, self.top_p, self.mesh = vlm_mdef, encoder, temperature, top_p, mesh
 
     def _global(self, x: np.ndarray):
         if self.mesh is None:
@@ -413,10 +410,10 @@ class Generator:
         from recogdrive_jax.parallel import sharding as sh
         return sh.make_global_batch(self.mesh, x)
 
-    def __call__(self, params, prompts: dict, rng: jax.Array, temperature: float | None = None) -> np.ndarray:
+    def __call__(self, vlm_params, prompts: dict, rng: jax.Array, temperature: float | None = None) -> np.ndarray:
         """prompts: stacked encode_prompt dicts (B rows) → generated ids [B, A] (pad after EOS)."""
         b = prompts["prompt_ids"].shape[0]
-        vlm = self.mdef.bind(params).vlm
+        vlm = self.mdef.bind(vlm_params)
         pv = prompts["pixel_values"].reshape(b * self.enc.layout.max_tiles, *prompts["pixel_values"].shape[2:])
         out = ivl.generate(vlm, self._global(prompts["prompt_ids"]), self._global(prompts["prompt_mask"]),
                            self._global(pv), self._global(prompts["image_flags"].reshape(-1)),
@@ -426,6 +423,6 @@ class Generator:
         return local_rows(out).astype(np.int32)
 
 
-__all__ = ["PolicyWithValue", "vlm_config", "str_keys", "policy_def", "score", "make_score_fn", "sft_loss", "PPOHParams",
+__all__ = ["PolicyWithValue", "vlm_config", "str_keys", "policy_def", "vlm_def", "score", "make_score_fn", "PPOHParams",
            "ppo_minibatch_loss", "make_ppo_update", "rollout_advantages", "PromptLayout", "PromptTooLong",
            "ChatEncoder", "join_sequences", "stack", "local_rows", "Generator"]

@@ -38,10 +38,9 @@ def splits_of(eval_cfg) -> list[str]:
 def run_split(policy, params, generator, split: str, config, out_dir: str, rng: jax.Array) -> dict:
     """Evaluates one split; returns its metrics dict (also written to out_dir/<split>/metrics.json)."""
     from recogdrive_jax.rl import ppo as ppo_lib
-    from recogdrive_jax.stages.ppo import env_kwargs
     e = config.eval_nav
     bs = int(e.batch_size)
-    envs = [nav.make_env(split, seed=int(e.seed), **env_kwargs(config.env)) for _ in range(bs)]
+    envs = [nav.make_env_from_config(split, config.env, seed=int(e.seed)) for _ in range(bs)]
     plan = list(envs[0].episode_plan)
     if int(e.get("max_routes", 0) or 0):
         plan = plan[:int(e.max_routes)]
@@ -132,21 +131,22 @@ def write_table(results: dict, path: str, title: str = "") -> None:
         f.write("\n".join(lines).lstrip() + "\n")
 
 
-def evaluate(params, config, tokenizer, out_dir: str, mesh=None) -> dict[str, dict]:
-    """All `eval_nav.splits` for `params` (a policy tree) → {split: metrics}; writes files under out_dir."""
+def evaluate(vlm_params, config, cfg, tokenizer, out_dir: str, mesh=None) -> dict[str, dict]:
+    """All `eval_nav.splits` for `vlm_params` (InternVL params `cfg`: an SFT model or a policy's `vlm`
+    subtree) → {split: metrics}; writes files under out_dir."""
     from recogdrive_jax.rl import ppo as ppo_lib
     from recogdrive_jax.stages.ppo import NavPolicy
     e = config.eval_nav
-    policy = NavPolicy(config, tokenizer, answer_len=int(e.max_new_tokens))
+    policy = NavPolicy(config, cfg, tokenizer, answer_len=int(e.max_new_tokens))
     bs = int(e.batch_size)
     n_batch = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")])) if mesh is not None else 1
-    generator = ppo_lib.Generator(policy.mdef, policy.encoder, temperature=float(e.temperature),
+    generator = ppo_lib.Generator(policy.vlm_mdef, policy.encoder, temperature=float(e.temperature),
                                   top_p=float(e.top_p), mesh=mesh if mesh is not None and bs % n_batch == 0 and
                                   jax.process_count() == 1 else None)
     rng = jax.random.key(int(e.seed))
     results = {}
     for split in splits_of(e):
-        results[split] = run_split(policy, params, generator, split, config, out_dir, rng)
+        results[split] = run_split(policy, vlm_params, generator, split, config, out_dir, rng)
     if jax.process_index() == 0:
         write_table(results, os.path.join(out_dir, "results.md"), str(e.get("title", "") or ""))
     return results
@@ -157,25 +157,22 @@ def run(config, workdir: str) -> dict:
     from recogdrive_jax.parallel import mesh as mesh_lib
     from recogdrive_jax.parallel import sharding as sh
     from recogdrive_jax.rl import ppo as ppo_lib
-    from recogdrive_jax.stages.ppo import NavPolicy, resolve_tokenizer
-    from recogdrive_jax.train import loop
+    from recogdrive_jax.stages.ppo import NavModel, NavPolicy, load_vlm_params
     configs.validate_common(config)
     ckpt = str(config.eval_nav.checkpoint or "")
     if not ckpt:
-        raise configs.ConfigError("config.eval_nav.checkpoint: set it to a run workdir (SFT/PPO) or a parameter "
-                                  "directory")
+        raise configs.ConfigError("config.eval_nav.checkpoint: set it to a run workdir (sft / ppo), an HF "
+                                  "InternVL directory or a `convert internvl` output")
     if not os.path.exists(ckpt):
         raise FileNotFoundError(f"config.eval_nav.checkpoint={ckpt!r} does not exist")
+    workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(config.get("mesh"))
-    if not config.model.get("tokenizer") and os.path.isdir(os.path.join(ckpt, "tokenizer")):
-        config.model.tokenizer = os.path.join(ckpt, "tokenizer")
-    tokenizer = resolve_tokenizer(config, workdir)
-    policy = NavPolicy(config, tokenizer)
-    abstract = ppo_lib.str_keys(policy.mdef.abstract_params())
-    shardings = jax.tree.map(lambda _: sh.replicated(mesh), abstract)
-    params = loop.load_init_params(ckpt, abstract, shardings, prefer_ema=False)
-    results = evaluate(params, config, tokenizer, os.path.join(workdir, "eval_nav"), mesh=mesh)
+    model = NavModel(config, workdir, source=ckpt)
+    policy = NavPolicy(config, model.cfg, model.tokenizer)
+    abstract = ppo_lib.str_keys(policy.vlm_mdef.abstract_params())
+    params = load_vlm_params(model, policy, jax.tree.map(lambda _: sh.replicated(mesh), abstract))
+    results = evaluate(params, config, model.cfg, model.tokenizer, os.path.join(workdir, "eval_nav"), mesh=mesh)
     if jax.process_index() == 0:
         for split, m in results.items():
             print(f"[eval_nav] {split}: success {m['success_rate']:.3f}  per-step {m['per_step_accuracy']:.3f}  "

@@ -1,107 +1,87 @@
-"""Stage `ppo`: VLM-PPO on the V-IRL navigation env (spec/virl.md §2), and its SFT baseline (`config.algo='sft'`).
+"""Stage `ppo`: VLM-PPO on the V-IRL navigation env (spec/virl.md §2).
 
-PPO: each loop step is one update — the rollout iterator steps `ppo.num_envs` envs per process for
-`ppo.num_steps` steps with the current params (KV-cache sampling at T=0.2 → scoring pass for logp_old / V_old →
+Each loop step is one update: the rollout iterator steps `ppo.num_envs` envs per process for `ppo.num_steps`
+steps with the current params (KV-cache sampling at T=0.2 → scoring pass for logp_old / V_old →
 `env.step(text)`), computes GAE on the host and hands the fixed-shape buffer to the jitted `rl.ppo` update,
 which the generic loop shards (ZeRO-1), checkpoints and resumes. The iterator state (episode seeds + the actions
 of the episodes in flight + the sampling counter) is saved with each checkpoint and replayed on resume, so a
 resumed run continues the very same episodes.
 
-SFT (until the shared `sft` stage covers this data): masked token CE on expert (oracle) answers of the training
-routes, single-turn, on the same prompt|answer layout and the same policy tree (the value head is untouched), so
-a PPO run starts from it with `train.init_from=<sft workdir>`.
-
-After training both evaluate on `eval_nav.splits` (stages/eval_nav.py) into `WORKDIR/eval_nav/`.
+The policy is an InternVL model + value head. `config.model.init_from` names the trunk exactly as for the `sft`
+stage (an HF directory, a `convert internvl` output, or an `sft` run workdir such as the V-IRL SFT baseline of
+configs/virl/sft.py); the value head starts fresh. `config.train.init_from` instead continues a whole policy
+(another `ppo` run). The SFT baseline itself is the shared `sft` stage on the expert answers
+(envs/sft_data.py). After training the policy is evaluated on `eval_nav.splits` (stages/eval_nav.py).
 """
 from __future__ import annotations
 
-import logging
+import json
 import os
-import shutil
 
 import jax
+import ml_collections
 import numpy as np
 
 from recogdrive_jax import configs
 from recogdrive_jax.envs import navigation as nav
-from recogdrive_jax.envs.sft_data import expert_rollout
 from recogdrive_jax.rl import ppo as ppo_lib
 from recogdrive_jax.train import loop, optim
-
-ALGOS = ("ppo", "sft")
 
 
 # ----------------------------------------------------------------------------------------------- shared setup
 
-def env_kwargs(env_cfg) -> dict:
-    """`config.env` → keyword arguments of `navigation.make_env`."""
-    kw = dict(city_seed=int(env_cfg.city_seed), city_size_m=float(env_cfg.city_size_m),
-              n_train_routes=int(env_cfg.n_train_routes), n_eval_routes=int(env_cfg.n_eval_routes),
-              routes_per_style=int(env_cfg.routes_per_style), view_size=int(env_cfg.view_size),
-              verify_iter=int(env_cfg.verify_iter), view_layout=str(env_cfg.view_layout),
-              full_oracle=bool(env_cfg.full_oracle), wrap_relative=bool(env_cfg.wrap_relative))
-    if env_cfg.get("route_file"):
-        if not os.path.exists(env_cfg.route_file):
-            raise FileNotFoundError(f"config.env.route_file={env_cfg.route_file!r} does not exist")
-        kw["route_file"] = str(env_cfg.route_file)
-    return kw
+def run_stage(path: str) -> str | None:
+    """The `stage` a run workdir was written by (its config.json), None for anything else."""
+    f = os.path.join(path, "config.json")
+    if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(f):
+        try:
+            return json.load(open(f)).get("stage")
+        except (OSError, ValueError):
+            return None
+    return None
 
 
-def tokenizer_corpus(env_cfg, num_routes: int = 24) -> list[str]:
-    """Text the small navigation tokenizer is trained on: expert prompts/answers with both action spaces, the
-    retry messages and the chat template (byte-level BPE, so any other text still encodes)."""
-    kw = env_kwargs(env_cfg)
-    kw.pop("route_file", None)
-    kw.update(n_train_routes=min(num_routes, int(env_cfg.n_train_routes)), view_size=8)
-    texts = []
-    for split in ("in_distribution", "rule_ood"):
-        env = nav.make_env(split, seed=0, **kw)
-        for r in range(len(env.routes)):
-            for obs, ans in expert_rollout(env, r, rail_seed=r):
-                texts += [obs["prompt"], ans]
-    texts += [nav.FAILED_PREFIX + m for m in (nav.MSG_WRONG_ACTION, nav.MSG_AT_INTERSECTION,
-                                              nav.MSG_NOT_AT_INTERSECTION)]
-    from recogdrive_jax.data import template as tmpl
-    texts += [tmpl.INTERNVL2_5_SYSTEM] * 20 + list(tmpl.ROLE_PREFIX.values()) * 20
-    return texts
+class NavModel:
+    """Which InternVL the policy is and where its trunk weights are, plus the tokenizer.
 
+    `source` = a VLM checkpoint (see `stages.sft.resolve_model`) or a `ppo` run workdir (whole policy);
+    '' = random init of `config.model.variant` (the tiny model then trains its own small tokenizer on
+    navigation text, saved to WORKDIR/tokenizer)."""
 
-def resolve_tokenizer(config, workdir: str):
-    """`model.tokenizer` (a directory) if set; else the tokenizer of the `train.init_from` run; else this
-    workdir's; else a small BPE trained on navigation text (saved to WORKDIR/tokenizer for later stages)."""
-    from recogdrive_jax.data.tokenizer import build_tokenizer, load_tokenizer
-    mine = os.path.join(workdir, "tokenizer")
-    path = str(config.model.get("tokenizer", "") or "")
-    if path:
-        return load_tokenizer(path)
-    init_from = str(config.get("train", {}).get("init_from", "") or "")
-    src = os.path.join(init_from, "tokenizer") if init_from else ""
-    if src and os.path.isdir(src):
-        if jax.process_index() == 0 and not os.path.isdir(mine):
-            shutil.copytree(src, mine)
-        return load_tokenizer(src)
-    if os.path.isdir(mine):
-        return load_tokenizer(mine)
-    if str(config.model.variant) != "tiny":
-        raise configs.ConfigError(f"config.model.tokenizer: set it to the {config.model.variant} tokenizer "
-                                  "directory (only the tiny model builds its own small tokenizer)")
-    tok = build_tokenizer(None, vocab_size=int(config.model.llm.vocab_size), corpus=tokenizer_corpus(config.env))
-    if jax.process_index() == 0:
-        tok.save_pretrained(mine)
-    return tok
+    def __init__(self, config, workdir: str, source: str = ""):
+        from recogdrive_jax.envs.sft_data import tokenizer_corpus
+        from recogdrive_jax.stages import sft
+        self.source = os.path.abspath(source) if source else ""
+        self.policy_run = bool(source) and run_stage(self.source) == "ppo"
+        model_cfg = config.model.to_dict()
+        if source:
+            model_cfg["init_from"] = self.source
+        if not model_cfg.get("tokenizer") and os.path.isdir(os.path.join(workdir, sft.TOKENIZER_DIR)):
+            model_cfg["tokenizer"] = os.path.join(workdir, sft.TOKENIZER_DIR)    # this run's (resume)
+        resolved = sft.resolve_model(ml_collections.ConfigDict(model_cfg), None, workdir)
+        self.cfg = resolved.cfg
+        self.vlm_params_path = None if self.policy_run else resolved.params_path
+        corpus = tokenizer_corpus(config.env) if resolved.tokenizer_dir is None else None
+        self.tokenizer = sft.load_or_build_tokenizer(resolved, workdir, corpus=corpus)
+
+    def save(self, workdir: str) -> None:
+        """WORKDIR/recogdrive_internvl.json + tokenizer/: a ppo workdir describes its own model."""
+        from recogdrive_jax.stages import sft
+        sft.save_model_files(self.cfg, self.tokenizer, workdir)
 
 
 class NavPolicy:
-    """Everything both stages need to run the policy: module definition, InternVL config, chat encoder."""
+    """Everything both stages need to run the policy: module definitions (policy, bare VLM), chat encoder."""
 
-    def __init__(self, config, tokenizer, answer_len: int | None = None):
-        self.mdef, self.cfg = ppo_lib.policy_def(config.model)
+    def __init__(self, config, cfg, tokenizer, answer_len: int | None = None):
+        self.cfg = cfg
+        self.mdef, _ = ppo_lib.policy_def(config.model, cfg)
+        self.vlm_mdef = ppo_lib.vlm_def(config.model, cfg)
         p = config.prompt
         self.layout = ppo_lib.PromptLayout(
             prompt_len=int(p.max_prompt_len), answer_len=int(answer_len or p.max_new_tokens),
-            max_tiles=int(p.max_tiles),
-            system_message=nav_system_message(config.model))
-        self.encoder = ppo_lib.ChatEncoder(tokenizer, self.cfg, self.layout, weight_mode=str(p.weight_mode),
+            max_tiles=int(p.max_tiles), system_message=nav_system_message(config.model))
+        self.encoder = ppo_lib.ChatEncoder(tokenizer, cfg, self.layout, weight_mode=str(p.weight_mode),
                                            thought_coef=float(p.thought_coef), action_coef=float(p.action_coef))
 
 
@@ -110,10 +90,22 @@ def nav_system_message(model_cfg):
     return tmpl.INTERNVL2_5_SYSTEM if bool(model_cfg.get("system_message", True)) else None
 
 
+def load_vlm_params(model: NavModel, policy: NavPolicy, shardings):
+    """The VLM subtree from `model.source` (a VLM checkpoint, or the `vlm` part of a ppo run)."""
+    if model.policy_run:
+        abstract = ppo_lib.str_keys(policy.mdef.abstract_params())
+        any_sh = jax.tree.leaves(shardings)[0]
+        full_sh = {"vlm": shardings, "value_head": jax.tree.map(lambda _: any_sh, abstract["value_head"])}
+        return loop.load_init_params(model.source, abstract, full_sh, prefer_ema=False)["vlm"]
+    if model.vlm_params_path is None:
+        raise configs.ConfigError(f"{model.source or 'the model'} has no weights to load")
+    abstract = ppo_lib.str_keys(policy.vlm_mdef.abstract_params())
+    return loop.load_init_params(model.vlm_params_path, abstract, shardings, prefer_ema=False)
+
+
 def validate(config) -> None:
     configs.validate_common(config)
     req = configs._require
-    req(config.get("algo", "ppo") in ALGOS, "algo", f"unknown {config.get('algo')!r}; allowed: {list(ALGOS)}")
     p = config.prompt
     req(p.weight_mode in ("key", "reference_last5"), "prompt.weight_mode",
         f"unknown {p.weight_mode!r}; allowed: ['key', 'reference_last5']")
@@ -121,21 +113,23 @@ def validate(config) -> None:
         req(int(p[key]) >= 1, f"prompt.{key}", f"must be >= 1, got {p[key]!r}")
     req(config.env.get("train_split", "in_distribution") in nav.SPLITS, "env.train_split",
         f"unknown split; allowed: {list(nav.SPLITS)}")
-    if config.get("algo", "ppo") == "ppo":
-        c = config.ppo
-        per_update = int(c.num_envs) * int(c.num_steps) * jax.process_count()
-        req(int(config.train.batch_size) == per_update, "train.batch_size",
-            f"must equal ppo.num_envs × ppo.num_steps × processes = {per_update} (one rollout buffer), got "
-            f"{config.train.batch_size}")
-        k = int(c.num_minibatches) * int(config.optim.grad_accum)
-        req(per_update % k == 0, "ppo.num_minibatches",
-            f"num_minibatches × optim.grad_accum = {k} must divide the {per_update}-sample buffer")
-        req(int(c.epochs) >= 1, "ppo.epochs", f"must be >= 1, got {c.epochs!r}")
-        req(float(c.temperature) > 0, "ppo.temperature", f"must be > 0 (sampling), got {c.temperature!r}")
-        want = int(c.epochs) * int(c.num_minibatches)
-        req(int(config.optim.get("optimizer_steps_per_step", 1)) == want, "optim.optimizer_steps_per_step",
-            f"must be ppo.epochs × ppo.num_minibatches = {want} (the LR steps once per update), got "
-            f"{config.optim.get('optimizer_steps_per_step', 1)}")
+    req(not (config.model.get("init_from") and config.train.get("init_from")), "model.init_from",
+        "set either config.model.init_from (a VLM: HF dir / converted dir / sft run) or config.train.init_from "
+        "(a whole ppo policy), not both")
+    c = config.ppo
+    per_update = int(c.num_envs) * int(c.num_steps) * jax.process_count()
+    req(int(config.train.batch_size) == per_update, "train.batch_size",
+        f"must equal ppo.num_envs × ppo.num_steps × processes = {per_update} (one rollout buffer), got "
+        f"{config.train.batch_size}")
+    k = int(c.num_minibatches) * int(config.optim.grad_accum)
+    req(per_update % k == 0, "ppo.num_minibatches",
+        f"num_minibatches × optim.grad_accum = {k} must divide the {per_update}-sample buffer")
+    req(int(c.epochs) >= 1, "ppo.epochs", f"must be >= 1, got {c.epochs!r}")
+    req(float(c.temperature) > 0, "ppo.temperature", f"must be > 0 (sampling), got {c.temperature!r}")
+    want = int(c.epochs) * int(c.num_minibatches)
+    req(int(config.optim.get("optimizer_steps_per_step", 1)) == want, "optim.optimizer_steps_per_step",
+        f"must be ppo.epochs × ppo.num_minibatches = {want} (the LR steps once per update), got "
+        f"{config.optim.get('optimizer_steps_per_step', 1)}")
 
 
 # --------------------------------------------------------------------------------------------------- rollouts
@@ -154,8 +148,8 @@ class RolloutIterator:
         self.gamma, self.lam, self.cut = float(c.gamma), float(c.lam), bool(c.cut_at_truncation)
         self.seed = int(c.env_seed) + jax.process_index() * self.num_envs
         split = str(config.env.get("train_split", "in_distribution"))
-        self.envs = [nav.make_env(split, seed=self.seed + e, **env_kwargs(config.env)) for e in range(self.num_envs)]
-        self.generate = ppo_lib.Generator(policy.mdef, policy.encoder, temperature=float(c.temperature),
+        self.envs = [nav.make_env_from_config(split, config.env, seed=self.seed + e) for e in range(self.num_envs)]
+        self.generate = ppo_lib.Generator(policy.vlm_mdef, policy.encoder, temperature=float(c.temperature),
                                           top_p=float(c.top_p), mesh=self._mesh_if_divisible())
         self.score = ppo_lib.make_score_fn(policy.mdef, policy.layout.prompt_len, float(c.temperature))
         self.rng = jax.random.key(int(config.seed) * 1_000_003 + jax.process_index())
@@ -202,7 +196,7 @@ class RolloutIterator:
         values = []
         for _ in range(self.num_steps):
             prompts = ppo_lib.stack([enc.encode_prompt(o) for o in self.obs])
-            out = self.generate(self.params, prompts, jax.random.fold_in(self.rng, self.counter))
+            out = self.generate(self.params["vlm"], prompts, jax.random.fold_in(self.rng, self.counter))
             self.counter += 1
             decoded = [enc.decode_answer(o) for o in out]
             amask = np.stack([d[2] for d in decoded])
@@ -252,98 +246,44 @@ class RolloutIterator:
             self.obs[e] = obs
 
 
-# -------------------------------------------------------------------------------------------------------- SFT
-
-class SFTIterator:
-    """Expert (oracle) answers of the training routes, single-turn, as fixed-shape batches; shuffled per epoch."""
-
-    def __init__(self, config, policy: NavPolicy, batch_size: int):
-        c = config.sft
-        env = nav.make_env(str(config.env.get("train_split", "in_distribution")), seed=int(c.seed),
-                           **env_kwargs(config.env))
-        n_routes = int(c.num_routes) or len(env.routes)
-        enc = policy.encoder
-        rows, skipped = [], 0
-        for r in range(min(n_routes, len(env.routes))):
-            for d in range(int(c.rail_redraws)):
-                for obs, ans in expert_rollout(env, r, rail_seed=int(c.seed) * 1_000_003 + r * 1_009 + d):
-                    try:
-                        p = enc.encode_prompt(obs)
-                        ids, mask = enc.encode_answer(ans)
-                    except ppo_lib.PromptTooLong:
-                        skipped += 1
-                        continue
-                    rows.append(dict(ppo_lib.join_sequences({k: v[None] for k, v in p.items()}, ids[None],
-                                                            mask[None]), answer_mask=mask[None]))
-        if skipped:
-            logging.warning("sft: skipped %d of %d expert samples longer than config.prompt.max_prompt_len / "
-                            "max_new_tokens", skipped, skipped + len(rows))
-        if not rows:
-            raise ValueError("config.sft: no SFT sample fits config.prompt.max_prompt_len")
-        self.data = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-        self.n = len(rows)
-        if self.n < batch_size:
-            raise ValueError(f"config.sft: {self.n} SFT samples < batch size {batch_size}; add routes/redraws")
-        self.batch_size, self.seed, self.position = batch_size, int(c.seed), 0
-        self.pi, self.pc = jax.process_index(), jax.process_count()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        per_epoch = self.n // self.batch_size
-        epoch, k = divmod(self.position, per_epoch)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        idx = perm[k * self.batch_size:(k + 1) * self.batch_size]
-        local = len(idx) // self.pc
-        idx = idx[self.pi * local:(self.pi + 1) * local]
-        self.position += 1
-        return {key: v[idx] for key, v in self.data.items()}
-
-    def get_state(self) -> dict:
-        return {"position": self.position}
-
-    def set_state(self, state: dict) -> None:
-        self.position = int(state["position"])
-
-
 # ---------------------------------------------------------------------------------------------------- the run
 
 def run(config, workdir: str) -> dict:
     from recogdrive_jax.parallel import mesh as mesh_lib
     from recogdrive_jax.stages import eval_nav
     validate(config)
+    workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(config.get("mesh"))
-    tokenizer = resolve_tokenizer(config, workdir)
-    policy = NavPolicy(config, tokenizer)
-    algo = str(config.get("algo", "ppo"))
+    model = NavModel(config, workdir, config.model.get("init_from") or config.train.get("init_from") or "")
+    model.save(workdir)
+    policy = NavPolicy(config, model.cfg, model.tokenizer)
     prompt_len = policy.layout.prompt_len
     logical = ppo_lib.str_keys(policy.mdef.logical)
 
     def init_params(rng):
         return ppo_lib.str_keys(policy.mdef.init(rng))
 
+    def trunk_and_fresh_head(abstract, shardings, rng):
+        """A pretrained VLM trunk (`config.model.init_from`) + a freshly initialised value head."""
+        head = jax.jit(lambda r: init_params(r)["value_head"], out_shardings=shardings["value_head"])(rng)
+        return {"vlm": load_vlm_params(model, policy, shardings["vlm"]), "value_head": head}
+
     def eval_fn(state, step):
         if not eval_nav.splits_of(config.eval_nav):
             return {}
-        res = eval_nav.evaluate(state.params, config, tokenizer, os.path.join(workdir, "eval_nav"), mesh=mesh)
+        res = eval_nav.evaluate(state.params["vlm"], config, model.cfg, model.tokenizer, os.path.join(workdir, "eval_nav"), mesh=mesh)
         return {f"{s}/{k}": v for s, m in res.items() for k, v in m.items()}
 
-    if algo == "sft":
-        def loss_fn(params, batch, rng):
-            return ppo_lib.sft_loss(policy.mdef.bind(params), batch, prompt_len)
-        task = loop.Task(name="virl_sft", init_params=init_params, loss_fn=loss_fn, logical=logical, eval_fn=eval_fn,
-                         train_iter=SFTIterator(config, policy, int(config.train.batch_size)))
-    else:
-        hp = ppo_lib.PPOHParams.from_config(config.ppo, int(config.optim.grad_accum))
-        rollouts = RolloutIterator(config, policy, mesh)
-        schedule = optim.make_schedule(config.optim, int(config.train.num_steps))
-        task = loop.Task(name="ppo", init_params=init_params, loss_fn=None, logical=logical, eval_fn=eval_fn,
-                         train_iter=rollouts,
-                         make_update=lambda tx: ppo_lib.make_ppo_update(policy.mdef, tx, hp, prompt_len,
-                                                                        schedule=schedule),
-                         on_state=lambda state: rollouts.set_params(state.params))
+    hp = ppo_lib.PPOHParams.from_config(config.ppo, int(config.optim.grad_accum))
+    rollouts = RolloutIterator(config, policy, mesh)
+    schedule = optim.make_schedule(config.optim, int(config.train.num_steps))
+    task = loop.Task(name="ppo", init_params=init_params, loss_fn=None, logical=logical, eval_fn=eval_fn,
+                     train_iter=rollouts,
+                     make_update=lambda tx: ppo_lib.make_ppo_update(policy.mdef, tx, hp, prompt_len,
+                                                                    schedule=schedule),
+                     on_state=lambda state: rollouts.set_params(state.params),
+                     load_init=trunk_and_fresh_head if config.model.get("init_from") else None)
     _, final = loop.train(config, workdir, task, mesh=mesh)
     if jax.process_index() == 0 and final:
         print(f"[{task.name}] " + "  ".join(f"{k}={v:.3f}" for k, v in sorted(final.items())

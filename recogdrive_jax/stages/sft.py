@@ -103,7 +103,7 @@ def validate(config) -> None:
     req(1 <= d.min_dynamic_patch <= d.max_dynamic_patch, "data.max_dynamic_patch",
         f"need 1 <= min_dynamic_patch <= max_dynamic_patch, got {d.min_dynamic_patch}, {d.max_dynamic_patch}")
     if config.stage == "sft":
-        req(bool(d.meta_path) or d.synthetic_scenes > 0, "data.meta_path",
+        req(bool(d.meta_path) or d.synthetic_scenes > 0 or "virl_sft" in config, "data.meta_path",
             "empty and config.data.synthetic_scenes is 0: give a meta JSON or a number of synthetic scenes")
         if d.meta_path:
             req(os.path.isfile(d.meta_path), "data.meta_path", f"{d.meta_path!r} is not a file")
@@ -160,7 +160,7 @@ def resolve_model(model_cfg, data_cfg, workdir: str, *, convert_dir: str | None 
     overrides["remat"] = bool(model_cfg.get("remat", False))
     tok_dir = model_cfg.get("tokenizer", "") or None
     if not src:
-        cfg = iv.get_config(model_cfg.variant, **overrides)
+        cfg = _variant_with_overrides(model_cfg, iv.get_config(model_cfg.variant, **overrides))
         params_path = None
     else:
         src = os.path.abspath(src)
@@ -196,14 +196,29 @@ def resolve_model(model_cfg, data_cfg, workdir: str, *, convert_dir: str | None 
     return ResolvedModel(cfg, params_path, tok_dir)
 
 
-def load_or_build_tokenizer(resolved: ResolvedModel, workdir: str):
-    """The tokenizer (checked against the model's special-token ids); `tiny` random init generates one."""
+def _variant_with_overrides(model_cfg, cfg):
+    """Random init only: `config.model.llm.*` / `vit.*` field overrides of the variant (e.g. the vocabulary of
+    a small generated tokenizer), checked against the config dataclasses."""
+    llm = dict(model_cfg.get("llm", {}) or {})
+    vit = dict(model_cfg.get("vit", {}) or {})
+    for block, sub, name in ((llm, cfg.llm_config, "llm"), (vit, cfg.vision_config, "vit")):
+        bad = sorted(set(block) - {f.name for f in dataclasses.fields(sub)})
+        if bad:
+            raise configs.ConfigError(f"config.model.{name}: unknown field(s) {bad}; allowed: "
+                                      f"{sorted(f.name for f in dataclasses.fields(sub))}")
+    return dataclasses.replace(cfg, llm_config=dataclasses.replace(cfg.llm_config, **llm),
+                               vision_config=dataclasses.replace(cfg.vision_config, **vit))
+
+
+def load_or_build_tokenizer(resolved: ResolvedModel, workdir: str, corpus: list[str] | None = None):
+    """The tokenizer (checked against the model's special-token ids); `tiny` random init generates one (on
+    `corpus` when given, e.g. navigation text)."""
     from recogdrive_jax.data import tokenizer as tok_lib
     cfg = resolved.cfg
     if resolved.tokenizer_dir:
         tok = tok_lib.load_tokenizer(resolved.tokenizer_dir)
     elif resolved.params_path is None and cfg.llm_config.vocab_size <= 4096:
-        tok = tok_lib.build_tokenizer(vocab_size=cfg.llm_config.vocab_size)
+        tok = tok_lib.build_tokenizer(vocab_size=cfg.llm_config.vocab_size, corpus=corpus)
     else:
         raise FileNotFoundError("config.model.tokenizer: empty and config.model.init_from has no tokenizer files; "
                                 "give the model's tokenizer directory")
@@ -430,11 +445,20 @@ def run(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     resolved = resolve_model(config.model, config.data, workdir)
     cfg = resolved.cfg
-    tok = load_or_build_tokenizer(resolved, workdir)
+    virl = "virl_sft" in config and not config.data.meta_path      # V-IRL expert answers (configs/virl/sft.py)
+    if virl:
+        from recogdrive_jax.envs import sft_data as virl_data
+    if resolved.tokenizer_dir is None and os.path.isdir(os.path.join(workdir, TOKENIZER_DIR)):
+        resolved = dataclasses.replace(resolved, tokenizer_dir=os.path.join(workdir, TOKENIZER_DIR))  # resume
+    tok = load_or_build_tokenizer(resolved, workdir,
+                                  corpus=virl_data.tokenizer_corpus(config.env) if virl else None)
     save_model_files(cfg, tok, workdir)
 
     data = config.data
-    meta = data.meta_path or synthetic_qa(data, workdir, "train")
+    if virl:
+        meta = virl_data.write_from_config(config, os.path.join(workdir, "virl_sft"))
+    else:
+        meta = data.meta_path or synthetic_qa(data, workdir, "train")
     eval_meta = data.eval_meta_path or (synthetic_qa(data, workdir, "eval")
                                         if not data.meta_path and data.synthetic_eval_scenes > 0 else "")
     gbs = int(config.train.batch_size)
@@ -465,13 +489,19 @@ def run(config, workdir: str) -> dict:
                 s = jax.device_get(eval_step(state.params, sh.make_global_batch(mesh, local)))
                 nll, correct, count = nll + float(s[0]), correct + float(s[1]), count + float(s[2])
             out = {"loss": nll / max(count, 1.0), "token_acc": correct / max(count, 1.0), "label_tokens": count}
+        if virl and eval_nav_splits:
+            from recogdrive_jax.stages import eval_nav
+            res = eval_nav.evaluate(state.params, config, cfg, tok, os.path.join(workdir, "eval_nav"), mesh=mesh)
+            out.update({f"{s}/{k}": v for s, m in res.items() for k, v in m.items()})
         if config.export.each_eval and step < int(config.train.num_steps):
             export_hf(state.params, cfg, tok, os.path.join(workdir, f"hf_export_step_{step:07d}"), config.export)
         return out
 
+    eval_nav_splits = bool(virl and config.get("eval_nav") and config.eval_nav.splits)
     task = loop.Task(name="sft", init_params=mdef.init, loss_fn=loss_fn, logical=mdef.logical,
                      train_iter=plan.iterator(int(data.num_workers), int(data.prefetch)),
-                     eval_fn=eval_fn if (eval_plan is not None or config.export.each_eval) else None)
+                     eval_fn=eval_fn if (eval_plan is not None or config.export.each_eval or eval_nav_splits)
+                     else None)
     if jax.process_index() == 0:
         print(f"[sft] {len(plan.rows)} rows, {plan.batches_per_epoch} batches/epoch of {gbs}; buckets "
               f"{plan.buckets} x tiles {plan.tile_buckets}; init "

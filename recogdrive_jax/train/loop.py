@@ -43,6 +43,9 @@ class Task:
     # Sees the state after init/restore and after every step, before the next `next(train_iter)` (e.g. a PPO
     # rollout iterator that samples with the current params).
     on_state: Callable[[TrainState], None] | None = None
+    # Custom initial params `(abstract_params, param_shardings, rng) -> params` for a fresh run without
+    # `train.init_from` (e.g. a pretrained trunk + a freshly initialised head).
+    load_init: Callable[[Any, Any, jax.Array], Any] | None = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -142,8 +145,9 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
             logging.warning("checkpoint %d has no data-iterator state; data restarts from the beginning", latest)
     else:
         init_from = tcfg.get("init_from", "") or ""
-        if init_from:
-            params = load_init_params(init_from, abstract_params, shardings.params)
+        if init_from or task.load_init is not None:
+            params = (load_init_params(init_from, abstract_params, shardings.params) if init_from
+                      else task.load_init(abstract_params, shardings.params, init_rng))
             state = jax.jit(lambda p: init_train_state(p, tx, ema), out_shardings=shardings)(params)
         else:
             state = jax.jit(lambda r: init_train_state(task.init_params(r), tx, ema),
