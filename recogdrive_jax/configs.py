@@ -132,3 +132,14 @@ def load_config_file(path: str, relative_to: str | None = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def set_dotted(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Applies {'train.num_steps': 2, ...} to `config` in place (as `--config.train.num_steps=2` would)."""
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return config

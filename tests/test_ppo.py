@@ -1,5 +1,4 @@
 """VLM-PPO update, value-head placement, PPO/SFT stage runs with resume, eval_nav outputs, malformed outputs."""
-import importlib.util
 import json
 import os
 
@@ -10,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from recogdrive_jax import configs
 from recogdrive_jax.envs import navigation as nav
 from recogdrive_jax.rl import ppo as ppo_lib
 from recogdrive_jax.train.metrics import read_metrics
@@ -20,9 +20,7 @@ P_LEN, A_LEN, V = 24, 8, 512
 
 
 def _load_config(name, arg="tiny"):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", "virl", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = configs.load_config_file(os.path.join(ROOT, "configs", "virl", f"{name}.py"))
     return mod.get_config(arg)
 
 
@@ -179,13 +177,7 @@ def _tiny_stage_config(tmp_path, **over):
     c.env.n_train_routes, c.env.n_eval_routes = 4, 2
     c.eval_nav.splits = ""
     c.train.async_checkpoint = False
-    for k, v in over.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return configs.set_dotted(c, over)
 
 
 @pytest.mark.slow
@@ -236,3 +228,39 @@ def test_stage_config_errors_name_the_key(tmp_path):
     c.prompt.weight_mode = "last3"
     with pytest.raises(ConfigError, match="prompt.weight_mode"):
         ppo_stage.validate(c)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_rollouts(tmp_path):
+    """2 processes on 127.0.0.1 (jax.distributed): each steps its own envs (seeds offset by process), the
+    update sees the global buffer, and each process saves the state of its own episodes."""
+    import subprocess
+    import sys
+    wd = str(tmp_path / "ppo2")
+    port = _free_port()
+    flags = ["--config=" + os.path.join(ROOT, "configs", "virl", "ppo.py") + ":tiny", "--workdir=" + wd,
+             "--config.ppo.num_envs=2", "--config.ppo.num_steps=2", "--config.ppo.epochs=1",
+             "--config.ppo.num_minibatches=1", "--config.train.batch_size=8", "--config.train.num_steps=1",
+             "--config.optim.grad_accum=1", "--config.optim.optimizer_steps_per_step=1",
+             "--config.model.value_hidden=(16, 8)", "--config.prompt.max_new_tokens=8",
+             "--config.env.n_train_routes=4", "--config.env.n_eval_routes=2", "--config.eval_nav.splits="]
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, "-m", "recogdrive_jax.main", *flags], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    rows = read_metrics(wd, "train")
+    assert [r["step"] for r in rows] == [1]
+    assert -1.5 <= rows[0]["rollout_reward"] <= 1.0
+    states = [json.load(open(os.path.join(wd, "checkpoints", "data", "1", f"process_{p}.json"))) for p in (0, 1)]
+    assert all(len(s["actions"]) == 2 and s["counter"] == 2 for s in states)

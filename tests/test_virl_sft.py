@@ -1,12 +1,12 @@
 """V-IRL SFT through the shared `sft` stage: the tokens it trains on are exactly the ones the PPO policy
 samples and scores, and a PPO run started from the SFT workdir carries its trunk (fresh value head)."""
-import importlib.util
 import json
 import os
 
 import jax
 import numpy as np
 
+from recogdrive_jax import configs
 from recogdrive_jax.data import template as tpl
 from recogdrive_jax.envs import navigation as nav
 from recogdrive_jax.envs.sft_data import expert_rollout, tokenizer_corpus
@@ -18,22 +18,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(name, **over):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", "virl", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = configs.load_config_file(os.path.join(ROOT, "configs", "virl", f"{name}.py"))
     c = mod.get_config("tiny")
     c.env.n_train_routes, c.env.n_eval_routes = 4, 2
     c.model.value_hidden = (16, 8)
     c.eval_nav.splits = ""
     if "train" in c:
         c.train.async_checkpoint = False
-    for k, v in over.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return configs.set_dotted(c, over)
 
 
 def test_sft_samples_equal_policy_prompt_and_answer_tokens(tmp_path):

@@ -94,13 +94,7 @@ def toy_config(**overrides):
     c.optim.lr = 2e-3
     c.optim.warmup_ratio = 0.1
     c.optim.weight_decay = 0.01
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return configs.set_dotted(c, overrides)
 
 
 def main():
