@@ -127,3 +127,22 @@ def test_value_head_shape_placement_and_init():
     # Only the selected position matters.
     hidden2 = hidden.at[0, 3:].set(100.0)
     np.testing.assert_allclose(head(hidden2, last_prompt_index(P))[0], vals[0], rtol=1e-6)
+
+
+def test_nav_compare_table_mean_and_sd(tmp_path):
+    import json
+    import os
+    from recogdrive_jax.eval import nav_compare
+
+    def write(run, acc):
+        for split in ("in_distribution", "rule_ood"):
+            d = tmp_path / run / "eval_nav" / split
+            os.makedirs(d)
+            json.dump({"per_step_accuracy": acc, "success_rate": 0.0, "mean_reward": 0.0, "num_routes": 48},
+                      open(d / "metrics.json", "w"))
+    write("a0", 0.2), write("a1", 0.4), write("b", 0.5)
+    text = nav_compare.table([("A", [str(tmp_path / "a0"), str(tmp_path / "a1")]), ("B", [str(tmp_path / "b")])])
+    rows = [line for line in text.splitlines() if line.startswith("| A") or line.startswith("| B")]
+    assert rows[0].startswith("| A | 2 | 30.0 ± 14.1 | 0.0 ± 0.0 |") and rows[1].startswith("| B | 1 | 50.0 | 0.0 |")
+    assert "in_distribution 48" in text
+    assert nav_compare.main(["A=" + str(tmp_path / "missing")]) == 2
