@@ -18,7 +18,7 @@ def get_config(arg=None):
     c = common.base("ppo", variant)
     c.ppo = common.ppo_block(tiny)
     processes = 1 if tiny else 8
-    c.train.num_steps = 4 if tiny else 15                  # PPO updates
+    c.train.num_steps = 8 if tiny else 15                  # PPO updates
     c.train.batch_size = c.ppo.num_envs * c.ppo.num_steps * processes
     c.train.log_every = 1
     c.train.checkpoint_every = 1
@@ -26,7 +26,7 @@ def get_config(arg=None):
     c.train.tensorboard = False
     c.optim.grad_accum = 2 if tiny else 8 * 128 // 8      # micro-batches per optimizer step (global micro = 8)
     c.optim.update(dict(
-        lr=1e-5 if tiny else 1e-7, eps=1e-7, b1=0.9, b2=0.999, weight_decay=0.0, clip_norm=0.01,
+        lr=2e-4 if tiny else 1e-7, eps=1e-7, b1=0.9, b2=0.999, weight_decay=0.0, clip_norm=0.01,
         schedule="cosine", warmup_ratio=0.0, cosine_steps=20, min_lr_ratio=1e-2,  # 1e-9 / 1e-7
         optimizer_steps_per_step=c.ppo.epochs * c.ppo.num_minibatches))
     return c

@@ -34,7 +34,8 @@ def get_config(arg=None):
     c.export = ml_collections.ConfigDict(dict(at_end=not tiny, each_eval=False, layout="native", dtype="bfloat16",
                                               max_shard_size="5GB"))
     c.eval = ml_collections.ConfigDict(dict(max_batches=0))
-    c.train.num_steps = 300 if tiny else 600               # 1k routes × 15 redraws ≈ 15k pairs × 5 epochs / 128
+    # tiny: 781 pairs (16 routes × 4 redraws) ≈ 12 epochs; full: 1k routes × 15 redraws ≈ 15k pairs × 5 epochs / 128
+    c.train.num_steps = 600
     c.train.batch_size = 16 if tiny else 128
     c.train.log_every = 25 if tiny else 10
     c.train.checkpoint_every = 100
