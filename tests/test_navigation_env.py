@@ -271,3 +271,17 @@ def test_sft_writer(tmp_path):
         .startswith("turn_direction(")
     assert (tmp_path / r0["image"]).exists()
     assert sum(re_match(r["conversations"][1]["value"], "action") == "stop()" for r in rows) == 2
+
+
+def test_nav_metrics_accuracy_by_action_kind():
+    m = NavMetrics()
+    info = {"is_success": False}
+    m.update(1.0, False, False, info, gt_action="turn_direction(north)")
+    m.update(-1.0, False, False, info, gt_action="forward()")
+    m.update(1.0, False, False, info, gt_action="forward()")
+    m.update(-1.5, False, True, info, gt_action="stop()")
+    s = m.summary()
+    assert s["per_step_accuracy"] == 0.5 and s["success_rate"] == 0.0
+    assert s["accuracy_by_action"] == {"forward": 0.5, "stop": 0.0, "turn": 1.0}
+    assert s["steps_by_action"] == {"forward": 2, "stop": 1, "turn": 1}
+    assert "accuracy_by_action" not in NavMetrics().summary()

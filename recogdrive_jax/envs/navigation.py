@@ -429,23 +429,41 @@ class NavigationEnv(gym.Env):
                 "episode_correct": self.episode_correct, "rail_length": len(self.rail)}
 
 
+def action_kind(gt_action: str) -> str:
+    """'forward' | 'turn' | 'stop': what a step asks for (only `stop()` vs `forward()` needs vision, spec §1.3)."""
+    return "forward" if gt_action == "forward()" else "stop" if gt_action == "stop()" else "turn"
+
+
 class NavMetrics:
-    """Per-step accuracy (#reward==+1 / #step calls, retries and forced calls included) and route success."""
+    """Per-step accuracy (#reward==+1 / #step calls, retries and forced calls included) and route success; with
+    the gt action of each step also the accuracy per kind of step (forward / turn / stop)."""
 
     def __init__(self):
         self.steps = self.correct = self.episodes = self.successes = 0
+        self.kind_steps: dict[str, int] = {}
+        self.kind_correct: dict[str, int] = {}
 
-    def update(self, reward: float, terminated: bool, truncated: bool, info: dict) -> None:
+    def update(self, reward: float, terminated: bool, truncated: bool, info: dict,
+               gt_action: str | None = None) -> None:
+        ok = int(reward == REWARD_FN_VIRL["CORRECT_ACTION"])
         self.steps += 1
-        self.correct += int(reward == REWARD_FN_VIRL["CORRECT_ACTION"])
+        self.correct += ok
+        if gt_action is not None:
+            k = action_kind(gt_action)
+            self.kind_steps[k] = self.kind_steps.get(k, 0) + 1
+            self.kind_correct[k] = self.kind_correct.get(k, 0) + ok
         if terminated or truncated:
             self.episodes += 1
             self.successes += int(bool(info["is_success"]) and terminated and not truncated)
 
-    def summary(self) -> dict[str, float]:
-        return {"per_step_accuracy": self.correct / max(self.steps, 1),
-                "success_rate": self.successes / max(self.episodes, 1), "episodes": float(self.episodes),
-                "steps": float(self.steps)}
+    def summary(self) -> dict:
+        out = {"per_step_accuracy": self.correct / max(self.steps, 1),
+               "success_rate": self.successes / max(self.episodes, 1), "episodes": float(self.episodes),
+               "steps": float(self.steps)}
+        if self.kind_steps:
+            out["accuracy_by_action"] = {k: self.kind_correct[k] / n for k, n in sorted(self.kind_steps.items())}
+            out["steps_by_action"] = dict(sorted(self.kind_steps.items()))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

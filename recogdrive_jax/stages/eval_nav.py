@@ -25,6 +25,19 @@ from recogdrive_jax.envs import navigation as nav
 METRIC_KEYS = ("success_rate", "per_step_accuracy", "mean_reward", "num_routes")
 
 
+def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
+    """{split: metrics} → {'split/key': float} (nested per-action dicts as 'split/key/action'), for the loop's
+    metric log."""
+    out = {}
+    for split, m in results.items():
+        for k, v in m.items():
+            if isinstance(v, dict):
+                out.update({f"{split}/{k}/{kk}": float(vv) for kk, vv in v.items()})
+            else:
+                out[f"{split}/{k}"] = float(v)
+    return out
+
+
 def splits_of(eval_cfg) -> list[str]:
     s = eval_cfg.splits
     names = [x for x in s.split(",") if x] if isinstance(s, str) else list(s)
@@ -75,7 +88,7 @@ def run_split(policy, params, generator, split: str, config, out_dir: str, rng: 
             gt = s["obs"]["oracle"]["action"]
             image = s["obs"]["image"]
             obs, r, term, trunc, info = envs[k].step(text)
-            metrics.update(r, term, trunc, info)
+            metrics.update(r, term, trunc, info, gt_action=gt)
             total_reward += r
             s["steps"] += 1
             s["correct"] += int(r == 1.0)
@@ -93,6 +106,9 @@ def run_split(policy, params, generator, split: str, config, out_dir: str, rng: 
     result = {"success_rate": summary["success_rate"], "per_step_accuracy": summary["per_step_accuracy"],
               "mean_reward": total_reward / max(metrics.steps, 1), "num_routes": int(metrics.episodes),
               "steps": int(metrics.steps)}
+    for key in ("accuracy_by_action", "steps_by_action"):
+        if key in summary:
+            result[key] = summary[key]
     if jax.process_index() == 0:
         with open(os.path.join(split_dir, "metrics.json"), "w") as f:
             json.dump(result, f, indent=2)
@@ -177,4 +193,4 @@ def run(config, workdir: str) -> dict:
         for split, m in results.items():
             print(f"[eval_nav] {split}: success {m['success_rate']:.3f}  per-step {m['per_step_accuracy']:.3f}  "
                   f"mean reward {m['mean_reward']:+.3f}  ({m['num_routes']} routes)", flush=True)
-    return {f"{s}/{k}": v for s, m in results.items() for k, v in m.items()}
+    return flat_metrics(results)

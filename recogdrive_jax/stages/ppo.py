@@ -273,7 +273,7 @@ def run(config, workdir: str) -> dict:
         if not eval_nav.splits_of(config.eval_nav):
             return {}
         res = eval_nav.evaluate(state.params["vlm"], config, model.cfg, model.tokenizer, os.path.join(workdir, "eval_nav"), mesh=mesh)
-        return {f"{s}/{k}": v for s, m in res.items() for k, v in m.items()}
+        return eval_nav.flat_metrics(res)
 
     hp = ppo_lib.PPOHParams.from_config(config.ppo, int(config.optim.grad_accum))
     rollouts = RolloutIterator(config, policy, mesh)

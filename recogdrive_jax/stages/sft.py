@@ -492,7 +492,7 @@ def run(config, workdir: str) -> dict:
         if virl and eval_nav_splits:
             from recogdrive_jax.stages import eval_nav
             res = eval_nav.evaluate(state.params, config, cfg, tok, os.path.join(workdir, "eval_nav"), mesh=mesh)
-            out.update({f"{s}/{k}": v for s, m in res.items() for k, v in m.items()})
+            out.update(eval_nav.flat_metrics(res))
         if config.export.each_eval and step < int(config.train.num_steps):
             export_hf(state.params, cfg, tok, os.path.join(workdir, f"hf_export_step_{step:07d}"), config.export)
         return out
