@@ -146,3 +146,15 @@ def test_nav_compare_table_mean_and_sd(tmp_path):
     assert rows[0].startswith("| A | 2 | 30.0 ± 14.1 | 0.0 ± 0.0 |") and rows[1].startswith("| B | 1 | 50.0 | 0.0 |")
     assert "in_distribution 48" in text
     assert nav_compare.main(["A=" + str(tmp_path / "missing")]) == 2
+
+
+def test_unknown_model_field_override_names_the_key():
+    import ml_collections
+    import pytest
+    from recogdrive_jax.errors import UserError
+    from recogdrive_jax.rl import ppo as ppo_lib
+    bad = ml_collections.ConfigDict(dict(variant="tiny", llm=dict(vocab_sise=8), vit={}))
+    with pytest.raises(UserError, match=r"config.model.llm: unknown field\(s\) \['vocab_sise'\]"):
+        ppo_lib.vlm_config(bad)
+    ok = ppo_lib.vlm_config(ml_collections.ConfigDict(dict(variant="tiny", llm=dict(vocab_size=1024), vit={})))
+    assert ok.llm_config.vocab_size == 1024

@@ -95,25 +95,18 @@ def tokenizer_corpus(env_cfg, num_routes: int = 24) -> list[str]:
 
 
 def write_from_config(config, out_dir: str) -> str:
-    """The expert SFT set of a V-IRL config (`config.env` + `config.virl_sft`) in `out_dir`, written once (a
-    DONE marker guards against a partial directory); returns its meta JSON path."""
-    import jax
+    """The expert SFT set of a V-IRL config (`config.env` + `config.virl_sft`) in `out_dir`, written once
+    (data/generate_once.py); returns its meta JSON path."""
+    from recogdrive_jax.data.generate_once import generate_once
     s = config.virl_sft
-    want = {"env": config.env.to_dict(), "virl_sft": s.to_dict()}
-    marker = os.path.join(out_dir, "DONE.json")
-    if jax.process_index() == 0:
-        done = json.load(open(marker)) if os.path.isfile(marker) else None
-        if done is None or done.get("config") != want:
-            import shutil
-            shutil.rmtree(out_dir, ignore_errors=True)
-            env = nav.make_env_from_config(str(config.env.get("train_split", "in_distribution")), config.env,
-                                           seed=int(s.seed))
-            n = int(s.num_routes) or len(env.routes)
-            meta = write_sft_dataset(env, out_dir, name="virl_sft", rail_redraws=int(s.rail_redraws),
-                                     route_indices=list(range(min(n, len(env.routes)))), seed=int(s.seed))
-            with open(marker, "w") as f:
-                json.dump({"config": want, "length": meta["virl_sft"]["length"]}, f)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("virl_sft_data")
+
+    def build() -> dict:
+        env = nav.make_env_from_config(str(config.env.get("train_split", "in_distribution")), config.env,
+                                       seed=int(s.seed))
+        n = int(s.num_routes) or len(env.routes)
+        meta = write_sft_dataset(env, out_dir, name="virl_sft", rail_redraws=int(s.rail_redraws),
+                                 route_indices=list(range(min(n, len(env.routes)))), seed=int(s.seed))
+        return {"length": meta["virl_sft"]["length"]}
+
+    generate_once(out_dir, {"env": config.env.to_dict(), "virl_sft": s.to_dict()}, build, barrier="virl_sft_data")
     return os.path.join(out_dir, "meta.json")

@@ -108,6 +108,20 @@ def get_config(name: str, **overrides) -> InternVLConfig:
     return dataclasses.replace(VARIANTS[name], **overrides)
 
 
+def with_field_overrides(cfg: InternVLConfig, llm: dict | None = None, vit: dict | None = None) -> InternVLConfig:
+    """`config.model.llm.*` / `vit.*` field overrides of the LLM / ViT configs (e.g. the vocabulary of a small
+    generated tokenizer), checked by name."""
+    from recogdrive_jax.errors import UserError
+    llm, vit = dict(llm or {}), dict(vit or {})
+    for block, sub, name in ((llm, cfg.llm_config, "llm"), (vit, cfg.vision_config, "vit")):
+        known = sorted(f.name for f in dataclasses.fields(sub))
+        bad = sorted(set(block) - set(known))
+        if bad:
+            raise UserError(f"config.model.{name}: unknown field(s) {bad}; allowed: {known}")
+    return dataclasses.replace(cfg, llm_config=dataclasses.replace(cfg.llm_config, **llm),
+                               vision_config=dataclasses.replace(cfg.vision_config, **vit))
+
+
 # --------------------------------------------------------------------------------------------- HF config I/O
 
 def _pick(d: dict, cls, renames: dict[str, str] | None = None, where: str = "") -> dict:

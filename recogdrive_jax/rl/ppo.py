@@ -52,18 +52,9 @@ class PolicyWithValue(nnx.Module):
 
 
 def vlm_config(model_cfg) -> ivl.InternVLConfig:
-    """`config.model` → InternVLConfig: a named variant, LLM overrides (`llm.*`, e.g. the vocabulary of a
-    small tokenizer) and ViT overrides (`vit.*`)."""
-    base = ivl.get_config(str(model_cfg.variant))
-    llm = dict(model_cfg.get("llm", {}) or {})
-    vit = dict(model_cfg.get("vit", {}) or {})
-    for block, cls, name in ((llm, type(base.llm_config), "llm"), (vit, type(base.vision_config), "vit")):
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(block) - known)
-        if bad:
-            raise ValueError(f"config.model.{name}: unknown field(s) {bad}; allowed: {sorted(known)}")
-    return dataclasses.replace(base, llm_config=dataclasses.replace(base.llm_config, **llm),
-                               vision_config=dataclasses.replace(base.vision_config, **vit))
+    """`config.model` → InternVLConfig of a random-init variant with its `llm.*` / `vit.*` overrides."""
+    return ivl.with_field_overrides(ivl.get_config(str(model_cfg.variant)), model_cfg.get("llm"),
+                                    model_cfg.get("vit"))
 
 
 def str_keys(tree):
@@ -80,12 +71,6 @@ def policy_def(model_cfg, cfg: ivl.InternVLConfig | None = None) -> tuple[Module
     dtype = _DTYPES[str(model_cfg.get("dtype", "float32"))]
     hidden = tuple(int(h) for h in model_cfg.get("value_hidden", (1024, 512)))
     return ModuleDef(lambda rngs: PolicyWithValue(cfg, hidden, dtype=dtype, rngs=rngs)), cfg
-
-
-def vlm_def(model_cfg, cfg: ivl.InternVLConfig) -> ModuleDef:
-    """The bare InternVL module (the policy's `vlm` subtree): what SFT trains, generation and eval run."""
-    dtype = _DTYPES[str(model_cfg.get("dtype", "float32"))]
-    return ModuleDef(lambda rngs: ivl.InternVLModel(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=rngs))
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
@@ -398,7 +383,7 @@ def local_rows(x) -> np.ndarray:
 
 class Generator:
     """Batched KV-cache sampling with the InternVL port (`internvl.generate`) on VLM params (the policy's
-    `vlm` subtree, or an SFT run's params): `vlm_mdef` = `vlm_def(...)`."""
+    `vlm` subtree, or an SFT run's params); `vlm_mdef` is the bare InternVL module (`stages.sft.module_def`)."""
 
     def __init__(self, vlm_mdef: ModuleDef, encoder: ChatEncoder, *, temperature: float, top_p: float = 1.0,
                  mesh=None):
@@ -423,6 +408,6 @@ class Generator:
         return local_rows(out).astype(np.int32)
 
 
-__all__ = ["PolicyWithValue", "vlm_config", "str_keys", "policy_def", "vlm_def", "score", "make_score_fn", "PPOHParams",
+__all__ = ["PolicyWithValue", "vlm_config", "str_keys", "policy_def", "score", "make_score_fn", "PPOHParams",
            "ppo_minibatch_loss", "make_ppo_update", "rollout_advantages", "PromptLayout", "PromptTooLong",
            "ChatEncoder", "join_sequences", "stack", "local_rows", "Generator"]

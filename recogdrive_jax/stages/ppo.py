@@ -56,8 +56,6 @@ class NavModel:
         model_cfg = config.model.to_dict()
         if source:
             model_cfg["init_from"] = self.source
-        if not model_cfg.get("tokenizer") and os.path.isdir(os.path.join(workdir, sft.TOKENIZER_DIR)):
-            model_cfg["tokenizer"] = os.path.join(workdir, sft.TOKENIZER_DIR)    # this run's (resume)
         resolved = sft.resolve_model(ml_collections.ConfigDict(model_cfg), None, workdir)
         self.cfg = resolved.cfg
         self.vlm_params_path = None if self.policy_run else resolved.params_path
@@ -74,9 +72,10 @@ class NavPolicy:
     """Everything both stages need to run the policy: module definitions (policy, bare VLM), chat encoder."""
 
     def __init__(self, config, cfg, tokenizer, answer_len: int | None = None):
+        from recogdrive_jax.stages import sft
         self.cfg = cfg
         self.mdef, _ = ppo_lib.policy_def(config.model, cfg)
-        self.vlm_mdef = ppo_lib.vlm_def(config.model, cfg)
+        self.vlm_mdef = sft.module_def(cfg, str(config.model.dtype))
         p = config.prompt
         self.layout = ppo_lib.PromptLayout(
             prompt_len=int(p.max_prompt_len), answer_len=int(answer_len or p.max_new_tokens),

@@ -38,7 +38,7 @@ def model_block(**overrides) -> ml_collections.ConfigDict:
     d = dict(
         variant="tiny",  # random init only: models/internvl.VARIANTS
         init_from="",  # HF dir | Orbax dir from `convert internvl --from-hf` | an sft workdir; '' = random init
-        tokenizer="",  # tokenizer dir; '' = init_from's (HF dir / sft workdir), or a generated one for `tiny`
+        tokenizer="",  # tokenizer dir; '' = init_from's (HF dir / sft workdir), else WORKDIR's, else generated (tiny)
         dtype="bfloat16",  # compute dtype; params stay fp32
         remat=True,  # gradient checkpointing per layer (both towers)
         drop_path_rate=-1.0,  # ViT drop path; < 0 keeps the checkpoint's / variant's value
@@ -160,7 +160,8 @@ def resolve_model(model_cfg, data_cfg, workdir: str, *, convert_dir: str | None 
     overrides["remat"] = bool(model_cfg.get("remat", False))
     tok_dir = model_cfg.get("tokenizer", "") or None
     if not src:
-        cfg = _variant_with_overrides(model_cfg, iv.get_config(model_cfg.variant, **overrides))
+        cfg = iv.with_field_overrides(iv.get_config(model_cfg.variant, **overrides), model_cfg.get("llm"),
+                                      model_cfg.get("vit"))
         params_path = None
     else:
         src = os.path.abspath(src)
@@ -190,24 +191,12 @@ def resolve_model(model_cfg, data_cfg, workdir: str, *, convert_dir: str | None 
                 f"config.model.init_from={src!r}: expected an HF checkpoint (config.json + model.safetensors[.index."
                 f"json]), an Orbax dir from `convert internvl --from-hf` ({conv.CONFIG_NAME} + {conv.PARAMS_DIR}/) "
                 f"or an sft workdir (checkpoints/ + {MODEL_CONFIG_NAME})")
+    if tok_dir is None and os.path.isdir(os.path.join(workdir, TOKENIZER_DIR)):
+        tok_dir = os.path.join(workdir, TOKENIZER_DIR)  # the one this run saved (resume of a generated tokenizer)
     dpr = float(model_cfg.get("drop_path_rate", -1.0))
     if dpr >= 0:
         cfg = dataclasses.replace(cfg, vision_config=dataclasses.replace(cfg.vision_config, drop_path_rate=dpr))
     return ResolvedModel(cfg, params_path, tok_dir)
-
-
-def _variant_with_overrides(model_cfg, cfg):
-    """Random init only: `config.model.llm.*` / `vit.*` field overrides of the variant (e.g. the vocabulary of
-    a small generated tokenizer), checked against the config dataclasses."""
-    llm = dict(model_cfg.get("llm", {}) or {})
-    vit = dict(model_cfg.get("vit", {}) or {})
-    for block, sub, name in ((llm, cfg.llm_config, "llm"), (vit, cfg.vision_config, "vit")):
-        bad = sorted(set(block) - {f.name for f in dataclasses.fields(sub)})
-        if bad:
-            raise configs.ConfigError(f"config.model.{name}: unknown field(s) {bad}; allowed: "
-                                      f"{sorted(f.name for f in dataclasses.fields(sub))}")
-    return dataclasses.replace(cfg, llm_config=dataclasses.replace(cfg.llm_config, **llm),
-                               vision_config=dataclasses.replace(cfg.vision_config, **vit))
 
 
 def load_or_build_tokenizer(resolved: ResolvedModel, workdir: str, corpus: list[str] | None = None):
@@ -346,24 +335,15 @@ def synthetic_qa(data_cfg, workdir: str, split: str) -> str:
     The train QA comes from the planner's train scenes (`synthetic_seed` = `data.scene_seed` of the planner
     stages, like upstream's SFT on navtrain QA); the eval QA from scenes no planner split uses.
     """
-    import jax
-
+    from recogdrive_jax.data.generate_once import generate_once
     from recogdrive_jax.sim import qa as sim_qa
     n = int(data_cfg.synthetic_scenes if split == "train" else data_cfg.synthetic_eval_scenes)
     seed = int(data_cfg.synthetic_seed) + (0 if split == "train" else EVAL_QA_SEED)
     out = os.path.join(workdir, "qa", split)
-    marker = os.path.join(out, "DONE.json")  # written last: a partial directory is regenerated
-    if jax.process_index() == 0:
-        done = json.load(open(marker)) if os.path.isfile(marker) else None
-        if done is None or done.get("num_scenes") != n or done.get("seed") != seed:
-            shutil.rmtree(out, ignore_errors=True)
-            meta = sim_qa.write_qa_dataset(out, num_scenes=n, seed=seed)
-            with open(marker, "w") as f:
-                json.dump({"num_scenes": n, "seed": seed, "meta": os.path.abspath(meta)}, f)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"sft_synthetic_qa_{split}")
-    return json.load(open(marker))["meta"]
+    done = generate_once(out, {"num_scenes": n, "seed": seed},
+                         lambda: {"meta": os.path.abspath(sim_qa.write_qa_dataset(out, num_scenes=n, seed=seed))},
+                         barrier=f"sft_synthetic_qa_{split}")
+    return done["meta"]
 
 
 def build_batches(meta_path: str, tok, cfg, data_cfg, *, global_batch: int, seed: int, for_eval: bool = False):
@@ -448,8 +428,6 @@ def run(config, workdir: str) -> dict:
     virl = "virl_sft" in config and not config.data.meta_path      # V-IRL expert answers (configs/virl/sft.py)
     if virl:
         from recogdrive_jax.envs import sft_data as virl_data
-    if resolved.tokenizer_dir is None and os.path.isdir(os.path.join(workdir, TOKENIZER_DIR)):
-        resolved = dataclasses.replace(resolved, tokenizer_dir=os.path.join(workdir, TOKENIZER_DIR))  # resume
     tok = load_or_build_tokenizer(resolved, workdir,
                                   corpus=virl_data.tokenizer_corpus(config.env) if virl else None)
     save_model_files(cfg, tok, workdir)
