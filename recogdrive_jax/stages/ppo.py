@@ -59,8 +59,7 @@ class NavModel:
         resolved = sft.resolve_model(ml_collections.ConfigDict(model_cfg), None, workdir)
         self.cfg = resolved.cfg
         self.vlm_params_path = None if self.policy_run else resolved.params_path
-        corpus = tokenizer_corpus(config.env) if resolved.tokenizer_dir is None else None
-        self.tokenizer = sft.load_or_build_tokenizer(resolved, workdir, corpus=corpus)
+        self.tokenizer = sft.load_or_build_tokenizer(resolved, workdir, corpus=lambda: tokenizer_corpus(config.env))
 
     def save(self, workdir: str) -> None:
         """WORKDIR/recogdrive_internvl.json + tokenizer/: a ppo workdir describes its own model."""
@@ -271,7 +270,8 @@ def run(config, workdir: str) -> dict:
     def eval_fn(state, step):
         if not eval_nav.splits_of(config.eval_nav):
             return {}
-        res = eval_nav.evaluate(state.params["vlm"], config, model.cfg, model.tokenizer, os.path.join(workdir, "eval_nav"), mesh=mesh)
+        res = eval_nav.evaluate(state.params["vlm"], config, model.cfg, model.tokenizer,
+                                os.path.join(workdir, "eval_nav"), mesh=mesh)
         return eval_nav.flat_metrics(res)
 
     hp = ppo_lib.PPOHParams.from_config(config.ppo, int(config.optim.grad_accum))

@@ -199,15 +199,15 @@ def resolve_model(model_cfg, data_cfg, workdir: str, *, convert_dir: str | None 
     return ResolvedModel(cfg, params_path, tok_dir)
 
 
-def load_or_build_tokenizer(resolved: ResolvedModel, workdir: str, corpus: list[str] | None = None):
-    """The tokenizer (checked against the model's special-token ids); `tiny` random init generates one (on
-    `corpus` when given, e.g. navigation text)."""
+def load_or_build_tokenizer(resolved: ResolvedModel, workdir: str, corpus=None):
+    """The tokenizer (checked against the model's special-token ids); `tiny` random init generates one, trained
+    on `corpus()` when given (e.g. navigation text; only called when a tokenizer is built)."""
     from recogdrive_jax.data import tokenizer as tok_lib
     cfg = resolved.cfg
     if resolved.tokenizer_dir:
         tok = tok_lib.load_tokenizer(resolved.tokenizer_dir)
     elif resolved.params_path is None and cfg.llm_config.vocab_size <= 4096:
-        tok = tok_lib.build_tokenizer(vocab_size=cfg.llm_config.vocab_size, corpus=corpus)
+        tok = tok_lib.build_tokenizer(vocab_size=cfg.llm_config.vocab_size, corpus=corpus() if corpus else None)
     else:
         raise FileNotFoundError("config.model.tokenizer: empty and config.model.init_from has no tokenizer files; "
                                 "give the model's tokenizer directory")
@@ -426,10 +426,9 @@ def run(config, workdir: str) -> dict:
     resolved = resolve_model(config.model, config.data, workdir)
     cfg = resolved.cfg
     virl = "virl_sft" in config and not config.data.meta_path      # V-IRL expert answers (configs/virl/sft.py)
-    if virl:
-        from recogdrive_jax.envs import sft_data as virl_data
+    from recogdrive_jax.envs import sft_data as virl_data
     tok = load_or_build_tokenizer(resolved, workdir,
-                                  corpus=virl_data.tokenizer_corpus(config.env) if virl else None)
+                                  corpus=(lambda: virl_data.tokenizer_corpus(config.env)) if virl else None)
     save_model_files(cfg, tok, workdir)
 
     data = config.data
@@ -467,7 +466,7 @@ def run(config, workdir: str) -> dict:
                 s = jax.device_get(eval_step(state.params, sh.make_global_batch(mesh, local)))
                 nll, correct, count = nll + float(s[0]), correct + float(s[1]), count + float(s[2])
             out = {"loss": nll / max(count, 1.0), "token_acc": correct / max(count, 1.0), "label_tokens": count}
-        if virl and eval_nav_splits:
+        if eval_nav_splits:
             from recogdrive_jax.stages import eval_nav
             res = eval_nav.evaluate(state.params, config, cfg, tok, os.path.join(workdir, "eval_nav"), mesh=mesh)
             out.update(eval_nav.flat_metrics(res))
