@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from recogdrive_jax import provenance
 from recogdrive_jax.parallel import mesh as mesh_lib
 from recogdrive_jax.parallel import sharding as sh
 from recogdrive_jax.train import checkpoint as ckpt_lib
@@ -118,9 +119,7 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
     mesh = mesh_lib.make_mesh(config.get("mesh")) if mesh is None else mesh
     num_steps = int(tcfg.num_steps)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    provenance.write_config(config, workdir)
 
     rng = jax.random.key(int(config.seed))
     init_rng, step_rng = jax.random.split(rng)
