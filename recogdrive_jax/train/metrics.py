@@ -76,34 +76,133 @@ def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
     return [r for r in rows if split is None or r.get("split") == split]
 
 
-class Progress:
-    """tqdm bar on a TTY (process 0), plain log lines otherwise."""
+def _fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
-    def __init__(self, total: int, initial: int, desc: str):
-        self.tty = sys.stdout.isatty() and jax.process_index() == 0
-        self.desc = desc
-        self.total = total
+
+def progress_every_s() -> float:
+    """Seconds between plain progress lines off a terminal (RECOGDRIVE_PROGRESS_EVERY_S, default 20: under the
+    30 s a CI log may stay silent)."""
+    return float(os.environ.get("RECOGDRIVE_PROGRESS_EVERY_S", "20"))
+
+
+class Progress:
+    """Rate and ETA of any long loop (training, cache, eval, scene generation, rollouts, conversion).
+
+    On a terminal (process 0) a tqdm bar. Off a terminal (CI, a log file) a plain line with count, rate and ETA at
+    least every `every_s` seconds, printed by a heartbeat thread, so a long compilation or a slow step still shows
+    the run is alive. The rate is measured from the first finished item on, so compilation does not skew the ETA.
+    Only process 0 prints. `update(done=k)` sets the absolute count, `update(n=1)` adds to it.
+    """
+
+    def __init__(self, total: int | None, initial: int = 0, desc: str = "", unit: str = "steps",
+                 every_s: float | None = None, tty: bool | None = None, delay_s: float = 0.0):
+        self.main = jax.process_index() == 0
+        self.tty = (sys.stdout.isatty() if tty is None else bool(tty)) and self.main
+        self.desc, self.unit = desc, unit
+        self.total = None if total is None else int(total)
+        self.done = self._initial = int(initial)
+        self.every_s = float(every_s if every_s is not None else progress_every_s())
+        self._t0 = self._last_print = time.monotonic()
+        self._first: tuple[float, int] | None = None  # (time, count) at the first update
+        self._printed = False
         self._bar = None
+        self._stop = None
         if self.tty:
             from tqdm import tqdm
-            self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
-        self._t0 = time.time()
+            self._bar = tqdm(total=self.total, initial=self.done, desc=desc, unit=unit.rstrip("s") or unit,
+                             dynamic_ncols=True, delay=delay_s)
+        elif self.main:
+            import threading
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._heartbeat, name=f"progress-{desc}", daemon=True)
+            self._thread.start()
 
-    def update(self, step: int, metrics: Mapping[str, float] | None = None, n: int = 1):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def rate(self) -> float | None:
+        """Items per second since the first finished item (since the start while only one update came)."""
+        now = time.monotonic()
+        if self._first is None:
+            return None
+        t_first, n_first = self._first
+        if self.done > n_first and now > t_first:
+            return (self.done - n_first) / (now - t_first)
+        return (self.done - self._initial) / (now - self._t0) if self.done > self._initial else None
+
+    def status(self) -> str:
+        """'12/100 steps (12%), 3.4 steps/s, elapsed 0:41, ETA 0:26'."""
+        elapsed = time.monotonic() - self._t0
+        count = f"{self.done}/{self.total} {self.unit}" if self.total else f"{self.done} {self.unit}"
+        if self.total:
+            count += f" ({100.0 * self.done / self.total:.0f}%)"
+        rate = self.rate()
+        if rate is None:
+            return f"{count}, elapsed {_fmt_duration(elapsed)}, waiting for the first of them"
+        text = f"{count}, {rate:.3g} {self.unit}/s, elapsed {_fmt_duration(elapsed)}"
+        if self.total and rate > 0:
+            text += f", ETA {_fmt_duration(max(self.total - self.done, 0) / rate)}"
+        return text
+
+    def _print(self, text: str):
+        self._last_print = time.monotonic()
+        self._printed = True
+        print(f"[{self.desc}] {text}", flush=True)
+
+    def _heartbeat(self):
+        while not self._stop.wait(min(1.0, self.every_s / 4)):
+            if time.monotonic() - self._last_print >= self.every_s:
+                self._print(self.status())
+
+    def update(self, step: int | None = None, metrics: Mapping[str, float] | None = None, n: int = 1, *,
+               done: int | None = None):
+        """`step`/`done`: the absolute count of finished items; else `n` more are finished."""
+        absolute = done if done is not None else step
+        self.done = int(absolute) if absolute is not None else self.done + int(n)
+        if self._first is None:
+            self._first = (time.monotonic(), self.done)
         if self._bar is not None:
-            self._bar.update(n)
+            self._bar.update(self.done - self._bar.n)
             if metrics:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "reward_mean")})
 
     def log(self, step: int, split: str, metrics: Mapping[str, float]):
-        if jax.process_index() != 0:
+        if not self.main:
             return
         text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if np.ndim(v) == 0)
+        line = f"step {step}/{self.total} {split}: {text}"
         if self._bar is not None:
-            self._bar.write(f"[{self.desc}] step {step}/{self.total} {split}: {text}")
+            self._bar.write(f"[{self.desc}] {line}")
         else:
-            print(f"[{self.desc}] step {step}/{self.total} {split}: {text}", flush=True)
+            rate = self.rate()
+            eta = (f", ETA {_fmt_duration(max(self.total - self.done, 0) / rate)}"
+                   if rate and self.total else "")
+            self._print(f"{line} ({rate or 0:.3g} {self.unit}/s{eta})")
 
     def close(self):
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._stop = None
+            if time.monotonic() - self._t0 >= self.every_s:  # long work ends with a line; short work stays quiet
+                self._print("done: " + self.status())
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
+
+
+def track(iterable, total: int | None = None, desc: str = "", unit: str = "items", **kw):
+    """`for x in track(xs, desc='scenes'):` — `Progress` around a loop (one item per iteration)."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    with Progress(total, desc=desc, unit=unit, delay_s=kw.pop("delay_s", 2.0), **kw) as p:
+        for item in iterable:
+            yield item
+            p.update(n=1)
