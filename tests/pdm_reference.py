@@ -31,7 +31,7 @@ def interpolate(traj: np.ndarray, interval: float = 0.5) -> np.ndarray:
     return out
 
 
-def fit(poses):
+def fit(poses, regulariser="navsim"):
     n = len(poses) - 1
     dxy = np.diff(poses[:, :2], axis=0)
     hv = np.stack([np.cos(poses[:-1, 2]), np.sin(poses[:-1, 2])], -1)
@@ -43,6 +43,8 @@ def fit(poses):
     band = np.zeros((n - 2, n - 1))
     for i in range(n - 2):
         band[i, i], band[i, i + 1] = -1, 1
+    if regulariser == "navsim":  # NAVSIM's batch_lqr_utils.py: banded[:, :-1] = -eye overwrites the +1 band
+        band[:, :-1] = -np.eye(n - 2)
     R = np.block([np.zeros((n - 2, 1)), band])
     x = np.linalg.pinv(A.T @ A + 1e-4 * R.T @ R) @ A.T @ dxy.flatten()
     v = np.concatenate([[x[0]], x[0] + np.cumsum(x[1:] * DT)])
@@ -57,8 +59,8 @@ def fit(poses):
     return v, kappa
 
 
-def simulate(ref, vx, vy, ax, ay):
-    v_prof, k_prof = fit(ref)
+def simulate(ref, vx, vy, ax, ay, regulariser="navsim"):
+    v_prof, k_prof = fit(ref, regulariser)
     x = y = th = d = om = 0.0
     v, a = vx, ax
     states = [dict(x=0.0, y=0.0, h=0.0, vx=vx, vy=vy, ax=ax, ay=ay, om=0.0, omd=0.0)]
@@ -280,10 +282,11 @@ def score_many(scene, trajectories, **kw):
     """Scores several trajectories of one scene (the reference plan is simulated once)."""
     geo = _Geo(scene)
     st = np.asarray(scene.status, np.float64)
-    r = _score_states(geo, simulate(np.asarray(scene.ref_poses, np.float64), *st[4:8]), scene)
+    reg = kw.pop("lqr_regulariser", "navsim")
+    r = _score_states(geo, simulate(np.asarray(scene.ref_poses, np.float64), *st[4:8], reg), scene)
     out = []
     for traj in trajectories:
-        m = _score_states(geo, simulate(interpolate(traj, kw.get("interval", 0.5)), *st[4:8]), scene)
+        m = _score_states(geo, simulate(interpolate(traj, kw.get("interval", 0.5)), *st[4:8], reg), scene)
         out.append(_combine(r, m, **kw))
     return out
 
