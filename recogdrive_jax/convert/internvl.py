@@ -239,10 +239,11 @@ def param_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
 # --------------------------------------------------------------------------------------- tensor conversion
 
 def _to_numpy(t, dtype) -> np.ndarray:
-    import torch
-    if t.dtype == torch.bfloat16 or dtype == np.float32:
-        t = t.to(torch.float32)
-    return t.numpy().astype(dtype, copy=False)
+    """numpy (bf16 as `ml_dtypes.bfloat16`) or, for in-memory test dicts only, a torch tensor -> `dtype`."""
+    if not isinstance(t, np.ndarray):  # a torch tensor: only tests hand these in, so torch is imported lazily
+        import torch
+        t = t.detach().to(torch.float32).numpy()
+    return t.astype(dtype, copy=False)
 
 
 class TensorSource:
@@ -266,7 +267,7 @@ class TensorSource:
                 raw = {k: os.path.join(d, fn) for k, fn in wm.items()}
             elif os.path.exists(single):
                 from safetensors import safe_open
-                with safe_open(single, framework="pt") as f:
+                with safe_open(single, framework="numpy") as f:
                     raw = {k: single for k in f.keys()}
             else:
                 raise FileNotFoundError(f"{d}: neither model.safetensors nor model.safetensors.index.json "
@@ -288,7 +289,7 @@ class TensorSource:
         fn = self.files[key]
         if fn not in self._handles:
             from safetensors import safe_open
-            self._handles[fn] = safe_open(fn, framework="pt")
+            self._handles[fn] = safe_open(fn, framework="numpy")  # no torch: bf16 reads as ml_dtypes
         return _to_numpy(self._handles[fn].get_tensor(self.orig[key]), dtype)
 
 
@@ -401,14 +402,25 @@ def _parse_size(s: str | int) -> int:
     return int(s)
 
 
+def np_dtype(name: str):
+    """numpy dtype for a checkpoint dtype name; bf16 is `ml_dtypes.bfloat16` (what safetensors.numpy writes as BF16)."""
+    if name not in ("bfloat16", "float32", "float16"):
+        raise ValueError(f"dtype {name!r}; expected bfloat16, float32 or float16")
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
 def save_hf(params: dict, cfg, out_dir: str, *, layout: str = "native", dtype: str = "bfloat16",
             max_shard_size: str | int = "5GB") -> list[str]:
-    """Writes config.json + safetensors (sharded with model.safetensors.index.json when > max_shard_size)."""
-    import torch
-    from safetensors.torch import save_file
+    """Writes config.json + safetensors (sharded with model.safetensors.index.json when > max_shard_size).
+
+    numpy-only (safetensors.numpy, bf16 via ml_dtypes, round-to-nearest-even as torch's `.to(bfloat16)`), so the
+    base install exports without torch.
+    """
+    from safetensors.numpy import save_file
 
     from recogdrive_jax.models.internvl import config_to_hf
-    tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
+    ndtype = np_dtype(dtype)
     limit = _parse_size(max_shard_size)
     os.makedirs(out_dir, exist_ok=True)
     hf_cfg = config_to_hf(cfg, layout)
@@ -421,18 +433,17 @@ def save_hf(params: dict, cfg, out_dir: str, *, layout: str = "native", dtype: s
         nonlocal shard, shard_bytes
         if shard:
             name = f"tmp-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+            save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})  # "pt": transformers' check
             shards.append((name, list(shard)))
         shard, shard_bytes = {}, 0
 
     for key, arr in params_to_hf(params, cfg, layout):
-        t = torch.from_numpy(np.array(arr, np.float32)).to(tdtype)
-        nbytes = t.numel() * t.element_size()
-        if shard and shard_bytes + nbytes > limit:
+        t = np.ascontiguousarray(np.asarray(arr, np.float32).astype(ndtype))
+        if shard and shard_bytes + t.nbytes > limit:
             flush()
         shard[key] = t
-        shard_bytes += nbytes
-        total += nbytes
+        shard_bytes += t.nbytes
+        total += t.nbytes
     flush()
     files = []
     if len(shards) == 1:
@@ -483,13 +494,8 @@ def from_hf(src_dir: str, out_dir: str, *, layout: str | None = None, dtype: str
     from recogdrive_jax.models.internvl import load_hf_config
     cfg = load_hf_config(src_dir)
     src = TensorSource(src_dir, layout)
-    params = hf_to_params(src, cfg, {"float32": np.float32, "bfloat16": _bf16()}[dtype])
+    params = hf_to_params(src, cfg, np_dtype(dtype))
     save_params(params, cfg, out_dir)
-
-
-def _bf16():
-    import ml_dtypes
-    return ml_dtypes.bfloat16
 
 
 def to_hf(params_dir: str, out_dir: str, *, layout: str = "native", dtype: str = "bfloat16",
