@@ -12,7 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (`path.py[:arg]`).",
+DEFAULT_CONFIG = "configs/demo.py"
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (`path.py[:arg]`).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
 
@@ -66,18 +67,65 @@ def main(argv):
         fail(str(e))
 
 
+def _config_arg(argv) -> str:
+    """The `--config` value as given (`path.py[:arg]`), for messages."""
+    for k, a in enumerate(argv[1:], 1):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and k + 1 < len(argv):
+            return argv[k + 1]
+    return DEFAULT_CONFIG
+
+
+def _config_file_error(text: str) -> str:
+    """The exception at the end of the traceback that ml_collections embeds when a config file's `get_config`
+    raises (absl keeps only the first line, "Error whilst parsing config file:"), plus where it was raised."""
+    tb = text.rsplit("Traceback (most recent call last):", 1)[-1]
+    lines = tb.splitlines()
+    frames = [m for m in (re.match(r'\s*File "([^"]+)", line (\d+)', l) for l in lines) if m]
+    body = [l for l in lines if l.strip() and not l.startswith(" ")]
+    exc = " ".join(l.strip() for l in body) or "unknown error"
+    name, _, msg = exc.partition(": ")
+    if name == "ValueError" or name.startswith("recogdrive_jax."):  # a user error: its message says it all
+        return msg or exc
+    where = f" ({frames[-1][1]}:{frames[-1][2]})" if frames else ""
+    return exc + where
+
+
 def _flags_parser(argv):
-    """absl's default parser prints a traceback-free message but exits 1; normalise it to one line, exit 2."""
+    """absl's default parser prints a traceback-free message but exits 1; normalise it to one line, exit 2.
+
+    Config-file faults end here too: a missing file (ml_collections defers it to the first access of the config),
+    a `get_config` that raises (its message, not absl's cut-off first line) and a syntax error."""
+    cfg = _config_arg(argv)
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
     except flags.Error as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        text = str(e)
+        if "Error whilst parsing config file" in text:
+            fail(f"--config={cfg}: {_config_file_error(text)}")
+        fail(text.splitlines()[0] if text else type(e).__name__)
+    except OSError as e:  # an override applied to a config file that failed to load
+        fail(_config_load_error(cfg, e))
+    except SyntaxError as e:
+        fail(f"--config={cfg}: syntax error in {e.filename}:{e.lineno}: {e.msg}")
     except (AttributeError, KeyError) as e:  # ml_collections: an override names a key the config lacks.
         text = re.sub(r"\\n|\n", " ", str(e.args[0] if e.args else e))
         text = re.sub(r"[\\'\"]", "", text).strip()
         key = text.split()[0] if text else "?"
         bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0].split(".")]
         fail(f"unknown config key in {bad[0] if bad else 'a --config override'}: {text}")
+    try:  # ml_collections keeps a config file that failed to load as a placeholder raising on first access
+        flags.FLAGS["config"].value.get("stage")
+    except OSError as e:
+        fail(_config_load_error(cfg, e))
+    return rest
+
+
+def _config_load_error(cfg: str, e: OSError) -> str:
+    cause = e.__cause__ or e
+    detail = [l.strip() for l in str(cause).splitlines() if l.strip()]
+    return f"--config={cfg}: cannot load the config file: {detail[-1] if detail else cause} (cwd {os.getcwd()})"
 
 
 if __name__ == "__main__":

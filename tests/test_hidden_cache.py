@@ -77,3 +77,41 @@ def test_errors_name_sizes_and_paths(tmp_path):
         HiddenCache.create(str(tmp_path / "x"), 1, 1, 1, layout="padded")
     meta = json.load(open(f"{path}/meta.json"))
     assert meta["layout"] == "compact" and meta["dtype"] == "bfloat16"
+
+
+def test_missing_chunk_is_an_error_naming_the_rows(tmp_path):
+    """A finished row whose chunk file is gone must not read back as zeros (the fill value) and train silently."""
+    rng = np.random.default_rng(3)
+    hidden, mask, _ = _vlm_outputs(rng, 4, 6, 4)
+    hidden[3] = 0.0  # an all-zero row is still stored, so it is not mistaken for a missing one
+    path = str(tmp_path / "m")
+    HiddenCache.create(path, 4, 6, 4).write(range(4), hidden, mask)
+    cache = HiddenCache.open(path)
+    np.testing.assert_array_equal(cache.read([3])[0], 0.0)
+    for row in (1, 2):
+        chunk = tmp_path / "m" / "hidden" / "c" / str(row) / "0" / "0"
+        assert chunk.is_file()
+        chunk.unlink()
+    with pytest.raises(CacheError, match=r"/hidden: the chunks of rows \[1, 2\] are missing"):
+        cache.read([0, 2, 1, 3])
+    states, m = cache.read([0, 3])  # the intact rows still read
+    np.testing.assert_array_equal(states[0][m[0]], hidden[0][mask[0]])
+
+
+@pytest.mark.parametrize("layout", ["compact", "upstream_compatible"])
+def test_non_finite_rows_are_refused_on_write_and_reported_on_read(tmp_path, layout):
+    rng = np.random.default_rng(4)
+    hidden, mask, _ = _vlm_outputs(rng, 3, 6, 4)
+    bad = hidden.copy()
+    bad[1, mask[1].argmax()] = np.nan
+    bad[2][mask[2]] = np.inf
+    cache = HiddenCache.create(str(tmp_path / "n"), 3, 6, 4, layout=layout)
+    with pytest.raises(CacheError, match=r"rows \[1, 2\] are not finite"):
+        cache.write(range(3), bad, mask)
+    np.testing.assert_array_equal(cache.pending(range(3)), [0, 1, 2])  # nothing of the batch was written
+    cache.write(range(3), hidden, mask)
+    # a row damaged on disk (written behind the cache's back) is caught when read, named, not trained on
+    cache._hidden[1].write(np.full((6, 4), np.nan, cache._hidden.dtype.numpy_dtype)).result()
+    with pytest.raises(CacheError, match=r"rows \[1\] hold non-finite values"):
+        HiddenCache.open(str(tmp_path / "n")).read([0, 1, 2])
+    cache.read([0, 2])

@@ -175,6 +175,12 @@ def torch_state_dict_to_params(sd: Mapping[str, Any], cfg, *, verbose: bool = Tr
     kmap = param_key_map(cfg)
     extras = non_param_entries(cfg)
     expected_param = {key: (path, transpose, shape) for path, (key, transpose, shape) in kmap.items()}
+    if not set(expected_param) & set(bare):  # e.g. some other model's file: listing every key would not help
+        found = sorted(sd)
+        raise CheckpointKeyError(
+            f"not a ReCogDrive planner (TrajectoryHead) state dict: none of its {len(expected_param)} parameter keys "
+            f"(e.g. {PREFIX}feature_encoder.weight) is present; it has {len(found)} key(s), e.g. "
+            f"{', '.join(found[:5]) or 'none'}")
     missing = sorted(set(expected_param) - set(bare)) + sorted(k for k in extras if k not in bare)
     unexpected = sorted(PREFIX + k for k in set(bare) - set(expected_param) - set(extras)) + sorted(outside)
     misshaped = []
@@ -254,11 +260,19 @@ def infer_config_from_state_dict(sd: Mapping[str, Any], *, sampling_method: str 
     from recogdrive_jax.models.planner import PlannerConfig
 
     bare, _ = _strip_prefix(sd)
-    need = ["feature_encoder.weight", "model.transformer_blocks.0.attn.q_norm.weight", "model.final_layer.linear.weight",
-            "his_traj_encoder.fc1.weight", "position_embedding.weight"]
+    need = {"feature_encoder.weight": 2, "model.transformer_blocks.0.attn.q_norm.weight": 1,
+            "model.final_layer.linear.weight": 2, "his_traj_encoder.fc1.weight": 2, "position_embedding.weight": 2}
     miss = [PREFIX + k for k in need if k not in bare]
     if miss:
-        raise CheckpointKeyError(f"cannot infer planner size: missing key(s) {', '.join(miss)}")
+        found = sorted(sd)
+        raise CheckpointKeyError(
+            f"not a ReCogDrive planner (TrajectoryHead) state dict: cannot infer its size, missing key(s) "
+            f"{', '.join(miss)} (also accepted without the 'agent.' or 'agent.action_head.' prefix); it has "
+            f"{len(found)} key(s), e.g. {', '.join(found[:5]) or 'none'}")
+    bad = [f"{PREFIX}{k}: shape {tuple(np.shape(bare[k]))}, expected {r}-D" for k, r in need.items()
+           if np.ndim(bare[k]) != r]
+    if bad:
+        raise CheckpointKeyError("not a ReCogDrive planner (TrajectoryHead) state dict: " + "; ".join(bad))
     d, hv = _to_numpy(bare["feature_encoder.weight"]).shape
     hd = _to_numpy(bare["model.transformer_blocks.0.attn.q_norm.weight"]).shape[0]
     layers = 1 + max(int(k.split(".")[2]) for k in bare if k.startswith("model.transformer_blocks."))
@@ -284,7 +298,10 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"convert planner: {path}: no such file")
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
-        return dict(load_file(str(path)))
+        try:
+            return dict(load_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - safetensors' errors are not ValueErrors; re-raised with the file name
+            raise ValueError(f"convert planner: {path}: not a readable .safetensors file ({e})") from None
     if path.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
         raise ValueError(f"convert planner: {path}: unsupported extension {path.suffix!r}; "
                          "expected .ckpt, .pt, .pth, .bin or .safetensors")
@@ -398,8 +415,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         if fe is not None else "large")
                 cfg = planner_config(args.config, vlm_size=vlm, sampling_method=args.sampling_method)
             else:
-                cfg = infer_config_from_state_dict(sd, sampling_method=args.sampling_method)
-            params = torch_state_dict_to_params(sd, cfg)
+                try:
+                    cfg = infer_config_from_state_dict(sd, sampling_method=args.sampling_method)
+                except CheckpointKeyError as e:
+                    raise CheckpointKeyError(f"convert planner: {args.from_torch}: {e}") from None
+            try:
+                params = torch_state_dict_to_params(sd, cfg)
+            except CheckpointKeyError as e:
+                raise CheckpointKeyError(f"convert planner: {args.from_torch}: {e}") from None
             out = save_planner_checkpoint(args.out, params, cfg)
             print(f"convert planner: wrote {out} (D={cfg.embed_dim}, layers={cfg.num_layers}, Hv={cfg.vl_dim}, "
                   f"O={cfg.output_dim})")

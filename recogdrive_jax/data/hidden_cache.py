@@ -15,6 +15,11 @@ Layouts:
 A sample's `lengths` entry is written only after its hidden states are, so `lengths >= 0` marks finished
 rows; a killed cache run reopens the directory and writes only the rest. Rows are disjoint chunks, so
 several hosts write their own rows concurrently without coordination.
+
+Damage is an error naming the rows, never silent zeros or NaN in training: `hidden/` is read with
+`fill_missing_data_reads=False` (a finished row whose chunk file is gone raises instead of reading the zero fill
+value; every chunk is stored, even an all-zero one), and rows with non-finite values are refused when written
+and reported when read.
 """
 from __future__ import annotations
 
@@ -39,8 +44,11 @@ def _dtype(layout: str):
     return ("bfloat16", ml_dtypes.bfloat16) if layout == "compact" else ("float32", np.float32)
 
 
-def _spec(path: str, shape, dtype: str, chunk, create: bool):
+def _spec(path: str, shape, dtype: str, chunk, create: bool, strict: bool = False):
+    """zarr3 spec; `strict` (hidden/): a missing chunk is a read error and every written chunk is stored."""
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
+    if strict:
+        spec.update(fill_missing_data_reads=False, store_data_equal_to_fill_value=True)
     if create:
         spec.update(create=True, open=True, metadata={
             "shape": list(shape), "data_type": dtype,
@@ -79,7 +87,7 @@ class HiddenCache:
                                  "use another directory or delete it")
         os.makedirs(path, exist_ok=True)
         hidden = ts.open(_spec(os.path.join(path, "hidden"), (num_samples, max_len, hidden_size), meta["dtype"],
-                               (1, max_len, hidden_size), True)).result()
+                               (1, max_len, hidden_size), True, strict=True)).result()
         lengths = ts.open(_spec(os.path.join(path, "lengths"), (num_samples,), "int32", (1,), True)).result()
         if not os.path.exists(meta_path):
             with open(meta_path + ".tmp", "w") as f:
@@ -98,7 +106,7 @@ class HiddenCache:
             for key in ("num_samples", "max_len", "hidden_size", "layout", "dtype"):
                 if key not in meta:
                     raise CacheError(f"{meta_path}: field {key!r} missing")
-            hidden = ts.open(_spec(os.path.join(path, "hidden"), None, None, None, False)).result()
+            hidden = ts.open(_spec(os.path.join(path, "hidden"), None, None, None, False, strict=True)).result()
             lengths = ts.open(_spec(os.path.join(path, "lengths"), None, None, None, False)).result()
         except (json.JSONDecodeError, ValueError) as e:
             raise CacheError(f"{path}: unreadable cache: {e}") from e
@@ -154,9 +162,14 @@ class HiddenCache:
         lengths = mask.sum(-1).astype(np.int32)
         if lengths.max(initial=0) > self.max_len:
             raise CacheError(f"{self.path}: a sample has {lengths.max()} tokens > cache max_len {self.max_len}")
+        reals = [hidden[row][mask[row]].astype(np_dtype) for row in range(len(indices))]  # [n, H] each
+        bad = [int(idx) for idx, real in zip(indices, reals) if not np.isfinite(real.astype(np.float32)).all()]
+        if bad:
+            raise CacheError(f"{self.path}: the VLM's hidden states of rows {_rows(bad)} are not finite (NaN/inf); "
+                             "nothing of this batch was written (check the VLM checkpoint and config.model.dtype)")
         writes = []
         for row, idx in enumerate(indices):
-            real = hidden[row][mask[row]].astype(np_dtype)  # [n, H]
+            real = reals[row]
             n = len(real)
             out = np.zeros((self.max_len, self.hidden_size), np_dtype)
             if self.layout == "compact":
@@ -182,17 +195,38 @@ class HiddenCache:
         if missing:
             raise CacheError(f"{self.path}: rows {missing[:10]} were never written; finish the `cache` stage")
         if self.layout == "upstream_compatible":
-            p = self.max_len
-            states = np.stack([self._hidden[i].read().result() for i in indices]).astype(dtype)
+            p = p_read = self.max_len
             mask = np.arange(p)[None] >= (p - lengths)[:, None]
-            return states, mask
-        p = int(pad_to or max(int(lengths.max(initial=1)), 1))
-        if p < lengths.max(initial=0):
-            raise CacheError(f"{self.path}: pad_to={p} is shorter than a row of {lengths.max()} tokens")
-        p_read = min(p, self.max_len)
-        futures = [self._hidden[i, :p_read].read() for i in indices]
+        else:
+            p = int(pad_to or max(int(lengths.max(initial=1)), 1))
+            if p < lengths.max(initial=0):
+                raise CacheError(f"{self.path}: pad_to={p} is shorter than a row of {lengths.max()} tokens")
+            p_read = min(p, self.max_len)
+            mask = np.arange(p)[None] < lengths[:, None]
+        # a zero-length row may have no chunk in caches written before every chunk was stored: it is all padding
+        futures = [self._hidden[i, :p_read].read() if n > 0 else None for i, n in zip(indices, lengths)]
         states = np.zeros((len(indices), p, self.hidden_size), dtype)
+        lost = []
         for b, f in enumerate(futures):
-            states[b, :p_read] = f.result().astype(dtype)
-        mask = np.arange(p)[None] < lengths[:, None]
+            if f is None:
+                continue
+            try:
+                states[b, :p_read] = f.result().astype(dtype)
+            except ValueError as e:
+                if "NOT_FOUND" not in str(e):
+                    raise CacheError(f"{self.path}/hidden: row {indices[b]} unreadable: {e}") from None
+                lost.append(indices[b])
+        if lost:
+            raise CacheError(f"{self.path}/hidden: the chunks of rows {_rows(lost)} are missing although lengths/ "
+                             "marks them written; the cache is damaged: rerun the `cache` stage into a new directory")
+        bad = [i for b, i in enumerate(indices) if not np.isfinite(states[b]).all()]
+        if bad:
+            raise CacheError(f"{self.path}/hidden: rows {_rows(bad)} hold non-finite values (NaN/inf); the cache is "
+                             "damaged: rerun the `cache` stage into a new directory")
         return states, mask
+
+
+def _rows(rows: Sequence[int], limit: int = 20) -> str:
+    """`[3, 7, 9]`, or the first `limit` and a count."""
+    rows = sorted(int(r) for r in rows)
+    return str(rows) if len(rows) <= limit else f"{rows[:limit]}... ({len(rows)} rows)"

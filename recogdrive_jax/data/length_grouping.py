@@ -32,6 +32,10 @@ class BucketError(UserError):
     pass
 
 
+class TooFewRowsError(UserError):
+    """The dataset cannot fill one global batch (an epoch would have no batch)."""
+
+
 def default_buckets(max_len: int, smallest: int = 256) -> tuple[int, ...]:
     """Powers of two from `smallest` below `max_len`, then `max_len` itself: ≤ log2(max/smallest)+1 shapes."""
     out, b = [], max(1, int(smallest))
@@ -95,12 +99,13 @@ class GroupedBatches:
 
     `load(i)` returns sample i as `data/template.build_sample` does with `pad_to_max_length=False` (input_ids,
     labels, attention_mask [t]; pixel_values [n, S, S, 3]; image_flags [n]); `lengths[i]`/`tiles[i]` are its
-    estimated token and tile counts (for grouping; the real counts decide the bucket).
+    estimated token and tile counts (for grouping; the real counts decide the bucket). `source` (the meta JSON)
+    names the dataset in errors.
     """
 
     def __init__(self, load: Callable[[int], dict], lengths: np.ndarray, tiles: np.ndarray, *, global_batch: int,
                  process_index: int, process_count: int, buckets: Sequence[int], tile_buckets: Sequence[int],
-                 image_size: int, pad_token_id: int, seed: int = 0, pack: bool = False):
+                 image_size: int, pad_token_id: int, seed: int = 0, pack: bool = False, source: str = "the dataset"):
         if global_batch % process_count:
             raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
         self.load, self.lengths, self.tiles = load, np.asarray(lengths), np.asarray(tiles)
@@ -116,8 +121,10 @@ class GroupedBatches:
         self.row_lengths = np.array([sum(int(self.lengths[i]) for i in r) for r in self.rows])
         self.batches_per_epoch = len(self.rows) // self.global_batch
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(self.rows)} training rows are fewer than one global batch ({self.global_batch}); "
-                             "add data or lower config.train.batch_size")
+            packed = f" packed into {len(self.rows)} rows" if pack else ""
+            raise TooFewRowsError(
+                f"{source}: {len(self.lengths)} samples{packed} are fewer than one global batch of "
+                f"{self.global_batch} (config.train.batch_size); add data or lower config.train.batch_size")
         self._epoch_cache: dict[int, np.ndarray] = {}
         self.skipped = 0
 

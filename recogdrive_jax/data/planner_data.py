@@ -15,10 +15,15 @@ import jax
 import numpy as np
 
 from recogdrive_jax.data import scene_tokens
-from recogdrive_jax.data.hidden_cache import HiddenCache
+from recogdrive_jax.data.hidden_cache import CacheError, HiddenCache
+from recogdrive_jax.errors import UserError
 from recogdrive_jax.sim import world
 
 SPLITS = ("train", "eval", "test")
+
+
+class TooFewSamplesError(UserError):
+    """A split cannot fill one global batch."""
 
 
 @dataclasses.dataclass
@@ -81,7 +86,7 @@ def load_split(data_cfg, split: str, vl_dim: int) -> PlannerSplit:
         cache.check_hidden_size(vl_dim)
         scenes = scene_store.load_scenes(os.path.join(path, "scenes.npz"))
         if len(scenes.history) != cache.num_samples:
-            raise ValueError(f"{path}: scenes.npz has {len(scenes.history)} scenes but the cache {cache.num_samples}")
+            raise CacheError(f"{path}: scenes.npz has {len(scenes.history)} scenes but the cache {cache.num_samples}")
         pad = data_cfg.get("vl_pad_to", 0) or cache.max_len
         return PlannerSplit(split, scenes, None, None, cache=cache, pad_to=int(pad))
     scenes = synthetic_scenes(data_cfg, split)
@@ -94,8 +99,12 @@ def _index_batches(split: PlannerSplit, local_batch_size: int, seed: int, make_b
     iterator (get_state/set_state). Batches gather from the split's arrays in one indexing op (the per-sample
     `data/trajectory.py` pipeline stacks row dicts, which costs more per step for in-memory splits)."""
     if len(split) < local_batch_size * jax.process_count():
-        raise ValueError(f"split {split.name!r} has {len(split)} samples, fewer than one global batch "
-                         f"({local_batch_size * jax.process_count()}); raise config.data.num_train_scenes")
+        source = (f"the cache {split.cache.path}" if split.cache is not None
+                  else f"config.data.num_{'train' if split.name == 'train' else 'eval'}_scenes")
+        raise TooFewSamplesError(
+            f"split {split.name!r} ({source}) has {len(split)} samples, fewer than one global batch of "
+            f"{local_batch_size * jax.process_count()} (config.train.batch_size); add scenes or lower "
+            "config.train.batch_size")
     ds = grain.MapDataset.range(len(split)).shuffle(seed=seed).repeat(None)
     ds = ds[jax.process_index()::jax.process_count()]
     return iter(ds.batch(local_batch_size, drop_remainder=True).map(make_batch))

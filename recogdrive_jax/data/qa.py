@@ -1,15 +1,19 @@
 """Grain pipeline over a QA mixture (meta JSON of InternVL chat JSONL files).
 
 Every row is parsed and validated when the index is built (before the first step): malformed JSON, a row that is
-not `{"image"?, "conversations": [{"from", "value"}, ...]}`, a missing image file, or a `<image>` count that
-differs from the number of images raises `QADataError` naming the file and line — or, with
-`skip_bad_rows=True`, the row is dropped and counted in `QAStats`. `repeat_time` follows upstream
+not `{"image"?, "conversations": [{"from", "value"}, ...]}`, a missing image file or one whose header PIL cannot
+read, or a `<image>` count that differs from the number of images raises `QADataError` naming the file and line —
+or, with `skip_bad_rows=True`, the row is dropped and counted in `QAStats`. Image data is decoded only when a
+sample is built (decoding a 10⁶-image mixture up front would take hours): a file that fails then (truncated,
+corrupt) goes through `row_errors`, which names the file and line as well and raises or, with
+`skip_bad_rows=True`, skips the sample. `repeat_time` follows upstream
 (`data/qa_records.repeat_rows`: < 1 a seeded subset, integer part repeats, fractional part adds a seeded subset),
 deterministic per seed. Images are loaded as uint8 HxWx3 arrays in the map step; `transform` (the InternVL
 tiling + template + tokenisation hook, `data/tiling.py` / `data/template.py`) turns a sample into model inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from recogdrive_jax.data.qa_records import repeat_rows
+from recogdrive_jax.data.tiling import DECODE_ERRORS, ImageError, open_rgb
 from recogdrive_jax.errors import UserError
 
 IMAGE_TOKEN = "<image>"
@@ -39,7 +44,39 @@ class QAStats:
     total: int = 0
 
 
-def _validate_row(line: str, root: str, where: str) -> dict:
+def where(record: dict) -> str:
+    """`annotation.jsonl:line` of an index record, for messages."""
+    return f"{record.get('annotation', record.get('dataset'))}:{record.get('line')}"
+
+
+@contextlib.contextmanager
+def row_errors(record: dict, skip_bad_rows: bool):
+    """Turns a sample-building failure of `record` into an error naming its JSONL file and line: an undecodable
+    image raises QADataError, or with `skip_bad_rows` a `template.SampleError`, which the batcher skips and
+    counts (`GroupedBatches.skipped`); a SampleError (e.g. truncated image tokens) gains the location."""
+    from recogdrive_jax.data.template import SampleError
+    try:
+        yield
+    except ImageError as e:
+        raise (SampleError if skip_bad_rows else QADataError)(
+            f"{where(record)}: {e}" + ("" if skip_bad_rows else "; fix or remove the row, or set "
+                                       "config.data.skip_bad_rows=True to skip such rows")) from None
+    except SampleError as e:
+        raise SampleError(f"{where(record)}: {e}") from None
+
+
+def _image_size(path: str, sizes: dict) -> tuple[int, int]:
+    """(width, height) from the file header (no decoding), cached per path."""
+    if path not in sizes:
+        try:
+            with Image.open(path) as im:
+                sizes[path] = tuple(im.size)
+        except DECODE_ERRORS as e:
+            raise ImageError(f"cannot read image {path}: {e}") from None
+    return sizes[path]
+
+
+def _validate_row(line: str, root: str, where: str, sizes: dict | None = None) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -68,7 +105,13 @@ def _validate_row(line: str, root: str, where: str) -> dict:
     n_tok = sum(t["value"].count(IMAGE_TOKEN) for t in conv if t["from"] == "human")
     if n_tok != len(paths):
         raise QADataError(f"{where}: {n_tok} '{IMAGE_TOKEN}' placeholders but {len(paths)} images")
-    return {"id": str(row.get("id", "")), "image_paths": paths, "conversations": conv}
+    out = {"id": str(row.get("id", "")), "image_paths": paths, "conversations": conv}
+    if sizes is not None:
+        try:
+            out["image_sizes"] = [_image_size(p, sizes) for p in paths]
+        except ImageError as e:
+            raise QADataError(f"{where}: {e}") from None
+    return out
 
 
 def load_meta(meta_path: str) -> dict:
@@ -94,6 +137,7 @@ def build_index(meta_path: str, seed: int = 0, skip_bad_rows: bool = False) -> t
     meta = load_meta(meta_path)
     stats = QAStats()
     records = []
+    sizes: dict = {}  # image path -> (w, h), read once
     for d_i, (name, d) in enumerate(meta.items()):
         ann = d["annotation"]
         if not os.path.isabs(ann) and not os.path.exists(ann):
@@ -109,7 +153,8 @@ def build_index(meta_path: str, seed: int = 0, skip_bad_rows: bool = False) -> t
                     continue
                 stats.rows_read += 1
                 try:
-                    rows.append(dict(_validate_row(line, d["root"], f"{ann}:{ln}"), dataset=name, line=ln))
+                    rows.append(dict(_validate_row(line, d["root"], f"{ann}:{ln}", sizes), dataset=name,
+                                     annotation=ann, line=ln))
                 except QADataError as e:
                     if not skip_bad_rows:
                         raise
@@ -129,7 +174,7 @@ class QASource(gp.RandomAccessDataSource):
 
     def __init__(self, records: list[dict], load_images: bool = True):
         self._records = records
-        self._load = load_images
+        self._load = load_images  # undecodable images raise QADataError naming the file and line
 
     def __len__(self) -> int:
         return len(self._records)
@@ -138,12 +183,8 @@ class QASource(gp.RandomAccessDataSource):
         r = self._records[int(i)]
         images = []
         if self._load:
-            for p in r["image_paths"]:
-                try:
-                    with Image.open(p) as im:
-                        images.append(np.asarray(im.convert("RGB"), np.uint8))
-                except OSError as e:
-                    raise QADataError(f"{r['dataset']} line {r['line']}: cannot decode image {p} ({e})") from e
+            with row_errors(r, skip_bad_rows=False):
+                images = [np.asarray(open_rgb(p), np.uint8) for p in r["image_paths"]]
         return dict(index=np.int64(i), id=r["id"], dataset=r["dataset"], image_paths=list(r["image_paths"]),
                     images=images, conversations=r["conversations"])
 

@@ -47,7 +47,7 @@ def num_tiles(width: int, height: int, scfg: tpl.SampleConfig) -> int:
 
 def estimate_lengths(records: list[dict], tok, scfg: Any) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [N], tiles [N]) per record of `data/qa.build_index` (`conversations`, `image_paths`); image sizes
-    come from the file headers (no decoding)."""
+    come from the records' `image_sizes` (read by build_index) or the file headers (no decoding)."""
     from PIL import Image
     scfg = tpl.sample_config(scfg)
     sizes: dict[str, int] = {}
@@ -55,13 +55,17 @@ def estimate_lengths(records: list[dict], tok, scfg: Any) -> tuple[np.ndarray, n
     texts = []
     for n, r in enumerate(records):
         t = 0
-        for p in r["image_paths"]:
+        for k, p in enumerate(r["image_paths"]):
             if p not in sizes:
-                try:
-                    with Image.open(p) as im:
-                        sizes[p] = num_tiles(*im.size, scfg)
-                except OSError as e:
-                    raise MixtureError(f"{r.get('dataset')} line {r.get('line')}: cannot open image {p!r}: {e}") from e
+                if "image_sizes" in r:  # read by build_index
+                    sizes[p] = num_tiles(*r["image_sizes"][k], scfg)
+                else:
+                    try:
+                        with Image.open(p) as im:
+                            sizes[p] = num_tiles(*im.size, scfg)
+                    except OSError as e:
+                        raise MixtureError(f"{r.get('annotation', r.get('dataset'))}:{r.get('line')}: cannot open "
+                                           f"image {p!r}: {e}") from e
             t += sizes[p]
         tiles[n] = t
         sys_msg = "" if scfg.system_message is None else f"<|im_start|>system\n{scfg.system_message}<|im_end|>\n"

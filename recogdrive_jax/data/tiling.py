@@ -9,8 +9,25 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from recogdrive_jax.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# What PIL raises for a file that is not a readable image (truncated, corrupt, not an image, too large).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class ImageError(UserError):
+    """An image file that cannot be decoded; the message names the file (data/qa.py adds the JSONL row)."""
+
+
+def open_rgb(path) -> Image.Image:
+    """The decoded RGB image at `path`, or ImageError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except DECODE_ERRORS as e:
+        raise ImageError(f"cannot decode image {path}: {e}") from None
 
 
 def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -81,8 +98,7 @@ def load_image(image, *, image_size: int = 448, max_num: int = 12, min_num: int 
                dynamic: bool = True) -> np.ndarray:
     """PIL image / uint8 array / path → pixel_values [N, image_size, image_size, 3] float32."""
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-        with Image.open(image) as im:
-            image = im.convert("RGB")
+        image = open_rgb(image)
     tiles = (dynamic_tiles(image, min_num=min_num, max_num=max_num, image_size=image_size,
                            use_thumbnail=use_thumbnail) if dynamic else [to_rgb(image)])
     return np.stack([normalize(t, image_size) for t in tiles])

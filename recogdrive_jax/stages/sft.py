@@ -365,14 +365,16 @@ def build_batches(meta_path: str, tok, cfg, data_cfg, *, global_batch: int, seed
 
     def load(i: int) -> dict:
         r = records[i]
-        return tpl.build_sample(r["conversations"], r["image_paths"], tok, scfg)
+        with qa_index.row_errors(r, skip_bad_rows=bool(data_cfg.skip_bad_rows)):  # names the JSONL file:line
+            return tpl.build_sample(r["conversations"], r["image_paths"], tok, scfg)
 
     buckets = tuple(data_cfg.length_buckets) or lg.default_buckets(int(data_cfg.max_seq_length))
     tile_buckets = tuple(data_cfg.tile_buckets) or default_tile_buckets(cfg)
     return lg.GroupedBatches(load, np.minimum(lengths, max(buckets)), tiles, global_batch=global_batch,
                              process_index=jax.process_index(), process_count=jax.process_count(),
                              buckets=buckets, tile_buckets=tile_buckets, image_size=cfg.force_image_size,
-                             pad_token_id=tok.pad_token_id, seed=seed, pack=bool(data_cfg.pack) and not for_eval)
+                             pad_token_id=tok.pad_token_id, seed=seed, pack=bool(data_cfg.pack) and not for_eval,
+                             source=meta_path)
 
 
 # ------------------------------------------------------------------------------------------------- the stage
