@@ -87,8 +87,10 @@ def test_restore_onto_other_mesh(tmp_path):
 def test_init_from_mismatch_names_keys(tmp_path):
     ckpt_lib.save_params(str(tmp_path / "p"), {"other": np.zeros((3,), np.float32)})
     config = toy_task.toy_config(**{"train.num_steps": 1, "train.init_from": str(tmp_path / "p")})
-    with pytest.raises(ckpt_lib.CheckpointError, match="cannot load parameters"):
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"does not match the model: .*4 missing: fc1/bias, "
+                       r"fc1/kernel, fc2/bias, fc2/kernel; 1 unexpected: other") as e:
         loop.train(config, str(tmp_path / "w"), toy_task.make_task(config))
+    assert str(tmp_path / "p") in str(e.value) and "\n" not in str(e.value)
 
 
 def test_non_finite_loss_is_reported(tmp_path):

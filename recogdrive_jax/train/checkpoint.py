@@ -1,26 +1,131 @@
-"""Orbax checkpoints of the train state plus each process's data-iterator state.
+"""Orbax checkpoints of the train state plus each process's data-iterator state, and parameter loading.
 
 Layout of `WORKDIR/checkpoints/`:
-  <step>/state/...            Orbax PyTree of `TrainState` (async, atomic: a killed run never leaves a
-                              half-written step that looks complete)
+  <step>/state/...            Orbax PyTree of `TrainState` (async, atomic: a killed run leaves at most a
+                              `<step>.orbax-checkpoint-tmp-*` directory, which is never listed as a step)
   data/<step>/process_<i>.json  the iterator state of JAX process i after `step` batches; written (atomically)
                               *before* the Orbax save starts, so every committed step has its data state.
-Restoring passes abstract arrays carrying the *target* shardings, so a checkpoint written on one mesh
-restores onto another.
+  corrupt/<step>              a step that could not be read, moved aside (never deleted) on resume.
+
+Every restore matches leaves by path ('params/model/transformer_blocks/0/attn/kernel'), never by tree structure:
+Orbax reads nnx.List indices back as string keys and a converted checkpoint is a bare dict, so only paths and
+shapes are compared. Arrays land straight on the target shardings, so a checkpoint written on one mesh restores
+onto another. A mismatch (another model size) is one error line naming the directory and a few keys; an
+unreadable newest step (truncated chunk, missing metadata) falls back to the newest readable one with a warning.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from recogdrive_jax.errors import CheckpointKeyError, UserError
+from recogdrive_jax.train.optim import path_str
 
-class CheckpointError(RuntimeError):
-    pass
+STATE_ITEM = "state"
+CORRUPT_DIR = "corrupt"
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used as asked; the message is one line naming the directory."""
+
+
+class CheckpointMismatchError(CheckpointError, CheckpointKeyError):
+    """The checkpoint's keys or shapes are not the model's (e.g. another model size)."""
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def flat_by_path(tree) -> dict[str, Any]:
+    return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def attach_shardings(abstract, shardings):
+    """ShapeDtypeStructs of `abstract` carrying the sharding at the same path of `shardings` (key types may
+    differ: int list indices on one side, strings on the other)."""
+    by_path = flat_by_path(shardings)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=by_path[path_str(p)]), abstract)
+
+
+def _read_metadata(item_dir: str):
+    meta = ocp.PyTreeCheckpointer().metadata(item_dir)
+    meta = getattr(meta, "item_metadata", meta)
+    return getattr(meta, "tree", meta)
+
+
+def _mismatch(got: dict[str, tuple], want: dict[str, tuple], limit: int = 4) -> str | None:
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    bad = sorted(k for k in set(got) & set(want) if tuple(got[k]) != tuple(want[k]))
+    if not (missing or unexpected or bad):
+        return None
+
+    def some(keys, fmt=str):
+        more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+        return ", ".join(fmt(k) for k in keys[:limit]) + more
+
+    parts = [f"{len(bad)} shape mismatch(es): " + some(bad, lambda k: f"{k} {tuple(got[k])} vs model "
+                                                         f"{tuple(want[k])}")] if bad else []
+    parts += [f"{len(missing)} missing: {some(missing)}"] if missing else []
+    parts += [f"{len(unexpected)} unexpected: {some(unexpected)}"] if unexpected else []
+    return "; ".join(parts)
+
+
+def restore_tree(item_dir: str, target, *, subtree: str | None = None, what: str | None = None):
+    """Restores `target` (ShapeDtypeStructs with shardings, the model's structure) from the Orbax PyTree in
+    `item_dir` (or its `subtree`, e.g. 'ema_params'), matching leaves by path. Returns `target`'s structure."""
+    what = what or item_dir
+    try:
+        meta = _read_metadata(item_dir)
+    except Exception as e:  # noqa: BLE001  (Orbax raises many types: say which checkpoint, in one line)
+        raise CheckpointError(f"cannot read {what}: {_one_line(e)}") from None
+    if subtree is not None:
+        if not isinstance(meta, dict) or meta.get(subtree) is None:
+            raise CheckpointError(f"{what} has no {subtree!r}")
+        meta = meta[subtree]
+    want = flat_by_path(target)
+    got_meta = flat_by_path(meta)
+    problem = _mismatch({k: tuple(getattr(m, "shape", ())) for k, m in got_meta.items()},
+                        {k: tuple(a.shape) for k, a in want.items()})
+    if problem:
+        raise CheckpointMismatchError(f"{what} does not match the model: {problem}")
+    item = jax.tree_util.tree_map_with_path(lambda p, _: want[path_str(p)], meta)
+    if subtree is not None:
+        item = {subtree: item}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=subtree is not None)
+    try:
+        out = ocp.PyTreeCheckpointer().restore(item_dir, args=args)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read {what}: {_one_line(e)}") from None
+    got = flat_by_path(out[subtree] if subtree is not None else out)
+    return jax.tree_util.tree_map_with_path(lambda p, _: got[path_str(p)], target)
+
+
+def _agree(ok: bool) -> bool:
+    """True on every process only if `ok` on every process (so all of them restore the same step)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _step_dirs(ckpt_dir: str) -> list[int]:
+    """Committed steps, newest first (Orbax renames `<step>.orbax-checkpoint-tmp-*` to `<step>` on commit)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted((int(n) for n in os.listdir(ckpt_dir) if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n))),
+                  reverse=True)
 
 
 def _encode_state(state) -> Any:
@@ -39,9 +144,10 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
         self.dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.data_dir = os.path.join(self.dir, "data")
+        # Leftover `*.orbax-checkpoint-tmp-*` dirs (a save cut short) are left alone: nothing is ever deleted.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True, cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=("state",))
+                                               create=True, cleanup_tmp_directories=False)
+        self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=(STATE_ITEM,))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -69,11 +175,49 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state):
         """`abstract_state`: a TrainState of `jax.ShapeDtypeStruct`s with target shardings."""
-        try:
-            out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        except Exception as e:  # Orbax raises many types; say which checkpoint and why.
-            raise CheckpointError(f"cannot restore {self.dir}/{step}: {type(e).__name__}: {e}") from e
-        return out["state"]
+        return restore_tree(os.path.join(self.dir, str(step), STATE_ITEM), abstract_state,
+                            what=f"checkpoint {self.dir}/{step}")
+
+    def restore_latest(self, abstract_state) -> tuple[int | None, Any]:
+        """(step, state) of the newest readable step, or (None, None) when there is none yet. Unreadable newer
+        steps are moved to `corrupt/` (so later saves can reuse their numbers) with a one-line warning; a step
+        that does not match the model is an error, since an older one of the same run would not match either."""
+        bad: list[tuple[int, str]] = []
+        for step in _step_dirs(self.dir):
+            try:
+                state, reason = self.restore(step, abstract_state), None
+            except CheckpointMismatchError as e:
+                raise CheckpointMismatchError(f"{e} (a run of another model size? use a new --workdir)") from None
+            except CheckpointError as e:
+                state, reason = None, str(e)
+            if not _agree(reason is None):
+                bad.append((step, reason or "unreadable on another process"))
+                continue
+            if bad:
+                self._set_aside(bad, step)
+            return step, state
+        if bad:
+            raise CheckpointError(f"no checkpoint in {self.dir} can be read (" + "; ".join(r for _, r in bad)
+                                  + "); move the directory away to start afresh")
+        return None, None
+
+    def _set_aside(self, bad: list[tuple[int, str]], good: int) -> None:
+        moved = []
+        for step, _ in bad:
+            dst = os.path.join(self.dir, CORRUPT_DIR, str(step))
+            n = 1
+            while os.path.exists(dst):
+                dst, n = os.path.join(self.dir, CORRUPT_DIR, f"{step}.{n}"), n + 1
+            if jax.process_index() == 0:
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.replace(os.path.join(self.dir, str(step)), dst)
+            moved.append(dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("recogdrive_checkpoint_set_aside")
+        self.manager.reload()
+        logging.warning("%s; moved to %s; resuming from step %d", "; ".join(r for _, r in bad),
+                        ", ".join(moved), good)
 
     def data_state(self, step: int):
         path = os.path.join(self.data_dir, str(step), f"process_{jax.process_index()}.json")
@@ -98,14 +242,56 @@ def save_params(path: str, params) -> None:
     ckptr.wait_until_finished()
 
 
-def load_params(path: str, abstract_params=None):
-    """Reads a tree written by `save_params`; with `abstract_params` (ShapeDtypeStructs with shardings) the
-    arrays land directly on the target shardings and shapes are checked."""
+def _is_tree(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "_METADATA"))
+
+
+def load_params(path: str, target=None, *, prefer_ema: bool = True):
+    """Parameters from any directory a user has:
+      - a bare tree written by `save_params` (or any Orbax PyTree directory);
+      - a `convert planner|internvl --from-...` output directory (its `params/` tree);
+      - a run workdir (its newest readable checkpoint: EMA params when present and `prefer_ema`, else params).
+    With `target` (ShapeDtypeStructs with shardings) leaves are matched by path, shapes checked and arrays placed
+    on the target shardings; without it the bare tree is returned as stored."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"parameter checkpoint {path!r} does not exist")
-    ckptr = ocp.StandardCheckpointer()
-    try:
-        return ckptr.restore(path, abstract_params) if abstract_params is not None else ckptr.restore(path)
-    except Exception as e:
-        raise CheckpointError(f"cannot load parameters from {path!r}: {type(e).__name__}: {e}") from e
+    if target is None:
+        try:
+            return ocp.StandardCheckpointer().restore(path)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot load parameters from {path!r}: {_one_line(e)}") from None
+    if _is_tree(path):
+        return restore_tree(path, target, what=f"parameter checkpoint {path}")
+    if _is_tree(os.path.join(path, "params")):
+        return restore_tree(os.path.join(path, "params"), target, what=f"converted checkpoint {path}/params")
+    ckpt_dir = os.path.join(path, "checkpoints")
+    if os.path.isdir(ckpt_dir):
+        return _load_run_params(path, ckpt_dir, target, prefer_ema)
+    raise CheckpointError(f"{path!r} is not a parameter checkpoint: expected a run workdir (checkpoints/), a "
+                          "`convert ... --out` directory (params/) or an Orbax tree (_METADATA)")
+
+
+def _load_run_params(path: str, ckpt_dir: str, target, prefer_ema: bool):
+    """Another run's params: its newest readable step (older ones on failure, with a warning; nothing moved)."""
+    bad = []
+    for step in _step_dirs(ckpt_dir):
+        item = os.path.join(ckpt_dir, str(step), STATE_ITEM)
+        what = f"run checkpoint {ckpt_dir}/{step}"
+        try:
+            meta = _read_metadata(item)
+            has_ema = isinstance(meta, dict) and bool(jax.tree.leaves(meta.get("ema_params")))
+            params, reason = restore_tree(item, target, subtree="ema_params" if prefer_ema and has_ema
+                                          else "params", what=what), None
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001  (unreadable metadata or arrays: try the next older step)
+            params, reason = None, str(e) if isinstance(e, CheckpointError) else f"cannot read {what}: {_one_line(e)}"
+        if _agree(reason is None):
+            if bad:
+                logging.warning("%s; using step %d instead", "; ".join(bad), step)
+            return params
+        bad.append(reason or f"{what} is unreadable on another process")
+    if bad:
+        raise CheckpointError(f"no checkpoint of {path} can be read: " + "; ".join(bad))
+    raise CheckpointError(f"{path}: the run has no checkpoint yet")

@@ -14,10 +14,12 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from recogdrive_jax import provenance
+from recogdrive_jax.errors import UserError
 from recogdrive_jax.parallel import mesh as mesh_lib
 from recogdrive_jax.parallel import sharding as sh
 from recogdrive_jax.train import checkpoint as ckpt_lib
@@ -49,8 +51,8 @@ class Task:
     load_init: Callable[[Any, Any, jax.Array], Any] | None = None
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss or the post-update state became NaN/inf; the newest finite checkpoint is kept."""
 
 
 def local_batch_size(config) -> int:
@@ -74,43 +76,18 @@ def state_shardings(abstract_state: TrainState, logical, mesh: Mesh, tx, zero1: 
     return sh.to_shardings(mesh, specs)
 
 
-def _with_shardings(abstract, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
 def load_init_params(path: str, abstract_params, param_shardings, prefer_ema: bool = True):
-    """Params from `path`: a directory written by `checkpoint.save_params`, or another run's workdir (its latest
-    checkpoint's EMA params when present and `prefer_ema`, else its params)."""
-    path = os.path.abspath(path)
-    run_ckpts = os.path.join(path, "checkpoints")
-    target = _with_shardings(abstract_params, param_shardings)
-    if os.path.isdir(run_ckpts):
-        ckptr = ckpt_lib.Checkpointer(path, async_save=False)
-        step = ckptr.latest_step()
-        if step is None:
-            raise ckpt_lib.CheckpointError(f"config.train.init_from={path!r}: the run has no checkpoint yet")
-        import orbax.checkpoint as ocp
-        raw = ckptr.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-        ckptr.close()
-        tree = raw.get("ema_params") if prefer_ema and raw.get("ema_params") is not None else raw["params"]
-        _check_same_structure(tree, abstract_params, path)
-        # Match leaves by path: Orbax restores nnx.List indices as string keys ('0', '1', ..., '10'), so the
-        # restored tree's structure (and its leaf order) differs from the model's.
-        flat = {optim.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-        return jax.tree_util.tree_map_with_path(
-            lambda p, s: jax.device_put(np.asarray(flat[optim.path_str(p)]), s), param_shardings)
-    return ckpt_lib.load_params(path, target)
+    """Params from `path`, placed on `param_shardings`: a run workdir (its newest readable checkpoint's EMA params
+    when present and `prefer_ema`, else its params), a `convert planner|internvl` output directory, or a tree
+    written by `checkpoint.save_params`. Leaves are matched by path, so int and str list indices both work."""
+    return ckpt_lib.load_params(path, ckpt_lib.attach_shardings(abstract_params, param_shardings),
+                                prefer_ema=prefer_ema)
 
 
-def _check_same_structure(tree, abstract, path):
-    got = {optim.path_str(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-    want = {optim.path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
-    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    bad = sorted(k for k in set(got) & set(want) if tuple(got[k]) != want[k])
-    if missing or unexpected or bad:
-        raise ckpt_lib.CheckpointError(
-            f"config.train.init_from={path!r} does not match the model: missing={missing[:10]} "
-            f"unexpected={unexpected[:10]} shape_mismatch={[(k, got[k], want[k]) for k in bad[:10]]}")
+def _all_finite(tree) -> jax.Array:
+    """One boolean: every float leaf of `tree` is finite (the NaN guard's check before each save)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[TrainState, dict]:
@@ -133,10 +110,9 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
 
     ckpt = ckpt_lib.Checkpointer(workdir, keep=int(tcfg.keep_checkpoints),
                                  async_save=bool(tcfg.get("async_checkpoint", True)))
-    latest = ckpt.latest_step()
+    latest, state = ckpt.restore_latest(ckpt_lib.attach_shardings(abstract_state, shardings))
     if latest is not None:
         logging.info("resuming %s from %s step %d", task.name, ckpt.dir, latest)
-        state = ckpt.restore(latest, _with_shardings(abstract_state, shardings))
         data_state = ckpt.data_state(latest)
         if data_state is not None and hasattr(task.train_iter, "set_state"):
             task.train_iter.set_state(data_state)
@@ -181,10 +157,23 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
     t_last, steps_since = time.time(), 0
     pending = []
 
+    finite_fn = jax.jit(_all_finite, out_shardings=repl)
+
+    def non_finite(what: str) -> NonFiniteLossError:
+        ckpt.wait()  # the newest save may still be in flight: name the step that is really kept
+        kept = ckpt.latest_step()
+        where = (f"the newest finite checkpoint, step {kept} in {ckpt.dir}, is kept and a rerun resumes from it"
+                 if kept is not None else f"no checkpoint was saved in {ckpt.dir}; a rerun starts afresh")
+        return NonFiniteLossError(f"{task.name}: {what}; {where} (lower config.optim.lr or check the data)")
+
     def check_finite(step, values):
         if not np.isfinite(values["loss"]):
-            raise NonFiniteLossError(f"{task.name}: loss became {values['loss']} at step {step}; the last good "
-                                     f"checkpoint in {ckpt.dir} is kept (lower config.optim.lr or check the data)")
+            raise non_finite(f"loss became {values['loss']} at step {step}")
+
+    def check_state_finite(step):
+        """Before every save: a state with a NaN/inf param, EMA or optimizer leaf is never written."""
+        if not bool(jax.device_get(finite_fn(state))):
+            raise non_finite(f"the params / EMA / optimizer state after step {step} are not finite (not saved)")
 
     def flush(step):
         nonlocal t_last, steps_since, pending
@@ -215,15 +204,16 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
             steps_since += 1
             done = step + 1
             progress.update(done)
-            if done % log_every == 0 or done == num_steps:
+            save = bool(ckpt_every and done % ckpt_every == 0) or done == num_steps
+            if done % log_every == 0 or done == num_steps or (save and pending):
                 flush(done)
+            if save:
+                check_state_finite(done)
             if task.eval_fn is not None and ((eval_every and done % eval_every == 0) or done == num_steps):
                 last_eval = {k: float(v) for k, v in task.eval_fn(state, done).items()}
                 writer.write(done, "eval", last_eval)
                 progress.log(done, "eval", last_eval)
-            if (ckpt_every and done % ckpt_every == 0) or done == num_steps:
-                if pending:
-                    flush(done)
+            if save:
                 data_state = task.train_iter.get_state() if hasattr(task.train_iter, "get_state") else None
                 ckpt.save(done, state, data_state, force=done == num_steps)
         if start >= num_steps and task.eval_fn is not None:
