@@ -1,4 +1,4 @@
-"""Planner checkpoint conversion: strict key checks, dropped entries, CLI round trips (bitwise), key manifests."""
+"""Planner checkpoint conversion: strict key checks, dropped entries, CLI round trips (bitwise)."""
 import sys
 from pathlib import Path
 
@@ -8,12 +8,11 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from torch_ref.planner import SIZES, TorchPlanner, lightning_state_dict, manifest_text, randomize_  # noqa: E402
+from torch_ref.planner import TorchPlanner, lightning_state_dict, randomize_  # noqa: E402
 
 from recogdrive_jax.convert import planner as conv  # noqa: E402
 from recogdrive_jax.models.planner import planner_config  # noqa: E402
 
-THIRD_PARTY = Path(__file__).resolve().parents[1] / "third_party"
 
 
 @pytest.fixture(scope="module")
@@ -120,55 +119,4 @@ class _Unsafe:
     pass
 
 
-def _spec_manifest(d, hv, o, layers=16, hd=48, hidden=1024):
-    """The key table of spec/planner.md §1, expanded."""
-    rows = {"feature_encoder.weight": (d, hv), "feature_encoder.bias": (d,),
-            "fusion_projector.weight": (d, 3 * d), "fusion_projector.bias": (d,),
-            "position_embedding.weight": (8, d),
-            "action_encoder.fc1.weight": (d, 3), "action_encoder.fc1.bias": (d,),
-            "action_encoder.fc2.weight": (d, 2 * d), "action_encoder.fc2.bias": (d,),
-            "action_encoder.fc3.weight": (d, d), "action_encoder.fc3.bias": (d,),
-            "model.timestep_encoder.timestep_embedder.linear_1.weight": (d, 256),
-            "model.timestep_encoder.timestep_embedder.linear_1.bias": (d,),
-            "model.timestep_encoder.timestep_embedder.linear_2.weight": (d, d),
-            "model.timestep_encoder.timestep_embedder.linear_2.bias": (d,),
-            "model.rotary_embedder.inv_freq": (hd // 2,),
-            "model.final_layer.norm_final.weight": (d,), "model.final_layer.linear.weight": (o, d),
-            "model.final_layer.linear.bias": (o,), "model.final_layer.modulation_proj.1.weight": (2 * d, d),
-            "model.final_layer.modulation_proj.1.bias": (2 * d,), "eta.eta_logit": (1,)}
-    for name, i in (("his_traj_encoder", 12), ("ego_status_encoder", 8), ("action_decoder", o)):
-        out = 3 if name == "action_decoder" else d
-        rows.update({f"{name}.fc1.weight": (hidden, i), f"{name}.fc1.bias": (hidden,),
-                     f"{name}.norm.weight": (hidden,), f"{name}.norm.bias": (hidden,),
-                     f"{name}.fc2.weight": (out, hidden), f"{name}.fc2.bias": (out,)})
-    for l in range(layers):
-        p = f"model.transformer_blocks.{l}."
-        rows.update({p + "norm1.weight": (d,), p + "norm2.weight": (d,), p + "attn.q_norm.weight": (hd,),
-                     p + "attn.k_norm.weight": (hd,), p + "attn.to_out.0.weight": (d, d), p + "attn.to_out.0.bias": (d,),
-                     p + "ffn.w12.weight": (2 * d, d), p + "ffn.w12.bias": (2 * d,), p + "ffn.w3.weight": (d, d),
-                     p + "ffn.w3.bias": (d,), p + "adaLN_modulation.1.weight": (6 * d, d),
-                     p + "adaLN_modulation.1.bias": (6 * d,)})
-        for x in "qkv":
-            rows.update({p + f"attn.to_{x}.weight": (d, d), p + f"attn.to_{x}.bias": (d,)})
-    for b in ["betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-              "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "var",
-              "logvar_clipped", "mu_coef1", "mu_coef2"]:
-        rows[f"ddpm_{b}"] = (100,)
-    for b in ["t_schedule", "t", "alphas", "alphas_sqrt", "alphas_prev", "sqrt_one_minus_alphas", "sigmas"]:
-        rows[f"ddim_{b}"] = (5,)
-    return {("agent.action_head." + k, v) for k, v in rows.items()}
-
-
-@pytest.mark.parametrize("size", ["small", "large"])
-def test_key_manifests(size):
-    text = (THIRD_PARTY / f"recogdrive_planner_keys_{size}.txt").read_text()
-    assert text == manifest_text(size), "regenerate with: python tests/torch_ref/planner.py third_party/"
-    rows = [line.split("\t") for line in text.strip().split("\n")]
-    assert len(rows) == 347
-    file_set = {(k, tuple(int(x) for x in s.split(","))) for k, s, _ in rows}
-    d = SIZES[size]["num_heads"] * 48
-    assert file_set == _spec_manifest(d, 3584, SIZES[size]["output_dim"])
-    assert {dt for _, _, dt in rows} == {"float32", "int64"}
-    assert {k for k, _, dt in rows if dt == "int64"} == {"agent.action_head.ddim_t", "agent.action_head.ddim_t_schedule"}
-    # the converter expects exactly this layout
-    assert set(conv.expected_manifest(planner_config(size))) == file_set
+# The key manifests in third_party/ are checked in tests/test_upstream_planner.py against upstream's own module.

@@ -353,25 +353,3 @@ def randomize_(model: TorchPlanner, seed: int, scale: float = 1.0) -> TorchPlann
 
 def lightning_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {PREFIX + k: v for k, v in model.state_dict().items()}
-
-
-def key_manifest(model: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(PREFIX + k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()]
-
-
-def manifest_text(size: str, vl_dim: int = 3584) -> str:
-    """Key/shape manifest of the upstream state dict for DiT `size` (built on the meta device, no allocation)."""
-    with torch.device("meta"):
-        model = TorchPlanner(vl_dim=vl_dim, **SIZES[size])
-    lines = [f"{k}\t{','.join(map(str, s))}\t{dt}" for k, s, dt in key_manifest(model)]
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":  # python tests/torch_ref/planner.py third_party/
-    import sys
-    from pathlib import Path
-
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "third_party")
-    for size in SIZES:
-        (out / f"recogdrive_planner_keys_{size}.txt").write_text(manifest_text(size))
-        print(f"wrote {out / f'recogdrive_planner_keys_{size}.txt'}")
