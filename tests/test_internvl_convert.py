@@ -1,4 +1,5 @@
 """InternVL checkpoint conversion: HF native / remote-code layouts <-> Orbax, round trips and error reporting."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -144,3 +145,115 @@ def test_module_cli_dispatch(hf_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     _, params = cv.load_params(str(tmp_path / "o"))
     assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------ the tie flag
+
+def tied_tiny():
+    cfg = iv.get_config("tiny")
+    return dataclasses.replace(cfg, llm_config=dataclasses.replace(cfg.llm_config, tie_word_embeddings=True))
+
+
+def test_transformers_major_ties_on_the_top_level_flag():
+    """The installed transformers (5.x) ties InternVL on the top-level flag, which `native_tie_flag` reads for
+    configs saved by 5.x; 4.x read text_config's (covered by the version rule below)."""
+    import transformers
+    from transformers import InternVLConfig
+    assert int(transformers.__version__.split(".")[0]) == 5, transformers.__version__
+    d = iv.config_to_hf(iv.get_config("tiny"), "native")
+    for top in (True, False):
+        kw = {k: v for k, v in d.items() if k not in ("architectures", "model_type")}
+        kw.update(tie_word_embeddings=top, text_config={**d["text_config"], "tie_word_embeddings": not top})
+        tm = InternVLForConditionalGeneration(InternVLConfig(**kw))
+        assert (tm.lm_head.weight.data_ptr() == tm.model.language_model.embed_tokens.weight.data_ptr()) == top
+
+
+@pytest.mark.parametrize("version,top,text,want", [
+    ("5.25.0", True, False, True), ("5.0.0", False, True, False), ("4.52.4", True, False, False),
+    ("4.52.4", None, True, True), (None, None, None, True), (None, None, False, False), (None, False, True, False)])
+def test_native_tie_flag_follows_the_saving_transformers_major(version, top, text, want):
+    d = iv.config_to_hf(iv.get_config("tiny"), "native")
+    d.pop("tie_word_embeddings")
+    d["text_config"].pop("tie_word_embeddings")
+    if version is not None:
+        d["transformers_version"] = version
+    if top is not None:
+        d["tie_word_embeddings"] = top
+    if text is not None:
+        d["text_config"]["tie_word_embeddings"] = text
+    assert iv.config_from_hf(d).llm_config.tie_word_embeddings is want
+
+
+def test_tie_flag_round_trips_through_both_config_layouts():
+    cfg = tied_tiny()
+    for layout in ("native", "remote"):
+        assert iv.config_from_hf(json.loads(json.dumps(iv.config_to_hf(cfg, layout)))) == cfg, layout
+    # a remote-code config.json (its constructor forces both flags False) stays untied whatever llm_config says
+    d = iv.config_to_hf(cfg, "remote")
+    d["tie_word_embeddings"] = False
+    assert not iv.config_from_hf(d).llm_config.tie_word_embeddings
+
+
+def test_tied_checkpoint_converts_both_ways(tmp_path):
+    cfg = tied_tiny()
+    tm = hf_model(cfg, seed=11)
+    assert tm.lm_head.weight.data_ptr() == tm.model.language_model.embed_tokens.weight.data_ptr()
+    src = str(tmp_path / "tied_hf")
+    tm.save_pretrained(src)
+    assert "lm_head.weight" not in cv.TensorSource(src).keys()
+    assert cv.main(["--from-hf", src, "--out", str(tmp_path / "orbax")]) == 0
+    cfg2, params = cv.load_params(str(tmp_path / "orbax"))
+    assert cfg2 == cfg and "lm_head" not in params["language_model"]
+    # native: no lm_head on disk, transformers ties it again, same logits
+    assert cv.main(["--to-hf", str(tmp_path / "orbax"), "--out", str(tmp_path / "native"), "--dtype", "float32"]) == 0
+    assert "lm_head.weight" not in cv.TensorSource(str(tmp_path / "native")).keys()
+    tm2 = InternVLForConditionalGeneration.from_pretrained(str(tmp_path / "native")).eval()
+    assert tm2.lm_head.weight.data_ptr() == tm2.model.language_model.embed_tokens.weight.data_ptr()
+    sd1, sd2 = tm.state_dict(), tm2.state_dict()
+    assert set(sd1) == set(sd2)
+    for k in sd1:
+        torch.testing.assert_close(sd1[k], sd2[k], rtol=0, atol=0, msg=k)
+    ids, pv = np.array([[1, 3] + [5] * 4 + [4, 9, 10, 11]]), torch.randn(1, 3, 56, 56)
+    jm = cv.model_from_params(cfg2, params)
+    got = jm(jnp.asarray(ids), None, jnp.asarray(pv.numpy().transpose(0, 2, 3, 1)))["logits"]
+    np.testing.assert_allclose(np.asarray(got), _logits(tm, ids, pv), atol=1e-4, rtol=0)
+    # remote code cannot tie: the export carries lm_head = embedding and says untied
+    assert cv.main(["--to-hf", str(tmp_path / "orbax"), "--out", str(tmp_path / "remote"), "--layout", "remote",
+                    "--dtype", "float32"]) == 0
+    rsrc = cv.TensorSource(str(tmp_path / "remote"))
+    np.testing.assert_array_equal(rsrc.get("language_model.lm_head.weight"),
+                                  rsrc.get("language_model.model.embed_tokens.weight"))
+    rcfg = iv.load_hf_config(str(tmp_path / "remote"))
+    assert not rcfg.llm_config.tie_word_embeddings
+    back = cv.hf_to_params(rsrc, rcfg)
+    np.testing.assert_array_equal(back["language_model"]["lm_head"]["kernel"],
+                                  params["language_model"]["model"]["embed_tokens"]["embedding"].T)
+
+
+def test_tied_config_with_a_different_head_is_an_error():
+    cfg = tied_tiny()
+    sd = {k: v.detach().numpy() for k, v in hf_model(iv.get_config("tiny"), seed=4).state_dict().items()}
+    assert not np.array_equal(sd["lm_head.weight"], sd["model.language_model.embed_tokens.weight"])
+    with pytest.raises(cv.CheckpointKeyError, match="lm_head.weight differs from the embedding"):
+        cv.hf_to_params(cv.TensorSource(sd), cfg)
+    same = dict(sd, **{"lm_head.weight": sd["model.language_model.embed_tokens.weight"]})
+    assert "lm_head" not in cv.hf_to_params(cv.TensorSource(same), cfg)["language_model"]
+
+
+def test_model_from_params_names_every_unfilled_or_unexpected_parameter(tmp_path):
+    cfg = iv.get_config("tiny")
+    params = cv.model_params(iv.init_model(cfg))
+    lm = dict(params["language_model"])
+    del lm["lm_head"]
+    bad = {**params, "language_model": lm, "extra": {"w": np.zeros(3)}}
+    with pytest.raises(cv.CheckpointKeyError) as e:
+        cv.model_from_params(cfg, bad)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "unfilled (1): language_model.lm_head.kernel" in msg and "unexpected (1): extra.w" in msg
+    assert "tie_word_embeddings=False" in msg
+    with pytest.raises(cv.CheckpointKeyError, match="unexpected .*lm_head.kernel"):
+        cv.model_from_params(tied_tiny(), params)
+    with pytest.raises(cv.CheckpointKeyError, match="unfilled .*lm_head"):
+        cv.save_hf(bad, cfg, str(tmp_path / "export"))
+    assert not os.path.exists(tmp_path / "export")

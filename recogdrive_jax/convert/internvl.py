@@ -301,8 +301,9 @@ def hf_to_params(src: TensorSource, cfg, dtype=np.float32) -> dict:
     present = src.keys()
     missing = [k for k in exp if k not in present]
     unexpected = sorted(present - set(exp))
-    if cfg.llm_config.tie_word_embeddings:  # a tied checkpoint may still carry the (identical) head
-        head = "lm_head.weight" if src.layout == "native" else "language_model.lm_head.weight"
+    head = "lm_head.weight" if src.layout == "native" else "language_model.lm_head.weight"
+    tied_head = cfg.llm_config.tie_word_embeddings and head in present
+    if tied_head:  # a tied checkpoint may still carry the head: allowed only if it is the embedding (checked below)
         unexpected = [k for k in unexpected if k != head]
     if missing or unexpected:
         raise CheckpointKeyError(
@@ -332,6 +333,13 @@ def hf_to_params(src: TensorSource, cfg, dtype=np.float32) -> dict:
         _set(out, r.path, arr)
     if mismatches:
         raise CheckpointKeyError("InternVL checkpoint shape mismatches:\n  " + "\n  ".join(mismatches))
+    if tied_head:
+        emb = out["language_model"]["model"]["embed_tokens"]["embedding"]
+        if not np.array_equal(src.get(head, dtype), emb):
+            raise CheckpointKeyError(
+                f"InternVL checkpoint: the config ties word embeddings (tie_word_embeddings; transformers 5 reads the "
+                f"top-level flag, 4.x text_config's) but {head} differs from the embedding: the flag is wrong for "
+                "this checkpoint; set tie_word_embeddings false in its config.json")
     return out
 
 
@@ -352,12 +360,30 @@ def model_params(model) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+def check_params(params: dict, cfg, where: str) -> None:
+    """Raises one CheckpointKeyError line naming every parameter `cfg`'s model has that `params` lacks, every one it
+    does not have, and every shape mismatch (a tie-flag mismatch shows as lm_head missing / unexpected)."""
+    want = param_shapes(cfg)
+    got = {p: tuple(getattr(a, "shape", np.shape(a))) for p, a in flat_params(params)}
+    missing = sorted(".".join(p) for p in want.keys() - got.keys())
+    unexpected = sorted(".".join(p) for p in got.keys() - want.keys())
+    wrong = sorted(f"{'.'.join(p)} {got[p]} (model {want[p]})" for p in want.keys() & got.keys() if got[p] != want[p])
+    if not (missing or unexpected or wrong):
+        return
+    parts = [f"{name} ({len(v)}): {', '.join(v)}" for name, v in
+             (("unfilled", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if v]
+    if any("lm_head" in p for p in missing + unexpected):
+        parts.append(f"the config has tie_word_embeddings={cfg.llm_config.tie_word_embeddings}")
+    raise CheckpointKeyError(f"{where}: parameters do not match the InternVL config: " + "; ".join(parts))
+
+
 def model_from_params(cfg, params: dict, *, dtype=None):
-    """An InternVLModel holding `params` (pure dict)."""
+    """An InternVLModel holding `params` (pure dict); every parameter must be given (`check_params`)."""
     import jax.numpy as jnp
     from flax import nnx
 
     from recogdrive_jax.models.internvl import abstract_model
+    check_params(params, cfg, "model_from_params")
     model = abstract_model(cfg, dtype=dtype or jnp.float32)
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
     nnx.replace_by_pure_dict(state, jax_tree_asarray(params))
@@ -410,6 +436,16 @@ def np_dtype(name: str):
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
+def untied(params: dict, cfg):
+    """(params, cfg) with a separate lm_head equal to the embedding: remote code always unties (spec §1)."""
+    if not cfg.llm_config.tie_word_embeddings:
+        return params, cfg
+    lm = dict(params["language_model"])
+    lm["lm_head"] = {"kernel": np.asarray(lm["model"]["embed_tokens"]["embedding"]).T}  # [D, V]
+    cfg = dataclasses.replace(cfg, llm_config=dataclasses.replace(cfg.llm_config, tie_word_embeddings=False))
+    return {**params, "language_model": lm}, cfg
+
+
 def save_hf(params: dict, cfg, out_dir: str, *, layout: str = "native", dtype: str = "bfloat16",
             max_shard_size: str | int = "5GB") -> list[str]:
     """Writes config.json + safetensors (sharded with model.safetensors.index.json when > max_shard_size).
@@ -422,6 +458,9 @@ def save_hf(params: dict, cfg, out_dir: str, *, layout: str = "native", dtype: s
     from recogdrive_jax.models.internvl import config_to_hf
     ndtype = np_dtype(dtype)
     limit = _parse_size(max_shard_size)
+    check_params(params, cfg, f"export to {out_dir}")
+    if layout == "remote":
+        params, cfg = untied(params, cfg)
     os.makedirs(out_dir, exist_ok=True)
     hf_cfg = config_to_hf(cfg, layout)
     hf_cfg["torch_dtype" if layout == "remote" else "dtype"] = dtype

@@ -165,8 +165,7 @@ def config_from_hf(d: dict, **overrides) -> InternVLConfig:
             {**v, "image_size": _scalar(v.get("image_size", 448)), "patch_size": _scalar(v.get("patch_size", 14))},
             InternViTConfig, {"attention_bias": "qkv_bias", "use_qk_norm": "qk_normalization",
                               "layer_scale_init_value": "initializer_factor"}))
-        llm = _llm_from_dict({**d["text_config"], "tie_word_embeddings": d.get(
-            "tie_word_embeddings", d["text_config"].get("tie_word_embeddings", False))})
+        llm = _llm_from_dict({**d["text_config"], "tie_word_embeddings": native_tie_flag(d)})
         top = {k: v for k, v in _pick(d, InternVLConfig).items() if k not in ("vision_config", "llm_config")}
         top.update(downsample_ratio=d.get("downsample_ratio", 0.5), select_layer=d.get("vision_feature_layer", -1),
                    image_token_id=d.get("image_token_id", 151667))
@@ -176,10 +175,37 @@ def config_from_hf(d: dict, **overrides) -> InternVLConfig:
         vis = InternViTConfig(**_pick({**v, "image_size": _scalar(d.get("force_image_size") or
                                                                   v.get("image_size", 448)),
                                        "patch_size": _scalar(v.get("patch_size", 14))}, InternViTConfig))
-        llm = _llm_from_dict({**d["llm_config"], "tie_word_embeddings": False})  # forced False (spec §1)
+        # remote code forces both flags False (spec §1); only this project's own config (an export of a tied
+        # model: convert/internvl.CONFIG_NAME, an sft workdir) sets them True
+        tie = bool(d.get("tie_word_embeddings", False)) and bool(d["llm_config"].get("tie_word_embeddings", False))
+        llm = _llm_from_dict({**d["llm_config"], "tie_word_embeddings": tie})
         top = _pick(d, InternVLConfig)
         top = {k: v for k, v in top.items() if k not in ("vision_config", "llm_config")}
     return InternVLConfig(vision_config=vis, llm_config=llm, **{**top, **overrides})
+
+
+def _major(version) -> int | None:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return None
+
+
+def native_tie_flag(d: dict) -> bool:
+    """Whether a transformers-native InternVL config.json ties lm_head to embed_tokens.
+
+    Where transformers reads the flag depends on its major version (the config records it as
+    `transformers_version`): 5.x ties on the top-level `tie_word_embeddings` (InternVLConfig default True, always
+    written by save_pretrained); 4.x on `text_config.tie_word_embeddings` (Qwen2Config default False). Without a
+    version the top-level flag wins, then text_config's, then 5.x's default.
+    """
+    top, text = d.get("tie_word_embeddings"), d["text_config"].get("tie_word_embeddings")
+    major = _major(d["transformers_version"]) if "transformers_version" in d else None
+    if major is not None and major < 5:
+        return bool(text) if text is not None else False
+    if top is not None:
+        return bool(top)
+    return bool(text) if text is not None else True
 
 
 def load_hf_config(path: str, **overrides) -> InternVLConfig:
@@ -209,7 +235,12 @@ def _llm_to_dict(c: Qwen2Config, native: bool) -> dict:
 
 
 def config_to_hf(cfg: InternVLConfig, layout: str = "native") -> dict:
-    """config.json dict for `layout` 'native' (InternVLForConditionalGeneration) or 'remote' (InternVLChatModel)."""
+    """config.json dict for `layout` 'native' (InternVLForConditionalGeneration) or 'remote' (InternVLChatModel).
+
+    The tie flag is written where every transformers major reads it (native: top level and text_config). A 'remote'
+    dict of a tied model is only this project's own config (remote code forces the flag False: an export for it
+    unties first, `convert.internvl.untied`).
+    """
     v = cfg.vision_config
     # Fields transformers does not use but a round trip needs (tiling, template, token ids); HF keeps extra keys.
     extra = dict(template=cfg.template, dynamic_image_size=cfg.dynamic_image_size, use_thumbnail=cfg.use_thumbnail,
@@ -235,7 +266,7 @@ def config_to_hf(cfg: InternVLConfig, layout: str = "native") -> dict:
             **extra, architectures=["InternVLChatModel"], model_type="internvl_chat",
             downsample_ratio=cfg.downsample_ratio, ps_version=cfg.ps_version, select_layer=cfg.select_layer,
             force_image_size=v.image_size, image_token_id=cfg.image_token_id,
-            use_backbone_lora=0, use_llm_lora=0, tie_word_embeddings=False,
+            use_backbone_lora=0, use_llm_lora=0, tie_word_embeddings=cfg.llm_config.tie_word_embeddings,
             llm_config=_llm_to_dict(cfg.llm_config, False),
             vision_config=dict(
                 architectures=["InternVisionModel"], model_type="intern_vit_6b", hidden_size=v.hidden_size,
