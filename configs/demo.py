@@ -13,6 +13,12 @@ laptop CPU in minutes. `make demo` runs it; every step is the real stage code wi
   python -m recogdrive_jax.main --config=configs/demo.py:il,rl,eval --workdir=workdir/demo   # some steps only
 
 Each step runs in WORKDIR/<step> and resumes from its own checkpoints, so rerunning continues where it stopped.
+At the end the pipeline prints each step's wall time (also in WORKDIR/pipeline_summary.json).
+
+Overrides apply to every step that has the key (a key no step has is an error naming it):
+  --config.train.num_steps=2 --config.optim.lr=1e-3          # every training step (sft, il_vlm, il, rl)
+  --config.pipeline.configs.il.train.num_steps=2              # the il step only
+A top-level override wins over a step's own value (see recogdrive_jax/stages/pipeline.py).
 """
 import ml_collections
 
@@ -39,18 +45,10 @@ def il_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None):
+    from recogdrive_jax.stages import pipeline
     steps = tuple(s for s in (arg or ",".join(STEPS)).split(",") if s)
     vlm = configs.load_config_file("demo_vlm.py", relative_to=__file__)
     rl = configs.load_config_file("demo_rl.py", relative_to=__file__)
-    il_vlm = vlm.il_on_cache(il_config())
-    c = configs.base_config()
-    c.stage = "pipeline"
-    c.pipeline = ml_collections.ConfigDict()
-    c.pipeline.steps = ",".join(steps)
-    c.pipeline.configs = ml_collections.ConfigDict({
-        "sft": vlm.sft_config(), "cache": vlm.cache_config(), "il_vlm": il_vlm, "il": il_config(),
-        "rl": rl.rl_config(), "eval": rl.eval_config()})
-    unknown = [s for s in steps if s not in c.pipeline.configs]
-    if unknown:
-        raise ValueError(f"configs/demo.py: unknown step(s) {unknown}; allowed: {list(STEPS)}")
-    return c
+    step_configs = {"sft": vlm.sft_config(), "cache": vlm.cache_config(), "il_vlm": vlm.il_on_cache(il_config()),
+                    "il": il_config(), "rl": rl.rl_config(), "eval": rl.eval_config()}
+    return pipeline.pipeline_config(steps, step_configs, source="configs/demo.py")

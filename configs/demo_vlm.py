@@ -74,15 +74,8 @@ STEPS = ("sft", "cache", "il_vlm")
 
 
 def get_config(arg: str | None = None):
+    from recogdrive_jax.stages import pipeline
     steps = tuple(s for s in (arg or ",".join(STEPS)).split(",") if s)
     demo = configs.load_config_file("demo.py", relative_to=__file__)
-    c = configs.base_config()
-    c.stage = "pipeline"
-    c.pipeline = ml_collections.ConfigDict()
-    c.pipeline.steps = ",".join(steps)
-    c.pipeline.configs = ml_collections.ConfigDict(
-        {"sft": sft_config(), "cache": cache_config(), "il_vlm": il_on_cache(demo.il_config())})
-    unknown = [s for s in steps if s not in c.pipeline.configs]
-    if unknown:
-        raise ValueError(f"configs/demo_vlm.py: unknown step(s) {unknown}; allowed: {sorted(c.pipeline.configs)}")
-    return c
+    step_configs = {"sft": sft_config(), "cache": cache_config(), "il_vlm": il_on_cache(demo.il_config())}
+    return pipeline.pipeline_config(steps, step_configs, source="configs/demo_vlm.py")

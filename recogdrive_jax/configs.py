@@ -53,6 +53,10 @@ def validate_common(config) -> None:
     """Checks the keys every stage honours; stages call their own checks after this."""
     from recogdrive_jax.stages import STAGES
     _require(config.stage in STAGES, "stage", f"unknown stage {config.stage!r}; allowed: {sorted(STAGES)}")
+    if config.stage == "pipeline":  # its top level holds override slots; each resolved step is validated instead
+        from recogdrive_jax.stages import pipeline
+        pipeline.resolve(config)
+        return
     _require(isinstance(config.seed, int), "seed", f"must be an int, got {config.seed!r}")
     for axis in ("data", "fsdp", "tensor"):
         v = config.mesh.get(axis)
