@@ -61,6 +61,23 @@ def provenance() -> dict[str, Any]:
             "python": sys.version.split()[0], "argv": list(sys.argv)}
 
 
+def checkpoint_ref(path: str) -> dict[str, Any]:
+    """{'path': absolute path, 'step': the step a run workdir's latest checkpoint holds (None for a bare parameter
+    or HF directory)}: what an evaluation scored."""
+    if not path:
+        return {"path": "", "step": None}
+    path = os.path.abspath(path)
+    step = None
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        from recogdrive_jax.train import checkpoint as ckpt_lib
+        ckptr = ckpt_lib.Checkpointer(path, async_save=False)
+        try:
+            step = ckptr.latest_step()
+        finally:
+            ckptr.close()
+    return {"path": path, "step": None if step is None else int(step)}
+
+
 def write_config(config, workdir: str, extra: Mapping[str, Any] | None = None) -> str:
     """Writes WORKDIR/config.json: the resolved config, `provenance`, and `extra` keys (e.g. the checkpoint an eval
     scored). Process 0 only; returns the path."""

@@ -215,9 +215,12 @@ def run(config, workdir: str) -> dict:
 
     from recogdrive_jax.data import planner_data
     from recogdrive_jax.parallel import mesh as mesh_lib
+    from recogdrive_jax import provenance
     validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    provenance.write_config(config, workdir, extra={"model_source": provenance.checkpoint_ref(
+        config.model.get("init_from", "") or "")})
     c = config.cache
     resolved = sft_stage.resolve_model(config.model, None, workdir)
     cfg = resolved.cfg

@@ -13,6 +13,7 @@ import os
 
 import jax
 
+from recogdrive_jax import provenance
 from recogdrive_jax.configs import ConfigError
 from recogdrive_jax.data import planner_data
 from recogdrive_jax.eval import planner_eval
@@ -46,6 +47,10 @@ def run(config, workdir: str) -> dict:
     split_name = ecfg.split
     if split_name not in planner_data.SPLITS:
         raise ConfigError(f"config.eval.split: unknown {split_name!r}; allowed: {list(planner_data.SPLITS)}")
+    # config.json first (a failing eval still says what it was asked to score); `scored` = the checkpoint and step
+    scored = ({"baseline": baseline} if baseline else
+              {"checkpoint": provenance.checkpoint_ref(ecfg.get("checkpoint", "") or ""), "use_ema": bool(ecfg.use_ema)})
+    provenance.write_config(config, workdir, extra={"scored": scored})
     pcfg = planner_common.planner_config(config)
     split = planner_data.load_split(config.data, split_name, pcfg.vl_dim)
     cv_plans = planner_eval.constant_velocity_plans(split)

@@ -169,7 +169,7 @@ def evaluate(vlm_params, config, cfg, tokenizer, out_dir: str, mesh=None) -> dic
 
 
 def run(config, workdir: str) -> dict:
-    from recogdrive_jax import configs
+    from recogdrive_jax import configs, provenance
     from recogdrive_jax.parallel import mesh as mesh_lib
     from recogdrive_jax.parallel import sharding as sh
     from recogdrive_jax.rl import ppo as ppo_lib
@@ -183,6 +183,7 @@ def run(config, workdir: str) -> dict:
         raise FileNotFoundError(f"config.eval_nav.checkpoint={ckpt!r} does not exist")
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    provenance.write_config(config, workdir, extra={"scored": {"checkpoint": provenance.checkpoint_ref(ckpt)}})
     mesh = mesh_lib.make_mesh(config.get("mesh"))
     model = NavModel(config, workdir, source=ckpt)
     policy = NavPolicy(config, model.cfg, model.tokenizer)
