@@ -313,7 +313,8 @@ def hf_to_params(src: TensorSource, cfg, dtype=np.float32) -> dict:
     shapes = param_shapes(cfg)
     out: dict = {}
     mismatches = []
-    for r in rs:
+    from recogdrive_jax.train.metrics import track
+    for r in track(rs, desc="convert internvl: read", unit="params"):
         full = shapes[r.path]
         arr = np.zeros(full, dtype)
         layers = range(_n_layers(cfg, r.path)) if r.stacked else [None]
@@ -476,7 +477,9 @@ def save_hf(params: dict, cfg, out_dir: str, *, layout: str = "native", dtype: s
             shards.append((name, list(shard)))
         shard, shard_bytes = {}, 0
 
-    for key, arr in params_to_hf(params, cfg, layout):
+    from recogdrive_jax.train.metrics import track
+    for key, arr in track(params_to_hf(params, cfg, layout), total=len(expected_keys(cfg, layout)),
+                          desc="convert internvl: write", unit="tensors"):
         t = np.ascontiguousarray(np.asarray(arr, np.float32).astype(ndtype))
         if shard and shard_bytes + t.nbytes > limit:
             flush()

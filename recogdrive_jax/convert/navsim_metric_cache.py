@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         raise SystemExit(f"{args.cache_dir}: no metric_cache.pkl files found (metadata/*.csv or recursive glob)")
     scenes, dropped = [], {}
-    for p in paths:
+    from recogdrive_jax.train.metrics import track
+    for p in track(paths, desc="convert navsim-metric-cache", unit="scenes"):
         try:
             sc, notes = convert_cache_file(p)
         except Exception as e:  # name the file; keep the original error

@@ -185,7 +185,8 @@ def torch_state_dict_to_params(sd: Mapping[str, Any], cfg, *, verbose: bool = Tr
     unexpected = sorted(PREFIX + k for k in set(bare) - set(expected_param) - set(extras)) + sorted(outside)
     misshaped = []
     flat = {}
-    for key, (path, transpose, shape) in expected_param.items():
+    from recogdrive_jax.train.metrics import track
+    for key, (path, transpose, shape) in track(expected_param.items(), desc="convert planner: read", unit="params"):
         if key not in bare:
             continue
         arr = _to_numpy(bare[key])
@@ -242,7 +243,8 @@ def params_to_torch_state_dict(params: Mapping, cfg, *, prefix: str = PREFIX, as
     if missing or unexpected:
         raise CheckpointKeyError(f"params do not match config: missing {missing}, unexpected {unexpected}")
     out: dict[str, Any] = {}
-    for path, (key, transpose, shape) in kmap.items():
+    from recogdrive_jax.train.metrics import track
+    for path, (key, transpose, shape) in track(kmap.items(), desc="convert planner: write", unit="params"):
         arr = np.asarray(flat[path], np.float32)
         if tuple(arr.shape) != shape:
             raise CheckpointKeyError(f"params {'/'.join(map(str, path))}: got {arr.shape}, expected {shape}")

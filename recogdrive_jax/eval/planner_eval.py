@@ -29,7 +29,8 @@ def score_plans(split, trajectories: np.ndarray, chunk: int = 64, **pdm_kwargs) 
         raise ValueError(f"score_plans: trajectories of shape {trajectories.shape}, expected {(n, 8, 3)}")
     out: dict[str, list] = {k: [] for k in _PDM_KEYS}
     chunk = min(chunk, n)
-    for start in range(0, n, chunk):
+    from recogdrive_jax.train.metrics import track
+    for start in track(range(0, n, chunk), desc=f"pdm score {n} scenes", unit="batches"):
         idx = np.arange(start, min(start + chunk, n))
         pad = np.concatenate([idx, np.full(chunk - len(idx), idx[-1])])  # fixed shape: one compilation
         res = pdm.pdm_score(split.scene_batch(pad), jnp.asarray(trajectories[pad])[:, None], **pdm_kwargs)
@@ -60,7 +61,8 @@ def plan_split(sampler, params, split, rng, batch_size: int = 64) -> np.ndarray:
     n = len(split)
     batch_size = min(batch_size, n)
     outs = []
-    for start in range(0, n, batch_size):
+    from recogdrive_jax.train.metrics import track
+    for start in track(range(0, n, batch_size), desc=f"plan {n} scenes", unit="batches"):
         idx = np.arange(start, min(start + batch_size, n))
         pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
         traj = sampler(params, jax.tree.map(jnp.asarray, split.cond(pad)), jax.random.fold_in(rng, start))

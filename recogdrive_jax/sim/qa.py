@@ -166,8 +166,11 @@ def write_qa_dataset(out_dir: str, num_scenes: int, seed: int = 0, *, image_size
     repeat = dict(DEFAULT_REPEAT, **(repeat_time or {}))
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
+    from recogdrive_jax.train.metrics import track
     if scenes is None:
         scenes = (world.generate_scene(seed * 1_000_003 + i, domain=domain) for i in range(num_scenes))
+    scenes = track(scenes, total=len(scenes) if hasattr(scenes, "__len__") else num_scenes, desc="qa scenes",
+                   unit="scenes")
     files = {k: open(os.path.join(out_dir, "annotations", f"{prefix}_{k}.jsonl"), "w") for k in repeat}
     counts = {k: 0 for k in repeat}
     try:

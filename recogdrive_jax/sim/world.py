@@ -634,7 +634,9 @@ def _cast(scene: Scene) -> Scene:
 
 def generate_scenes(num_scenes: int, seed: int = 0, **kw) -> list[Scene]:
     """`num_scenes` scenes with per-scene seeds derived from `seed` (scene i uses seed * 1_000_003 + i)."""
-    return [generate_scene(seed * 1_000_003 + i, **kw) for i in range(num_scenes)]
+    from recogdrive_jax.train.metrics import track  # rate/ETA: thousands of scenes take minutes
+    return [generate_scene(seed * 1_000_003 + i, **kw) for i in track(range(num_scenes), desc="scenes",
+                                                                      unit="scenes")]
 
 
 def ego_state_summary(scene: Scene) -> dict:

@@ -192,9 +192,10 @@ def cache_split(split: str, scenes, builder: PromptBuilder, forward, params, out
             samples.append((ids, pv))
         return collate(samples, t_pad, m_pad, builder.cfg.force_image_size, pad_id, bs_pad)
 
+    from recogdrive_jax.train.metrics import Progress
     t0, done = time.time(), 0
     chunks = [todo[s:s + bs] for s in range(0, len(todo), bs)]
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(1) as pool, Progress(len(todo), desc=f"cache {split}", unit="rows", delay_s=2) as bar:
         nxt = pool.submit(prepare, chunks[0]) if chunks else None
         for k, idx in enumerate(chunks):
             batch = nxt.result()
@@ -202,6 +203,7 @@ def cache_split(split: str, scenes, builder: PromptBuilder, forward, params, out
             hidden = forward(params, batch)[:len(idx)]
             cache.write(idx, hidden, batch["attention_mask"][:len(idx)])
             done += len(idx)
+            bar.update(done=done)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"cache_{split}_done")
@@ -237,7 +239,9 @@ def run(config, workdir: str) -> dict:
     from recogdrive_jax.sim import world
     probe = world.index_scene(scenes[splits[0]], 0)
     m_pad = len(builder.tiles(front_image(probe)))
-    prompt_ids = {s: [builder.ids(world.index_scene(sc, i), m_pad) for i in range(len(sc.history))]
+    from recogdrive_jax.train.metrics import track
+    prompt_ids = {s: [builder.ids(world.index_scene(sc, i), m_pad)
+                      for i in track(range(len(sc.history)), desc=f"cache {s} prompts", unit="prompts")]
                   for s, sc in scenes.items()}
     lengths = {s: np.array([len(x) for x in v]) for s, v in prompt_ids.items()}
     longest = int(max(int(v.max()) for v in lengths.values()))

@@ -48,8 +48,8 @@ def run(config, workdir: str) -> dict:
     if split_name not in planner_data.SPLITS:
         raise ConfigError(f"config.eval.split: unknown {split_name!r}; allowed: {list(planner_data.SPLITS)}")
     # config.json first (a failing eval still says what it was asked to score); `scored` = the checkpoint and step
-    scored = ({"baseline": baseline} if baseline else
-              {"checkpoint": provenance.checkpoint_ref(ecfg.get("checkpoint", "") or ""), "use_ema": bool(ecfg.use_ema)})
+    scored = {"baseline": baseline} if baseline else {
+        "checkpoint": provenance.checkpoint_ref(ecfg.get("checkpoint", "") or ""), "use_ema": bool(ecfg.use_ema)}
     provenance.write_config(config, workdir, extra={"scored": scored})
     pcfg = planner_common.planner_config(config)
     split = planner_data.load_split(config.data, split_name, pcfg.vl_dim)

@@ -74,6 +74,8 @@ def run_split(policy, params, generator, split: str, config, out_dir: str, rng: 
         obs, _ = envs[k].reset(seed=int(e.seed) + i, options={"route_idx": route})
         return {"episode": i, "route": int(route), "obs": obs, "steps": 0, "correct": 0, "reward": 0.0}
 
+    from recogdrive_jax.train.metrics import Progress
+    bar = Progress(len(plan), desc=f"eval_nav {split}", unit="routes", delay_s=2)
     slots = [start(k) for k in range(bs)]
     counter = 0
     while any(s is not None for s in slots):
@@ -101,7 +103,9 @@ def run_split(policy, params, generator, split: str, config, out_dir: str, rng: 
                 records.append({"episode": s["episode"], "route_idx": s["route"], "success": success,
                                 "steps": s["steps"], "correct": s["correct"], "reward": s["reward"],
                                 "rail_length": info["rail_length"], "city": info.get("city", split)})
+                bar.update(n=1)
                 slots[k] = start(k)
+    bar.close()
     summary = metrics.summary()
     result = {"success_rate": summary["success_rate"], "per_step_accuracy": summary["per_step_accuracy"],
               "mean_reward": total_reward / max(metrics.steps, 1), "num_routes": int(metrics.episodes),

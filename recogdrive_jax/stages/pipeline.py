@@ -62,7 +62,8 @@ def _set(node: ml_collections.ConfigDict, path: str, value: Any, where: str) -> 
     try:
         node[last] = value
     except TypeError as e:
-        raise configs.ConfigError(f"config.{path}={value!r}: {where} has {path}={old!r} of another type ({e})") from None
+        raise configs.ConfigError(f"config.{path}={value!r}: {where} has {path}={old!r} of another type ({e})") \
+            from None
 
 
 def pipeline_config(steps: Sequence[str], step_configs: Mapping[str, ml_collections.ConfigDict],

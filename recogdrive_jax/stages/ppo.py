@@ -192,7 +192,8 @@ class RolloutIterator:
         enc, a_len = self.policy.encoder, self.policy.layout.answer_len
         rows, rewards, term, trunc = [], [], [], []
         values = []
-        for _ in range(self.num_steps):
+        from recogdrive_jax.train.metrics import track
+        for _ in track(range(self.num_steps), desc="ppo rollout", unit="steps"):  # each: num_envs env steps
             prompts = ppo_lib.stack([enc.encode_prompt(o) for o in self.obs])
             out = self.generate(self.params["vlm"], prompts, jax.random.fold_in(self.rng, self.counter))
             self.counter += 1

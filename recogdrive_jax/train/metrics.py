@@ -114,7 +114,7 @@ class Progress:
         if self.tty:
             from tqdm import tqdm
             self._bar = tqdm(total=self.total, initial=self.done, desc=desc, unit=unit.rstrip("s") or unit,
-                             dynamic_ncols=True, delay=delay_s)
+                             dynamic_ncols=True, delay=delay_s, leave=delay_s == 0)
         elif self.main:
             import threading
             self._stop = threading.Event()
