@@ -52,8 +52,7 @@ def run(config, workdir: str) -> dict:
     configs.validate_common(config)
     mesh_lib.initialize_distributed(config.get("distributed"))
     import jax
-    if config.stage != "pipeline":  # a pipeline checks each step's mesh before its first step runs
-        mesh_lib.resolve_mesh_shape([config.mesh.data, config.mesh.fsdp, config.mesh.tensor], jax.device_count())
+    mesh_lib.resolve_mesh_shape([config.mesh.data, config.mesh.fsdp, config.mesh.tensor], jax.device_count())
     return get_stage(config.stage)(config, workdir)
 
 
@@ -107,6 +106,8 @@ def _flags_parser(argv):
             fail(f"--config={cfg}: {_config_file_error(text)}")
         fail(text.splitlines()[0] if text else type(e).__name__)
     except OSError as e:  # an override applied to a config file that failed to load
+        if "earlier failure to load" not in str(e):
+            raise
         fail(_config_load_error(cfg, e))
     except SyntaxError as e:
         fail(f"--config={cfg}: syntax error in {e.filename}:{e.lineno}: {e.msg}")

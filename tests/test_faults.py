@@ -63,6 +63,8 @@ def _run(module, args, cwd):
 FAULTS = {
     "missing_config": ("recogdrive_jax.main", ["--config=configs/nope.py"], ["--config=configs/nope.py",
                                                                              "No such file"]),
+    "missing_config_with_override": ("recogdrive_jax.main", ["--config=configs/nope.py", "--config.train.num_steps=2"],
+                                     ["--config=configs/nope.py", "No such file"]),
     "unknown_pipeline_step": ("recogdrive_jax.main", ["--config=configs/demo.py:foo"], ["configs/demo.py", "foo"]),
     "truncated_image": ("recogdrive_jax.main", [f"--config={TINY_SFT}", "--config.data.meta_path={truncated}"],
                         [f"qa.jsonl:{BAD_ROW + 1}", f"images/{BAD_ROW}.png", "truncated", "skip_bad_rows"]),
