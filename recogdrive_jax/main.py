@@ -52,7 +52,8 @@ def run(config, workdir: str) -> dict:
     configs.validate_common(config)
     mesh_lib.initialize_distributed(config.get("distributed"))
     import jax
-    mesh_lib.resolve_mesh_shape([config.mesh.data, config.mesh.fsdp, config.mesh.tensor], jax.device_count())
+    if config.stage != "pipeline":  # a pipeline checks each step's mesh before its first step runs
+        mesh_lib.resolve_mesh_shape([config.mesh.data, config.mesh.fsdp, config.mesh.tensor], jax.device_count())
     return get_stage(config.stage)(config, workdir)
 
 
