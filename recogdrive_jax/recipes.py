@@ -31,6 +31,13 @@ def _size(size: str) -> dict:
     return SIZES[size]
 
 
+def _vl_dim(size: str) -> int:
+    """Hv of the size's VLM, the width of the cache the planner reads: a key of its own so a cache of another VLM
+    (or the tiny one) can be named on the command line (`--config.planner.vl_dim=...`)."""
+    from recogdrive_jax.models.planner import VLM_WIDTH
+    return VLM_WIDTH[_size(size)["vlm_size"]]
+
+
 def sft(size: str) -> ml_collections.ConfigDict:
     """Stage 1 (`internvl3_{2b,8b}_dynamic_res_2nd_finetune_recogdrive_pretrain.sh`, seed 000): lr 4e-5 cosine,
     warmup 0.1, weight decay 0.05, bf16, gradient checkpointing, max 12288 tokens, up to 16 tiles + thumbnail,
@@ -73,6 +80,7 @@ def il(size: str) -> ml_collections.ConfigDict:
     """Stage 2: DiT `small` on the cached VLM states, upstream IL optimiser (AdamW 1e-4, wd 1e-4, betas (0.9, 0.95),
     warmup-cosine to 1e-6, clip 1.0, EMA 0.999)."""
     c = configs.planner_stage_config("il", variant="small", vlm_size=_size(size)["vlm_size"])
+    c.planner.vl_dim = _vl_dim(size)
     c.train.num_steps = 200_000
     c.train.batch_size = 512
     c.train.log_every = 100
@@ -96,6 +104,7 @@ def rl(size: str, epochs: int = 10) -> ml_collections.ConfigDict:
 
     from recogdrive_jax.rl import grpo
     c = configs.planner_stage_config("rl", variant="small", vlm_size=_size(size)["vlm_size"])
+    c.planner.vl_dim = _vl_dim(size)
     c.rl = ml_collections.ConfigDict(dataclasses.asdict(grpo.GRPOConfig()))
     c.data.num_train_scenes = NUM_TRAIN_SCENES
     c.data.num_eval_scenes = NUM_EVAL_SCENES
@@ -118,6 +127,7 @@ def eval(size: str) -> ml_collections.ConfigDict:  # noqa: A001  (the stage's na
     writes WORKDIR/eval/<split>/metrics.json, metrics.md, per_scene.jsonl and BEV PNGs of the best/worst scenes.
     `eval.deterministic=False` is upstream's stochastic evaluation (one eta = 1 sample per scene)."""
     c = configs.planner_stage_config("eval", variant="small", vlm_size=_size(size)["vlm_size"])
+    c.planner.vl_dim = _vl_dim(size)
     del c["train"]
     del c["optim"]
     c.data.num_eval_scenes = NUM_EVAL_SCENES

@@ -57,7 +57,7 @@ def data_block(**overrides) -> ml_collections.ConfigDict:
         synthetic_scenes=0,  # with meta_path '': scenes of the synthetic world turned into QA (WORKDIR/qa)
         synthetic_eval_scenes=0,
         synthetic_seed=0,  # = the planner stages' data.scene_seed: train QA from the planner's train scenes
-        skip_bad_rows=False,  # drop (and count) malformed rows instead of failing
+        skip_bad_rows=False,  # drop (and count) malformed rows and undecodable images instead of failing
         max_seq_length=12288,
         max_dynamic_patch=16,  # ReCogDrive: up to 16 tiles (+ thumbnail)
         min_dynamic_patch=1,
