@@ -36,6 +36,7 @@ _TRAIN = ["--config.train.num_steps=1", "--config.train.batch_size=8", "--config
           "--config.train.checkpoint_every=0", "--config.train.eval_every=0", "--config.train.tensorboard=false"]
 _SCENES = ["--config.data.num_train_scenes=16", "--config.data.num_eval_scenes=8"]
 _EVAL = ["--config.eval.num_plots=0", "--config.eval.batch_size=8"]
+_TINY_DIT = ["--config.planner.variant=tiny", "--config.planner.vl_dim=64"]
 _TINY_VLM = ["--config.model.dtype=float32", "--config.model.remat=false"]
 _NAV = ["--config.eval_nav.splits=in_distribution", "--config.eval_nav.max_routes=1",
         "--config.eval_nav.max_new_tokens=8", "--config.eval_nav.num_render=0"]
@@ -47,9 +48,10 @@ SMALLEST = {
         "--config.eval.max_batches=1", "--config.optim.grad_accum=1"],
     "configs/recogdrive_8b/cache.py": _SCENES + _TINY_VLM[:1] + ["--config.cache.batch_size=8",
                                                                  "--config.cache.max_dynamic_patch=2"],
-    "configs/recogdrive_8b/il.py": _TRAIN + _SCENES + _EVAL + ["--config.planner.variant=tiny"],
-    "configs/recogdrive_8b/rl.py": _TRAIN + _SCENES + _EVAL + ["--config.planner.variant=tiny"],
-    "configs/recogdrive_8b/eval.py": _SCENES[1:] + _EVAL + ["--config.planner.variant=tiny"],
+    # a tiny DiT reading the tiny VLM's cache (Hv 64)
+    "configs/recogdrive_8b/il.py": _TRAIN + _SCENES + _EVAL + _TINY_DIT,
+    "configs/recogdrive_8b/rl.py": _TRAIN + _SCENES + _EVAL + _TINY_DIT,
+    "configs/recogdrive_8b/eval.py": _SCENES[1:] + _EVAL + _TINY_DIT,
     "configs/demo.py": _TRAIN + _SCENES + _EVAL,  # a pipeline: each override reaches every step with the key
     "configs/demo_rl.py:rl": _TRAIN + _SCENES + _EVAL,
     "configs/demo_rl.py:eval": _SCENES[1:] + _EVAL,
