@@ -25,6 +25,8 @@ def _user_errors():
 
 
 def fail(msg: str) -> None:
+    """One `error:` line (a multi-line message is joined), exit status 2."""
+    msg = " ".join(line.strip() for line in str(msg).splitlines() if line.strip())
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
