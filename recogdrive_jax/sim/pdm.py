@@ -397,15 +397,15 @@ def _first_index(mask: jax.Array, axis: int) -> jax.Array:
     return jnp.minimum(jnp.min(jnp.where(mask, iota, n), axis), n - 1)
 
 
-def _score(scene: Scene, trajectories: jax.Array, ep_weight, ttc_weight, comfort_weight, interval: float,
-           human_filter: bool, regulariser: str = "navsim", float64: bool = False) -> dict[str, jax.Array]:
-    dtype = jnp.float64 if float64 else jnp.result_type(float)
-    traj = jnp.asarray(trajectories, dtype)
-    B, G = traj.shape[:2]
-    plans = interpolate_plan(traj, interval)  # [B, G, 41, 3]
-    ref = jnp.asarray(scene.ref_poses, dtype)[:, None]  # [B, 1, 41, 3]
-    allp = jnp.concatenate([ref, plans], 1)  # [B, G1, 41, 3]; index 0 = reference
-    G1 = G + 1
+def measure(scene: Scene, poses: jax.Array, regulariser: str = "navsim") -> dict[str, jax.Array]:
+    """Un-aggregated sub-metrics of reference poses [B, G1, 41, 3] at 0.1 s (the ego starts at the origin):
+    each is tracked by the LQR + bicycle model and measured on the scene. Returns [B, G1] arrays nc, dac, ddc,
+    ddc_v2, ttc, ttc_v2, c, lk, hc, tlc and progress (raw metres along the centreline). EP needs the group it
+    is normalised in, so the callers aggregate (`pdm_score`: each candidate vs the reference; `pdm_closed`: the
+    proposals among themselves)."""
+    dtype = poses.dtype
+    allp = poses
+    B, G1 = poses.shape[:2]
     status = jnp.asarray(scene.status, dtype)
     init = jnp.broadcast_to(status[:, None, 4:8], (B, G1, 4)).reshape(B * G1, 4)
     st = simulate(allp.reshape(B * G1, N_STATES, 3), init, regulariser)
@@ -530,11 +530,6 @@ def _score(scene: Scene, trajectories: jax.Array, ep_weight, ttc_weight, comfort
     arc = arc.reshape(B, G1, 2)
     raw = jnp.maximum(arc[..., 1] - arc[..., 0], 0.0)  # [B, G1]
 
-    mult = nc * dac
-    m = raw * mult
-    best = jnp.maximum(m[:, :1], m)  # each candidate vs the reference and itself
-    ep = jnp.where(best > 5.0, m / jnp.where(best > 5.0, best, 1.0), jnp.where(mult == 0.0, 0.0, 1.0))
-
     # Comfort.
     c = comfort(st["ax"], st["ay"], th).astype(dtype)
 
@@ -560,6 +555,23 @@ def _score(scene: Scene, trajectories: jax.Array, ep_weight, ttc_weight, comfort
     h_omd = jnp.concatenate([hh[..., 4], st["yaw_acc"]], -1)
     ax_c = h_ax + R2C * (h_om ** 2 + h_omd)
     hc = comfort(h_ax, h_ay, h_head, acc_window=8, jerk_window=15, ax_lon=ax_c).astype(dtype)
+    return dict(nc=nc, dac=dac, ddc=ddc, ddc_v2=ddc_v2, ttc=ttc, ttc_v2=ttc_v2, c=c, lk=lk, hc=hc, tlc=tlc,
+                progress=raw)
+
+
+def _score(scene: Scene, trajectories: jax.Array, ep_weight, ttc_weight, comfort_weight, interval: float,
+           human_filter: bool, regulariser: str = "navsim", float64: bool = False) -> dict[str, jax.Array]:
+    dtype = jnp.float64 if float64 else jnp.result_type(float)
+    traj = jnp.asarray(trajectories, dtype)
+    plans = interpolate_plan(traj, interval)  # [B, G, 41, 3]
+    ref = jnp.asarray(scene.ref_poses, dtype)[:, None]  # [B, 1, 41, 3]
+    met = measure(scene, jnp.concatenate([ref, plans], 1), regulariser)  # [B, G1]; index 0 = reference
+    nc, dac, ddc, ddc_v2, ttc, ttc_v2, c, lk, hc, tlc, raw = (
+        met[k] for k in ("nc", "dac", "ddc", "ddc_v2", "ttc", "ttc_v2", "c", "lk", "hc", "tlc", "progress"))
+    mult = nc * dac
+    m = raw * mult
+    best = jnp.maximum(m[:, :1], m)  # each candidate vs the reference and itself
+    ep = jnp.where(best > 5.0, m / jnp.where(best > 5.0, best, 1.0), jnp.where(mult == 0.0, 0.0, 1.0))
     ec = jnp.full_like(nc, jnp.nan)
 
     sub = dict(nc=nc, dac=dac, ddc_v2=ddc_v2, tlc=tlc, ttc_v2=ttc_v2, lk=lk)
