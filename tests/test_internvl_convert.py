@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from transformers import InternVLForConditionalGeneration
 
 from recogdrive_jax.convert import internvl as cv
+from recogdrive_jax.data.tokenizer import build_tokenizer
 from recogdrive_jax.models import internvl as iv
 from test_internvl_parity import hf_model
 
@@ -21,11 +22,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
+def tokenizer():
+    return build_tokenizer()  # the tiny config's vocabulary and special-token ids
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tokenizer):
     cfg = iv.get_config("tiny")
     tm = hf_model(cfg, seed=7)
     d = str(tmp_path_factory.mktemp("hf"))
     tm.save_pretrained(d, max_shard_size="200KB")  # sharded + index JSON
+    tokenizer.save_pretrained(d)
     return cfg, tm, d
 
 
@@ -194,12 +201,13 @@ def test_tie_flag_round_trips_through_both_config_layouts():
     assert not iv.config_from_hf(d).llm_config.tie_word_embeddings
 
 
-def test_tied_checkpoint_converts_both_ways(tmp_path):
+def test_tied_checkpoint_converts_both_ways(tmp_path, tokenizer):
     cfg = tied_tiny()
     tm = hf_model(cfg, seed=11)
     assert tm.lm_head.weight.data_ptr() == tm.model.language_model.embed_tokens.weight.data_ptr()
     src = str(tmp_path / "tied_hf")
     tm.save_pretrained(src)
+    tokenizer.save_pretrained(src)
     assert "lm_head.weight" not in cv.TensorSource(src).keys()
     assert cv.main(["--from-hf", src, "--out", str(tmp_path / "orbax")]) == 0
     cfg2, params = cv.load_params(str(tmp_path / "orbax"))
@@ -242,7 +250,9 @@ def test_tied_config_with_a_different_head_is_an_error():
 
 def test_model_from_params_names_every_unfilled_or_unexpected_parameter(tmp_path):
     cfg = iv.get_config("tiny")
-    params = cv.model_params(iv.init_model(cfg))
+    params = {}
+    for path, shape in cv.param_shapes(cfg).items():  # zeros: the checks run before any array is used
+        cv._set(params, path, np.zeros(shape, np.float32))
     lm = dict(params["language_model"])
     del lm["lm_head"]
     bad = {**params, "language_model": lm, "extra": {"w": np.zeros(3)}}

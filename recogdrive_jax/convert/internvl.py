@@ -11,6 +11,7 @@ arrays of the Flax layout, so a conversion holds one copy of the model. Writing 
 CLI (dispatched by `python -m recogdrive_jax.convert internvl ...`):
     internvl --from-hf DIR --out DIR [--dtype float32|bfloat16]      # HF dir -> Orbax params + config
     internvl --to-hf PARAMS_DIR --out DIR [--layout native|remote] [--dtype bfloat16] [--max-shard-size 5GB]
+             [--tokenizer DIR]   # + tokenizer, chat template, processor configs (convert/hf_processor.py)
 """
 from __future__ import annotations
 
@@ -533,17 +534,30 @@ def load_params(params_dir: str):
 
 
 def from_hf(src_dir: str, out_dir: str, *, layout: str | None = None, dtype: str = "float32") -> None:
+    """HF dir -> Orbax params + our config, and the source's tokenizer (for `to_hf` and `sft`'s init_from)."""
+    from recogdrive_jax.convert import hf_processor
     from recogdrive_jax.models.internvl import load_hf_config
     cfg = load_hf_config(src_dir)
     src = TensorSource(src_dir, layout)
     params = hf_to_params(src, cfg, np_dtype(dtype))
     save_params(params, cfg, out_dir)
+    if hf_processor.has_tokenizer(src_dir):
+        hf_processor.copy_tokenizer(src_dir, out_dir)
 
 
 def to_hf(params_dir: str, out_dir: str, *, layout: str = "native", dtype: str = "bfloat16",
-          max_shard_size: str | int = "5GB") -> list[str]:
+          max_shard_size: str | int = "5GB", tokenizer: str | None = None) -> list[str]:
+    """A complete transformers directory: weights + config (`save_hf`), tokenizer, chat template, processor configs.
+    The tokenizer is `tokenizer` or the one `from_hf` kept in `params_dir`."""
+    from recogdrive_jax.convert import hf_processor
+    tokenizer = tokenizer or (params_dir if hf_processor.has_tokenizer(params_dir) else None)
+    if tokenizer is None:
+        raise hf_processor.ExportError(f"--to-hf {params_dir}: no tokenizer there (convert --from-hf keeps the "
+                                       "source's); pass --tokenizer DIR")
     cfg, params = load_params(params_dir)
-    return save_hf(params, cfg, out_dir, layout=layout, dtype=dtype, max_shard_size=max_shard_size)
+    files = save_hf(params, cfg, out_dir, layout=layout, dtype=dtype, max_shard_size=max_shard_size)
+    hf_processor.write_processor_files(out_dir, cfg, tokenizer)
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -558,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                     help="parameter dtype (default: float32 for --from-hf, bfloat16 for --to-hf)")
     ap.add_argument("--max-shard-size", default="5GB")
+    ap.add_argument("--tokenizer", metavar="DIR", default=None,
+                    help="--to-hf: tokenizer directory (default: the one --from-hf kept next to the params)")
     a = ap.parse_args(argv)
     if a.from_hf:
         if a.dtype == "float16":
@@ -566,8 +582,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote Orbax params to {os.path.join(a.out, PARAMS_DIR)}")
     else:
         files = to_hf(a.to_hf, a.out, layout="native" if a.layout == "auto" else a.layout,
-                      dtype=a.dtype or "bfloat16", max_shard_size=a.max_shard_size)
-        print(f"wrote {len(files)} safetensors file(s) + config.json to {a.out}")
+                      dtype=a.dtype or "bfloat16", max_shard_size=a.max_shard_size, tokenizer=a.tokenizer)
+        print(f"wrote {len(files)} safetensors file(s), config.json, tokenizer, chat template and processor configs "
+              f"to {a.out}")
     return 0
 
 

@@ -169,6 +169,9 @@ def config_from_hf(d: dict, **overrides) -> InternVLConfig:
         top = {k: v for k, v in _pick(d, InternVLConfig).items() if k not in ("vision_config", "llm_config")}
         top.update(downsample_ratio=d.get("downsample_ratio", 0.5), select_layer=d.get("vision_feature_layer", -1),
                    image_token_id=d.get("image_token_id", 151667))
+        for k in ("eos_token_id", "pad_token_id"):  # transformers keeps them in text_config
+            if k not in top and isinstance(d["text_config"].get(k), int):
+                top[k] = d["text_config"][k]
         if d.get("vision_feature_select_strategy", "default") != "default":
             raise ValueError("config.json: vision_feature_select_strategy must be 'default' (drop CLS)")
     else:  # remote code (InternVLChatConfig)
@@ -181,6 +184,11 @@ def config_from_hf(d: dict, **overrides) -> InternVLConfig:
         llm = _llm_from_dict({**d["llm_config"], "tie_word_embeddings": tie})
         top = _pick(d, InternVLConfig)
         top = {k: v for k, v in top.items() if k not in ("vision_config", "llm_config")}
+    # Neither transformers nor remote code store <img> / </img> ids; InternVL adds <img>, </img>, <IMG_CONTEXT>
+    # consecutively (151665-151667; the tiny tokenizer's 3-5), and the tokenizer check in sft confirms them.
+    ctx = int(top.get("image_token_id", InternVLConfig.image_token_id))
+    top.setdefault("img_start_token_id", ctx - 2)
+    top.setdefault("img_end_token_id", ctx - 1)
     return InternVLConfig(vision_config=vis, llm_config=llm, **{**top, **overrides})
 
 

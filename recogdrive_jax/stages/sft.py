@@ -215,8 +215,12 @@ def load_or_build_tokenizer(resolved: ResolvedModel, workdir: str, corpus=None):
     bad = {t: (tok.convert_tokens_to_ids(t), i) for t, i in want.items() if tok.convert_tokens_to_ids(t) != i}
     if bad:
         raise ValueError(f"tokenizer and model disagree on special-token ids (tokenizer, model): {bad}")
-    if len(tok) > cfg.llm_config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tok)} tokens > the model's vocab_size {cfg.llm_config.vocab_size}")
+    from recogdrive_jax.convert.hf_processor import NAMED_TOKENS
+    beyond = sorted(t for t, i in tok.get_vocab().items() if i >= cfg.llm_config.vocab_size
+                    and t != NAMED_TOKENS["video_token"])  # an export's processor-only placeholder (hf_processor)
+    if beyond:
+        raise ValueError(f"tokenizer has {len(beyond)} token(s) past the model's vocab_size "
+                         f"{cfg.llm_config.vocab_size}, e.g. {beyond[:5]}")
     return tok
 
 
@@ -380,9 +384,11 @@ def build_batches(meta_path: str, tok, cfg, data_cfg, *, global_batch: int, seed
 # ------------------------------------------------------------------------------------------------- the stage
 
 def export_hf(params, cfg, tok, out_dir: str, export_cfg) -> None:
-    """transformers-loadable directory (config.json + safetensors + tokenizer) from fp32 params."""
+    """A complete transformers directory from fp32 params: config.json + safetensors, tokenizer, chat template,
+    processor / preprocessor / generation configs (`AutoProcessor.from_pretrained(out_dir)` works)."""
     import jax
 
+    from recogdrive_jax.convert import hf_processor
     from recogdrive_jax.convert import internvl as conv
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -394,7 +400,7 @@ def export_hf(params, cfg, tok, out_dir: str, export_cfg) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     conv.save_hf(params, cfg, tmp, layout=export_cfg.get("layout", "native"), dtype=export_cfg.get("dtype", "bfloat16"),
                  max_shard_size=export_cfg.get("max_shard_size", "5GB"))
-    tok.save_pretrained(tmp)
+    hf_processor.write_processor_files(tmp, cfg, tok)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
 
