@@ -73,6 +73,7 @@ def cache(size: str) -> ml_collections.ConfigDict:
     c.data.num_eval_scenes = NUM_EVAL_SCENES
     c.cache.batch_size = 8
     c.cache.max_dynamic_patch = 12
+    c.cache.splits = "train,eval,test"  # il/rl read train and eval; the eval recipe scores test
     return c
 
 
