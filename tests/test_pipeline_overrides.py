@@ -62,3 +62,30 @@ def test_cli_unknown_key_is_one_error_line(tmp_path):
                        cwd=ROOT, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: config.rl.bc_weight: no step of this pipeline")
+
+
+def test_wall_times_printed_and_summarised_also_when_a_step_fails(tmp_path, monkeypatch, capsys):
+    import json
+
+    from recogdrive_jax import stages
+    real = stages.get_stage
+
+    def fake_get_stage(name):
+        if name == "pipeline":
+            return real(name)
+
+        def run(config, workdir):
+            if config.stage == "rl":
+                raise RuntimeError("rl broke")
+            return {"pdms": 0.5, "name": config.stage}
+        return run
+    monkeypatch.setattr(stages, "get_stage", fake_get_stage)
+    with pytest.raises(RuntimeError, match="rl broke"):
+        pipeline.run(parse(f"--config={DEMO}:il,rl,eval"), str(tmp_path))
+    summary = json.load(open(tmp_path / "pipeline_summary.json"))
+    assert not summary["completed"] and summary["failed_step"] == "rl"
+    assert [(s["name"], s["ok"]) for s in summary["steps"]] == [("il", True), ("rl", False)]
+    assert summary["steps"][0]["metrics"] == {"pdms": 0.5, "name": "il"}
+    assert summary["total_wall_s"] >= sum(s["wall_s"] for s in summary["steps"]) >= 0
+    out = capsys.readouterr().out
+    assert "=== pipeline stopped at step 'rl'" in out and "| il | il |" in out and "| total |" in out
