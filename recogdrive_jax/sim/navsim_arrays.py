@@ -41,8 +41,12 @@ def _unpad(poly: np.ndarray) -> np.ndarray:
 
 
 def scene_to_arrays(scene: Scene, trajectories: np.ndarray | None = None,
-                    reference_poses: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """One unbatched scene (+ candidates [N, 8, 3]) -> the navsim-real npz fields (dtype float32 / int64 / bool)."""
+                    reference_poses: np.ndarray | None = None, with_reference: bool = True,
+                    speed_limit: float | None = None) -> dict[str, np.ndarray]:
+    """One unbatched scene (+ candidates [N, 8, 3]) -> the navsim-real npz fields (dtype float32 / int64 / bool).
+
+    with_reference=False leaves out `pdm_closed_trajectory`, so the tool runs the real PDM-Closed (whose IDM
+    targets fractions of `speed_limit`, m/s; NAVSIM falls back to 15 m/s without one)."""
     st = np.asarray(scene.status, np.float32)
     real = np.nonzero(np.asarray(scene.obj_type) > 0)[0]
     boxes = np.asarray(scene.obj_boxes, np.float32)[:, real]  # [F, M, 5]
@@ -54,10 +58,13 @@ def scene_to_arrays(scene: Scene, trajectories: np.ndarray | None = None,
         "agents": np.concatenate([boxes, vx[..., None], vy[..., None], valid[..., None]], -1).astype(np.float32),
         "agent_types": np.array([_TO_NUPLAN[int(t)] for t in np.asarray(scene.obj_type)[real]], np.int64),
         "centerline": np.asarray(scene.centerline, np.float32)[np.asarray(scene.centerline_mask)],
-        "pdm_closed_trajectory": np.asarray(scene.ref_poses if reference_poses is None else reference_poses,
-                                            np.float32),
         "project_obj_index": real.astype(np.int64),
     }
+    if with_reference:
+        out["pdm_closed_trajectory"] = np.asarray(scene.ref_poses if reference_poses is None else reference_poses,
+                                                  np.float32)
+    if speed_limit is not None:
+        out["speed_limit"] = np.asarray(speed_limit, np.float64)
     for name, field, mask_field, _ in _POLYGONS:
         mask = np.asarray(getattr(scene, mask_field))
         polys = [_unpad(np.asarray(p, np.float32)) for p in np.asarray(getattr(scene, field))[mask]]
@@ -67,6 +74,8 @@ def scene_to_arrays(scene: Scene, trajectories: np.ndarray | None = None,
     out["lane_on_route"] = np.asarray(scene.lane_on_route)[np.asarray(scene.lane_mask)]
     for f in _PROJECT_FIELDS:
         out[f"project_{f}"] = np.asarray(getattr(scene, f))
+    if not with_reference:  # the synthetic expert reference still round-trips
+        out["project_ref_poses"] = np.asarray(scene.ref_poses)
     if trajectories is not None:
         out["trajectories"] = np.asarray(trajectories, np.float32)
     return out
@@ -100,7 +109,8 @@ def arrays_to_scene(arrays) -> Scene:
     centerline[: len(cl)] = cl
     cl_mask = np.arange(world.CENTERLINE_LEN) < len(cl)
     fields = {f: np.asarray(arrays[f"project_{f}"]) for f in _PROJECT_FIELDS}
-    fields.update(status=status, ref_poses=np.asarray(arrays["pdm_closed_trajectory"], np.float32)[:world.NUM_SIM_STATES],
+    ref = arrays["pdm_closed_trajectory"] if "pdm_closed_trajectory" in arrays else arrays["project_ref_poses"]
+    fields.update(status=status, ref_poses=np.asarray(ref, np.float32)[:world.NUM_SIM_STATES],
                   obj_boxes=boxes, obj_valid=valid, obj_speed=speed, centerline=centerline, centerline_mask=cl_mask)
     for name, field, mask_field, cap in _POLYGONS:
         fields[field], fields[mask_field] = _polys(arrays, name, cap)
