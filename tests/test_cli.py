@@ -5,12 +5,14 @@ import sys
 
 import pytest
 
+from conftest import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(ROOT, "tests", "configs", "base_only.py")
 
 
 def _main(*args, workdir):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env(8)
     return subprocess.run([sys.executable, "-m", "recogdrive_jax.main", f"--config={CFG}", *args,
                            f"--workdir={workdir}"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
 
