@@ -12,6 +12,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from conftest import subprocess_env
 from PIL import Image
 from safetensors.numpy import save_file
 
@@ -54,7 +56,7 @@ def inputs(tmp_path_factory):
 
 def _run(module, args, cwd):
     # one device: the same faults, a quicker compile of the tiny model's initialisation
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = subprocess_env(1)
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=300)
 
