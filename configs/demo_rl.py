@@ -41,6 +41,9 @@ def eval_config() -> ml_collections.ConfigDict:
     del c["optim"]
     c.eval.checkpoint = "{workdir}/rl"
     c.eval.split = "test"
+    # both evaluation protocols on the same seeded noise: deterministic DDIM (eta 0; the headline, as the il/rl
+    # steps evaluate) and upstream's stochastic get_action sampling (eta 1), one row each in metrics.md
+    c.eval.protocol = "deterministic,upstream"
     c.eval.use_ema = False
     c.eval.num_plots = 4
     c.data.num_eval_scenes = 128

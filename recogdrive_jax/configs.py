@@ -101,7 +101,9 @@ def planner_data_block(**overrides) -> ml_collections.ConfigDict:
 def planner_eval_block(**overrides) -> ml_collections.ConfigDict:
     d = dict(
         split="eval",
-        deterministic=True,  # deterministic DDIM; False = upstream's stochastic evaluation (eta = 1)
+        protocol="deterministic",  # 'deterministic' (DDIM eta 0) | 'upstream' (the agent's stochastic eta = 1
+        # sampling, seeded) | a comma list, e.g. 'upstream,deterministic': the eval stage scores each, the first is
+        # the headline and the one il/rl evaluate with (eval/planner_eval.py PROTOCOLS)
         batch_size=64,
         num_plots=6,
         baseline="",  # 'constant_velocity' scores the baseline instead of a checkpoint (eval stage)

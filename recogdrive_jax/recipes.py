@@ -118,7 +118,7 @@ def rl(size: str, epochs: int = 10) -> ml_collections.ConfigDict:
     c.train.init_from = ""
     c.optim.update(dict(lr=1e-4, warmup_ratio=0.0, warmup_steps=0, schedule="cosine", min_lr_ratio=0.0,
                         weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0))
-    c.eval.deterministic = False  # upstream evaluates with the stochastic sampler (eta 1)
+    c.eval.protocol = "upstream"  # upstream evaluates with the stochastic sampler (eta 1)
     c.eval.use_ema = False
     return c
 
@@ -126,13 +126,14 @@ def rl(size: str, epochs: int = 10) -> ml_collections.ConfigDict:
 def eval(size: str) -> ml_collections.ConfigDict:  # noqa: A001  (the stage's name)
     """PDM evaluation of a planner checkpoint (`eval.checkpoint`) or `eval.baseline=constant_velocity` on a split;
     writes WORKDIR/eval/<split>/metrics.json, metrics.md, per_scene.jsonl and BEV PNGs of the best/worst scenes.
-    `eval.deterministic=False` is upstream's stochastic evaluation (one eta = 1 sample per scene)."""
+    `eval.protocol=upstream` is upstream's stochastic evaluation (one eta = 1 sample per scene, seeded);
+    `deterministic` is DDIM with eta 0; `upstream,deterministic` scores both."""
     c = configs.planner_stage_config("eval", variant="small", vlm_size=_size(size)["vlm_size"])
     c.planner.vl_dim = _vl_dim(size)
     del c["train"]
     del c["optim"]
     c.data.num_eval_scenes = NUM_EVAL_SCENES
     c.eval.split = "test"
-    c.eval.deterministic = False
+    c.eval.protocol = "upstream"
     c.eval.num_plots = 6
     return c

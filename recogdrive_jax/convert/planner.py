@@ -1,7 +1,8 @@
 """Convert ReCogDrive planner weights between upstream PyTorch checkpoints and Orbax (spec/planner.md §1).
 
     python -m recogdrive_jax.convert planner --from-torch IN.{ckpt,pt,safetensors} --out DIR [--config small]
-    python -m recogdrive_jax.convert planner --to-torch DIR --out OUT.{ckpt,pt,safetensors}
+    python -m recogdrive_jax.convert planner --to-torch DIR --out OUT.{ckpt,pt,safetensors}   [--no-ema]
+      (DIR: a --from-torch output, or an il/rl run workdir: its newest checkpoint, EMA params when present)
 
 Orbax layout written to DIR:
     DIR/params/               StandardCheckpointer pytree = `planner_params(planner)` (nnx.List indices as '0', '1', ..)
@@ -358,19 +359,42 @@ def save_planner_checkpoint(out_dir: str | os.PathLike, params: Mapping, cfg) ->
     return out
 
 
-def load_planner_checkpoint(ckpt_dir: str | os.PathLike):
-    """-> (PlannerConfig, nested numpy params with int list indices)."""
+def load_planner_checkpoint(ckpt_dir: str | os.PathLike, *, prefer_ema: bool = True):
+    """-> (PlannerConfig, nested numpy params with int list indices) from a `--from-torch` output directory or an
+    il/rl run workdir (its config.json's planner block and newest checkpoint; EMA params when present and
+    `prefer_ema`)."""
     import orbax.checkpoint as ocp
     from recogdrive_jax.models.planner import PlannerConfig, _int_keys, abstract_planner, planner_params
 
     d = Path(ckpt_dir).absolute()
     cfg_file = d / "planner_config.json"
+    if not cfg_file.is_file() and (d / "config.json").is_file() and (d / "checkpoints").is_dir():
+        return _load_run_planner(d, prefer_ema)
     if not cfg_file.is_file() or not (d / "params").exists():
-        raise FileNotFoundError(f"{d}: not a planner checkpoint (expected params/ and planner_config.json)")
+        raise FileNotFoundError(f"{d}: not a planner checkpoint (expected params/ and planner_config.json from "
+                                "`convert planner --from-torch`, or an il/rl run workdir with config.json and "
+                                "checkpoints/)")
     cfg = PlannerConfig.from_mapping(json.loads(cfg_file.read_text()))
     import jax
     target = _str_keys(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), planner_params(abstract_planner(cfg))))
     params = ocp.StandardCheckpointer().restore(d / "params", target)
+    return cfg, _int_keys(jax.tree.map(np.asarray, params))
+
+
+def _load_run_planner(d: Path, prefer_ema: bool):
+    """An il/rl run workdir -> (PlannerConfig from its config.json, numpy params of its newest checkpoint)."""
+    import jax
+    from recogdrive_jax.models.planner import PlannerConfig, _int_keys, abstract_planner, planner_params
+    from recogdrive_jax.train import checkpoint as ckpt_lib
+
+    run_cfg = json.loads((d / "config.json").read_text())
+    if not isinstance(run_cfg.get("planner"), Mapping):
+        raise ValueError(f"{d / 'config.json'}: no `planner` block; not a planner (il/rl) run workdir")
+    cfg = PlannerConfig.from_mapping(run_cfg["planner"])
+    abstract = planner_params(abstract_planner(cfg))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = ckpt_lib.attach_shardings(abstract, jax.tree.map(lambda _: one, abstract))
+    params = ckpt_lib.load_params(str(d), target, prefer_ema=prefer_ema)
     return cfg, _int_keys(jax.tree.map(np.asarray, params))
 
 
@@ -393,13 +417,16 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Convert ReCogDrive planner weights between PyTorch and Orbax.")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--from-torch", metavar="IN", help="upstream .ckpt/.pt/.safetensors to read")
-    g.add_argument("--to-torch", metavar="DIR", help="Orbax planner checkpoint directory to export")
+    g.add_argument("--to-torch", metavar="DIR",
+                   help="a `--from-torch` output directory, or an il/rl run workdir (its newest checkpoint), to export")
     p.add_argument("--out", required=True, help="output directory (from-torch) or file (to-torch)")
     p.add_argument("--config", default=None,
                    help="planner variant to enforce (small, large, ...); default: inferred from the shapes")
     p.add_argument("--vlm-size", default=None, choices=["large", "small"],
                    help="with --config: VLM width (large 8B = 3584, small 2B = 1536); default inferred")
     p.add_argument("--sampling-method", default="ddim", choices=["ddim", "flow"])
+    p.add_argument("--no-ema", action="store_true",
+                   help="with --to-torch of a run workdir: export its params, not its EMA params")
     return p
 
 
@@ -429,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"convert planner: wrote {out} (D={cfg.embed_dim}, layers={cfg.num_layers}, Hv={cfg.vl_dim}, "
                   f"O={cfg.output_dim})")
         else:
-            cfg, params = load_planner_checkpoint(args.to_torch)
+            cfg, params = load_planner_checkpoint(args.to_torch, prefer_ema=not args.no_ema)
             sd = params_to_torch_state_dict(params, cfg, as_torch=not str(args.out).endswith(".safetensors"))
             save_torch_file(sd, args.out)
             print(f"convert planner: wrote {args.out} ({len(sd)} keys)")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recogdrive_jax.configs import ConfigError
 from recogdrive_jax.sim import pdm
 
 # Reported keys (the eval stage's metrics.json), in table order.
@@ -48,8 +49,33 @@ def summarize(per_scene: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
-def make_sampler(module_def, deterministic: bool = True) -> Callable:
-    """jit(params, cond, rng) → trajectories [B, 8, 3]; built once per module definition."""
+# `config.eval.protocol`: how a diffusion planner draws the one plan per scene it is scored on (name -> eta 0?).
+#   upstream       what upstream's agent evaluates with, `get_action(deterministic=False)`: DDIM eta 1, step std
+#                  floor 1e-4, step noise clipped to +-1 (spec/planner.md §3); the noise is drawn from config.seed,
+#                  so a rerun reproduces the numbers.
+#   deterministic  DDIM eta 0 and no step noise, from the same seeded initial noise.
+# A comma list ('upstream,deterministic') makes the eval stage score each (same initial noise); the first is the
+# headline (metrics.json's top-level keys, plots, per_scene.jsonl) and the one the il/rl stages evaluate with.
+PROTOCOLS = {"upstream": False, "deterministic": True}
+
+
+def eval_protocols(eval_config) -> tuple[str, ...]:
+    """`config.eval.protocol` -> the protocol names, validated (an error names the key and the allowed values)."""
+    raw = eval_config.get("protocol", "deterministic")
+    names = tuple(p.strip() for p in str(raw).split(",") if p.strip())
+    if not names or any(p not in PROTOCOLS for p in names) or len(set(names)) != len(names):
+        raise ConfigError(f"config.eval.protocol={raw!r}: expected one of {sorted(PROTOCOLS)} or a comma list of "
+                          "them, e.g. 'upstream,deterministic' (the first is the headline)")
+    return names
+
+
+def make_sampler(module_def, protocol: str = "deterministic") -> Callable:
+    """jit(params, cond, rng) → trajectories [B, 8, 3] under an evaluation `protocol` (see PROTOCOLS); built once
+    per module definition."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"make_sampler: unknown protocol {protocol!r}; allowed: {sorted(PROTOCOLS)}")
+    deterministic = PROTOCOLS[protocol]
+
     @jax.jit
     def sample(params, cond, rng):
         return module_def.bind(params).sample(cond, rng, deterministic=deterministic)

@@ -4,7 +4,9 @@ Writes WORKDIR/eval/<split>/metrics.json (nc, dac, ddc, ttc, ep, comfort, pdms, 
 metrics.md (the planner next to the constant-velocity baseline), per_scene.jsonl and BEV PNGs of the best and
 worst scenes. `config.eval.checkpoint` is a run workdir (its latest checkpoint; EMA params when
 `config.eval.use_ema`) or a parameter checkpoint directory (e.g. converted from PyTorch);
-`--config.eval.baseline=constant_velocity` scores the baseline instead.
+`--config.eval.baseline=constant_velocity` scores the baseline instead. `config.eval.protocol` picks how the
+diffusion planner samples (`upstream`: the agent's stochastic eta = 1 sampling, seeded; `deterministic`: DDIM eta 0);
+a comma list scores each, one row per protocol in metrics.md, '<protocol>/<key>' entries in metrics.json.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def run(config, workdir: str) -> dict:
     baseline = ecfg.get("baseline", "") or ""
     if baseline and baseline not in BASELINES:
         raise ConfigError(f"config.eval.baseline: unknown {baseline!r}; allowed: {list(BASELINES)} or ''")
+    protocols = planner_eval.eval_protocols(ecfg)
     split_name = ecfg.split
     if split_name not in planner_data.SPLITS:
         raise ConfigError(f"config.eval.split: unknown {split_name!r}; allowed: {list(planner_data.SPLITS)}")
@@ -63,13 +66,20 @@ def run(config, workdir: str) -> dict:
         mdef = ModuleDef(lambda rngs: build_planner(pcfg, rngs))
         mesh = mesh_lib.make_mesh(config.get("mesh"))
         params = load_planner_params(config, mdef, mesh)
-        sampler = planner_eval.make_sampler(mdef, deterministic=bool(ecfg.deterministic))
-        plans = planner_eval.plan_split(sampler, params, split, jax.random.key(int(config.seed) + 17),
-                                        int(ecfg.batch_size))
-        per = planner_eval.score_plans(split, plans)
-        summary = planner_eval.summarize(per)
-        name = "planner"
-        rows = {"planner": summary, "constant_velocity": cv}
+        name, rows, others = "planner", {}, {}
+        for i, protocol in enumerate(protocols):  # the same seeded noise for each protocol: a paired comparison
+            sampler = planner_eval.make_sampler(mdef, protocol)
+            p_plans = planner_eval.plan_split(sampler, params, split, jax.random.key(int(config.seed) + 17),
+                                              int(ecfg.batch_size))
+            p_per = planner_eval.score_plans(split, p_plans)
+            rows[f"planner ({protocol})"] = planner_eval.summarize(p_per)
+            if i == 0:
+                plans, per, summary = p_plans, p_per, rows[f"planner ({protocol})"]
+            else:  # metrics.json: '<protocol>/<key>' next to the headline's keys
+                others.update({f"{protocol}/{k}": v for k, v in rows[f"planner ({protocol})"].items()
+                               if k != "num_scenes"})
+        summary = {**summary, "protocol": protocols[0], **others}
+        rows["constant_velocity"] = cv
     out_dir = os.path.join(workdir, "eval", split_name)
     planner_eval.write_report(out_dir, summary, rows)
     if jax.process_index() == 0:
@@ -78,8 +88,10 @@ def run(config, workdir: str) -> dict:
                 f.write(json.dumps({"index": i, **{k: float(v[i]) for k, v in per.items()}}) + "\n")
     planner_common.plot_examples(out_dir, split, plans, per, int(ecfg.num_plots))
     if jax.process_index() == 0:
-        print(f"[eval] {name} on {split_name} ({summary['num_scenes']} scenes): PDMS {summary['pdms']:.4f} "
-              f"EPDMS {summary['epdms']:.4f} ADE {summary['ade']:.3f} m FDE {summary['fde']:.3f} m "
-              f"(constant-velocity PDMS {cv['pdms']:.4f})", flush=True)
+        shown = [(name, summary)] if baseline else [(k, v) for k, v in rows.items() if k != "constant_velocity"]
+        for row, r in shown:
+            print(f"[eval] {row} on {split_name} ({r['num_scenes']} scenes): PDMS {r['pdms']:.4f} "
+                  f"EPDMS {r['epdms']:.4f} ADE {r['ade']:.3f} m FDE {r['fde']:.3f} m "
+                  f"(constant-velocity PDMS {cv['pdms']:.4f})", flush=True)
         print(planner_eval.markdown_table(rows), flush=True)
     return {**summary, "name": name}

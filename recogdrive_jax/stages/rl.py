@@ -73,7 +73,7 @@ def run(config, workdir: str) -> dict:
     train_split = planner_data.load_split(config.data, "train", pcfg.vl_dim)
     eval_split = planner_data.load_split(config.data, config.eval.split, pcfg.vl_dim)
     ref = reference_params(config, workdir, mdef, mesh)
-    sampler = planner_eval.make_sampler(mdef, deterministic=bool(config.eval.deterministic))
+    sampler = planner_eval.make_sampler(mdef, planner_eval.eval_protocols(config.eval)[0])
     eval_rng = jax.random.key(int(config.seed) + 17)
     num_steps = int(config.train.num_steps)
     ema_decay = float(config.train.get("ema_decay", 0.0))
