@@ -3,6 +3,7 @@
   planner              Lightning/PyTorch diffusion-planner checkpoint <-> Orbax (`--from-torch` / `--to-torch`)
   internvl             HF InternVL directory (native or remote-code layout) <-> Orbax (`--from-hf` / `--to-hf`)
   navsim-metric-cache  NAVSIM metric cache (pickles; needs the optional navsim install) -> npz scene store
+  navsim-logs          NAVSIM/OpenScene log pickles + sensor blobs -> samples.npz (numpy only; runs in a NAVSIM env)
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ COMMANDS = {
     "planner": "recogdrive_jax.convert.planner",
     "internvl": "recogdrive_jax.convert.internvl",
     "navsim-metric-cache": "recogdrive_jax.convert.navsim_metric_cache",
+    "navsim-logs": "recogdrive_jax.convert.navsim_logs",
 }
 
 

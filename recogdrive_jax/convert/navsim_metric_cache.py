@@ -13,6 +13,8 @@ NC 0.5); the route centreline → `centerline` (1 m resampling); drivable-area-m
 `route_lane_ids`) and `intersections`. Simplifications forced by the fixed padded sizes of `world.Scene`:
 polygons are simplified (shapely `simplify`, growing tolerance) to at most `POLY_VERTS` vertices, and only the
 polygons/objects nearest the ego are kept when a scene has more than the caps (counts are reported).
+The sample token of each scene (its cache folder's name, as NAVSIM's `MetricCacheLoader` keys them) goes to the
+`tokens` field, so `convert navsim-logs --metric_cache` and `data.navsim_metric_cache` can match scenes to samples.
 v2 caches also provide the human future (`expert`) and past (`history`); v1 caches use PDM-Closed's poses.
 """
 from __future__ import annotations
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = cache_paths(args.cache_dir)[: args.max_scenes]
     if not paths:
         raise SystemExit(f"{args.cache_dir}: no metric_cache.pkl files found (metadata/*.csv or recursive glob)")
-    scenes, dropped = [], {}
+    scenes, tokens, dropped = [], [], {}
     from recogdrive_jax.train.metrics import track
     for p in track(paths, desc="convert navsim-metric-cache", unit="scenes"):
         try:
@@ -225,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # name the file; keep the original error
             raise SystemExit(f"{p}: conversion failed: {type(e).__name__}: {e}") from e
         scenes.append(sc)
+        tokens.append(os.path.basename(os.path.dirname(p)))  # NAVSIM's MetricCacheLoader: token = parent folder
         for k, v in notes.items():
             dropped[k] = dropped.get(k, 0) + v
-    scene_store.save_scenes(args.out, scenes)
+    scene_store.save_scenes(args.out, scenes, extra={"tokens": np.array(tokens, dtype=str)})
     print(f"wrote {len(scenes)} scenes to {args.out}; truncated to the padded caps: {dropped}")
     return 0
 

@@ -23,14 +23,15 @@ class SceneStoreError(UserError):
     pass
 
 
-def save_scenes(path: str, scenes: Scene | Sequence[Scene]) -> str:
-    """Writes one scene or a list/batch of scenes to `path` (.npz, compressed); returns the path."""
+def save_scenes(path: str, scenes: Scene | Sequence[Scene], extra: dict | None = None) -> str:
+    """Writes one scene or a list/batch of scenes to `path` (.npz, compressed); returns the path. `extra`: more
+    plain arrays stored beside the scene fields (e.g. NAVSIM `tokens` [N] str; `load_scenes` ignores them)."""
     if isinstance(scenes, Scene):
         arrays = {k: np.asarray(getattr(scenes, k)) for k in SCENE_SCHEMA}
     else:
         arrays = {k: np.asarray(getattr(world.stack_scenes(list(scenes)), k)) for k in SCENE_SCHEMA}
     tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, __format_version__=np.array(FORMAT_VERSION), **arrays)
+    np.savez_compressed(tmp, __format_version__=np.array(FORMAT_VERSION), **(extra or {}), **arrays)
     os.replace(tmp, path)
     return path
 
@@ -70,3 +71,17 @@ def load_scenes(path: str) -> Scene:
                 raise SceneStoreError(f"{path}: field '{name}' contains NaN or Inf")
             fields[name] = arr
     return Scene(**fields)
+
+
+def load_tokens(path: str) -> np.ndarray | None:
+    """The `tokens` [N] str field of a scene file (NAVSIM sample tokens), or None when it has none."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "tokens" not in data.files:
+                return None
+            tokens = data["tokens"]
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise SceneStoreError(f"{path}: not a readable scene .npz ({e})") from e
+    if tokens.dtype.kind != "U" or tokens.ndim != 1:
+        raise SceneStoreError(f"{path}: field 'tokens' has dtype {tokens.dtype} shape {tokens.shape}, expected [N] str")
+    return tokens
