@@ -71,10 +71,10 @@ def compact_run(hf_dir, tmp_path_factory):
     return wd, out
 
 
-def _reference_states(hf_dir, scene):
+def _reference_states(hf_dir, scene, workdir):
     """The tiny VLM's last hidden states of one scene's driving prompt, computed directly (fp32)."""
-    resolved = sft.resolve_model(sft.model_block(init_from=hf_dir), None, "/nonexistent")
-    tok = sft.load_or_build_tokenizer(resolved, "/nonexistent")
+    resolved = sft.resolve_model(sft.model_block(init_from=hf_dir), None, workdir)  # converts into workdir/init
+    tok = sft.load_or_build_tokenizer(resolved, workdir)
     model = conv.load_hf_model(hf_dir, resolved.cfg)
     builder = cache_stage.PromptBuilder(resolved.cfg, tok, _config(hf_dir).cache)
     ids, pv = builder.sample(scene)
@@ -82,7 +82,7 @@ def _reference_states(hf_dir, scene):
     return np.asarray(out["hidden_states"][0]), ids
 
 
-def test_cache_round_trip_through_load_split(hf_dir, compact_run):
+def test_cache_round_trip_through_load_split(hf_dir, compact_run, tmp_path):
     wd, out = compact_run
     assert out["hidden_size"] == 64 and out["train_finished"] == 6 and out["eval_finished"] == 3
     c = _config(hf_dir)
@@ -96,7 +96,7 @@ def test_cache_round_trip_through_load_split(hf_dir, compact_run):
     states, mask = batch["cond"]["vl_states"], batch["cond"]["vl_mask"]
     assert states.shape[-1] == 64 and states.shape[:2] == mask.shape
     for row, i in enumerate((0, 4)):
-        ref, ids = _reference_states(hf_dir, world.index_scene(want_scenes, i))
+        ref, ids = _reference_states(hf_dir, world.index_scene(want_scenes, i), str(tmp_path))
         n = len(ids)
         assert int(mask[row].sum()) == n and mask[row, :n].all()  # compact: real tokens first
         np.testing.assert_allclose(states[row, :n], ref, atol=0.05 * np.abs(ref).max(), rtol=0.02)  # bf16 storage

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from recogdrive_jax.errors import CheckpointKeyError, UserError
 from recogdrive_jax.train.optim import path_str
@@ -42,6 +43,10 @@ class CheckpointMismatchError(CheckpointError, CheckpointKeyError):
 
 
 def _one_line(e: BaseException, limit: int = 240) -> str:
+    """The innermost cause (e.g. TensorStore's 'OUT_OF_RANGE: Error reading "params.fc1.kernel/0.0" ...'), on one
+    line: Orbax's own wrappers print kilobytes of spec."""
+    while (e.__cause__ or e.__context__) is not None and len(str(e.__cause__ or e.__context__)) > 0:
+        e = e.__cause__ or e.__context__
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
@@ -59,14 +64,17 @@ def attach_shardings(abstract, shardings):
 
 
 def _read_metadata(item_dir: str):
-    meta = ocp.PyTreeCheckpointer().metadata(item_dir)
-    meta = getattr(meta, "item_metadata", meta)
+    # The handler, not a Checkpointer: an item directory has no step-level metadata to warn about.
+    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
     return getattr(meta, "tree", meta)
 
 
 def _mismatch(got: dict[str, tuple], want: dict[str, tuple], limit: int = 4) -> str | None:
-    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    bad = sorted(k for k in set(got) & set(want) if tuple(got[k]) != tuple(want[k]))
+    def order(k):  # the params first: they say "another model size" most directly
+        return (not k.startswith("params/"), k)
+
+    missing, unexpected = sorted(set(want) - set(got), key=order), sorted(set(got) - set(want), key=order)
+    bad = sorted((k for k in set(got) & set(want) if tuple(got[k]) != tuple(want[k])), key=order)
     if not (missing or unexpected or bad):
         return None
 
@@ -85,6 +93,8 @@ def restore_tree(item_dir: str, target, *, subtree: str | None = None, what: str
     """Restores `target` (ShapeDtypeStructs with shardings, the model's structure) from the Orbax PyTree in
     `item_dir` (or its `subtree`, e.g. 'ema_params'), matching leaves by path. Returns `target`'s structure."""
     what = what or item_dir
+    if not os.path.isfile(os.path.join(item_dir, "_METADATA")):  # else Orbax guesses a partial tree from shards
+        raise CheckpointError(f"cannot read {what}: {os.path.join(item_dir, '_METADATA')} is missing")
     try:
         meta = _read_metadata(item_dir)
     except Exception as e:  # noqa: BLE001  (Orbax raises many types: say which checkpoint, in one line)
@@ -105,7 +115,7 @@ def restore_tree(item_dir: str, target, *, subtree: str | None = None, what: str
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=subtree is not None)
     try:
-        out = ocp.PyTreeCheckpointer().restore(item_dir, args=args)
+        out = ocp.PyTreeCheckpointHandler().restore(epath.Path(item_dir), args=args)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot read {what}: {_one_line(e)}") from None
     got = flat_by_path(out[subtree] if subtree is not None else out)
@@ -187,14 +197,16 @@ class Checkpointer:
             try:
                 state, reason = self.restore(step, abstract_state), None
             except CheckpointMismatchError as e:
-                raise CheckpointMismatchError(f"{e} (a run of another model size? use a new --workdir)") from None
+                raise CheckpointMismatchError(f"{e} (another model size, optimizer or EMA setting than the run's "
+                                              "own config? resume with that config or use a new --workdir)") from None
             except CheckpointError as e:
                 state, reason = None, str(e)
             if not _agree(reason is None):
-                bad.append((step, reason or "unreadable on another process"))
+                bad.append((step, reason or f"checkpoint {self.dir}/{step} is unreadable on another process"))
                 continue
             if bad:
                 self._set_aside(bad, step)
+            self._note_unfinished(step)
             return step, state
         if bad:
             raise CheckpointError(f"no checkpoint in {self.dir} can be read (" + "; ".join(r for _, r in bad)
@@ -218,6 +230,14 @@ class Checkpointer:
         self.manager.reload()
         logging.warning("%s; moved to %s; resuming from step %d", "; ".join(r for _, r in bad),
                         ", ".join(moved), good)
+
+    def _note_unfinished(self, step: int) -> None:
+        """A save cut short leaves `<step>.orbax-checkpoint-tmp-*`: never a step, never deleted, named once."""
+        left = sorted(n for n in os.listdir(self.dir) if TMP_MARK in n and n.split(".")[0].isdigit()
+                      and int(n.split(".")[0]) > step)
+        if left and jax.process_index() == 0:
+            logging.warning("ignoring unfinished save(s) %s in %s (interrupted run; delete to free disk); resuming "
+                            "from step %d", ", ".join(left), self.dir, step)
 
     def data_state(self, step: int):
         path = os.path.join(self.data_dir, str(step), f"process_{jax.process_index()}.json")

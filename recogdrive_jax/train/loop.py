@@ -85,7 +85,7 @@ def load_init_params(path: str, abstract_params, param_shardings, prefer_ema: bo
 
 
 def _all_finite(tree) -> jax.Array:
-    """One boolean: every float leaf of `tree` is finite (the NaN guard's check before each save)."""
+    """One boolean: every float leaf of `tree` is finite (the NaN guard reads it before each save)."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
@@ -138,6 +138,12 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
         inner = make_train_step(task.loss_fn, tx, grad_accum=int(config.optim.get("grad_accum", 1)),
                                 ema_decay=float(task.ema_decay), schedule=schedule)
         step_fn = lambda state, batch, rng, extra: inner(state, batch, rng)  # noqa: E731
+
+    def guarded_step(state, batch, rng, extra):
+        """The step plus one all-finite reduction over the new state, fused into the same program."""
+        new, metrics = step_fn(state, batch, rng, extra)
+        return new, (metrics, _all_finite(new))
+
     repl = sh.replicated(mesh)
     extra = task.extra
     extra_sh = None
@@ -156,8 +162,7 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
     last_eval: dict = {}
     t_last, steps_since = time.time(), 0
     pending = []
-
-    finite_fn = jax.jit(_all_finite, out_shardings=repl)
+    state_finite = None  # device bool of the newest step's post-update state
 
     def non_finite(what: str) -> NonFiniteLossError:
         ckpt.wait()  # the newest save may still be in flight: name the step that is really kept
@@ -172,7 +177,7 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
 
     def check_state_finite(step):
         """Before every save: a state with a NaN/inf param, EMA or optimizer leaf is never written."""
-        if not bool(jax.device_get(finite_fn(state))):
+        if state_finite is not None and not bool(jax.device_get(state_finite)):
             raise non_finite(f"the params / EMA / optimizer state after step {step} are not finite (not saved)")
 
     def flush(step):
@@ -195,9 +200,9 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
             batch = sh.make_global_batch(mesh, local)
             if jitted is None:
                 batch_sh = jax.tree.map(lambda x: sh.batch_sharding(mesh, x.ndim), batch)
-                jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl, extra_sh),
+                jitted = jax.jit(guarded_step, in_shardings=(shardings, batch_sh, repl, extra_sh),
                                  out_shardings=(shardings, repl), donate_argnums=(0,))
-            state, metrics = jitted(state, batch, jax.random.fold_in(step_rng, step), extra)
+            state, (metrics, state_finite) = jitted(state, batch, jax.random.fold_in(step_rng, step), extra)
             pending.append(metrics)
             if task.on_state is not None:
                 task.on_state(state)
