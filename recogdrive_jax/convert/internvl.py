@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -533,16 +534,37 @@ def load_params(params_dir: str):
     return cfg, params
 
 
+def ids_from_tokenizer(cfg, src_dir: str, tokenizer_dir: str | None):
+    """`cfg` with the token ids of `tokenizer_dir` when `src_dir` is a remote-code checkpoint: its config stores
+    none, and upstream's `chat()` reads <IMG_CONTEXT>, <img>, </img> and the stop token <|im_end|> from the
+    tokenizer (for InternVL3 these are the defaults 151667, 151665, 151666, 151645)."""
+    with open(os.path.join(src_dir, "config.json")) as f:
+        d = json.load(f)
+    if tokenizer_dir is None or "llm_config" not in d or "image_token_id" in d:
+        return cfg
+    from recogdrive_jax.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(tokenizer_dir)
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("image_token_id", "<IMG_CONTEXT>"),
+                                                        ("img_start_token_id", "<img>"),
+                                                        ("img_end_token_id", "</img>"), ("eos_token_id", "<|im_end|>"))}
+    return dataclasses.replace(cfg, pad_token_id=tok.pad_token_id, **ids)
+
+
 def from_hf(src_dir: str, out_dir: str, *, layout: str | None = None, dtype: str = "float32") -> None:
     """HF dir -> Orbax params + our config, and the source's tokenizer (for `to_hf` and `sft`'s init_from)."""
     from recogdrive_jax.convert import hf_processor
     from recogdrive_jax.models.internvl import load_hf_config
-    cfg = load_hf_config(src_dir)
+    tok_dir = src_dir if hf_processor.has_tokenizer(src_dir) else None
+    cfg = ids_from_tokenizer(load_hf_config(src_dir), src_dir, tok_dir)
     src = TensorSource(src_dir, layout)
     params = hf_to_params(src, cfg, np_dtype(dtype))
     save_params(params, cfg, out_dir)
-    if hf_processor.has_tokenizer(src_dir):
-        hf_processor.copy_tokenizer(src_dir, out_dir)
+    if tok_dir is not None:
+        try:
+            hf_processor.copy_tokenizer(src_dir, out_dir)
+        except (OSError, ValueError) as e:  # the weights are converted; only `--to-hf` needs the tokenizer
+            print(f"convert internvl: note: the tokenizer of {src_dir} was not kept ({e}); give --to-hf "
+                  "--tokenizer DIR", file=sys.stderr)
 
 
 def to_hf(params_dir: str, out_dir: str, *, layout: str = "native", dtype: str = "bfloat16",

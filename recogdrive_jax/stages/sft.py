@@ -186,6 +186,7 @@ def resolve_model(model_cfg, data_cfg, workdir: str, *, convert_dir: str | None 
             params_path = os.path.join(out, conv.PARAMS_DIR)
             if tok_dir is None and _has_tokenizer(src):
                 tok_dir = src
+            cfg = conv.ids_from_tokenizer(cfg, src, tok_dir)  # remote-code configs carry no token ids
         else:
             raise FileNotFoundError(
                 f"config.model.init_from={src!r}: expected an HF checkpoint (config.json + model.safetensors[.index."
