@@ -87,6 +87,9 @@ def planner_block(variant: str = "small", vlm_size: str = "large", **overrides) 
 def planner_data_block(**overrides) -> ml_collections.ConfigDict:
     """`config.data` of the planner stages (data/planner_data.py)."""
     d = dict(
+        source="synthetic",  # 'synthetic' (the world in sim/world.py) | 'navsim' (converted NAVSIM logs, data/navsim_data.py)
+        navsim_dir="",  # source='navsim': output root of `convert navsim-logs` (<split>/samples.npz per split)
+        navsim_metric_cache="",  # source='navsim': PDM inputs, a `convert navsim-metric-cache` .npz or folder of <split>.npz
         cache_dir="",  # hidden-state cache (from the `cache` stage); empty = synthetic world + fixed scene tokens
         vl_pad_to=0,  # static VL length read from a compact cache (0 = the cache's max_len)
         num_train_scenes=2000,

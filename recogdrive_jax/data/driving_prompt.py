@@ -39,13 +39,32 @@ def command_text(command: int) -> str:
     return COMMAND_TEXT[int(command)]
 
 
-def driving_question(history: np.ndarray, command: int) -> str:
-    """The user turn (with its `<image>` placeholder) for one sample."""
+def signed(n: float) -> str:
+    """A number as upstream's feature builder prints it: sign and 2 decimals, '0.0' when it rounds to zero."""
+    return f"{n:+.2f}" if abs(round(float(n), 2)) > 1e-2 else "0.0"
+
+
+def ego_status_text(status: np.ndarray) -> str:
+    """status [8] (command one-hot 4, velocity 2, acceleration 2; ego frame) → the ego-status line."""
+    status = np.asarray(status, np.float64)
+    if status.shape != (8,):
+        raise ValueError(f"status: expected [8] (command one-hot, velocity, acceleration), got shape {status.shape}")
+    vx, vy, ax, ay = status[4:8]
+    return (f"velocity ({signed(vx)}, {signed(vy)}) m/s, acceleration ({signed(ax)}, {signed(ay)}) m/s^2 "
+            "(ego frame, x forward, y left)")
+
+
+def driving_question(history: np.ndarray, command: int, status: np.ndarray | None = None) -> str:
+    """The user turn (with its `<image>` placeholder) for one sample; `status` [8] adds the ego-status line (the
+    NAVSIM cache prompt: front camera + history + ego status + command)."""
+    items = ["Visual perception from the front camera view",
+             f"Historical motion context (last {len(np.asarray(history))} timesteps, x, y, heading):\n"
+             f"{history_text(history)}"]
+    if status is not None:
+        items.append(f"Current ego status: {ego_status_text(status)}")
+    items.append(f"Active navigation command: [{command_text(command)}]")
     return ("<image>\nAs an autonomous driving system, predict the vehicle's trajectory based on:\n"
-            "1. Visual perception from the front camera view\n"
-            f"2. Historical motion context (last {len(np.asarray(history))} timesteps, x, y, heading):\n"
-            f"{history_text(history)}\n"
-            f"3. Active navigation command: [{command_text(command)}]\n"
+            + "".join(f"{i + 1}. {t}\n" for i, t in enumerate(items)) +
             "Output requirements:\n- Predict 8 future trajectory points at 0.5 s intervals\n"
             "- Each point format: (x:float, y:float, heading:float)\n"
             "- Use [PT, ...] to encapsulate the trajectory")
@@ -63,7 +82,7 @@ def scene_command(scene) -> int:
 
 
 def driving_prompt(history: np.ndarray, command: int, num_tiles: Sequence[int], num_image_token: int,
-                   system_message: str | None = DRIVING_SYSTEM) -> str:
+                   system_message: str | None = DRIVING_SYSTEM, status: np.ndarray | None = None) -> str:
     """The full inference prompt (system + user + assistant prefix), image placeholders expanded."""
-    return chat_prompt(driving_question(history, command), list(num_tiles), num_image_token=num_image_token,
+    return chat_prompt(driving_question(history, command, status), list(num_tiles), num_image_token=num_image_token,
                        system_message=system_message)

@@ -35,13 +35,15 @@ class PlannerSplit:
     vl_mask: np.ndarray | None  # [N, L]
     cache: HiddenCache | None = None
     pad_to: int | None = None  # static VL length for cache reads
+    rows: np.ndarray | None = None  # [N] cache row of each sample when the split is a subset of the cache
+    tokens: np.ndarray | None = None  # [N] str NAVSIM sample tokens (data.source='navsim')
 
     def __len__(self) -> int:
         return int(self.scenes.history.shape[0])
 
     def vl(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.cache is not None:
-            return self.cache.read(idx, pad_to=self.pad_to)
+            return self.cache.read(idx if self.rows is None else self.rows[np.asarray(idx)], pad_to=self.pad_to)
         return self.vl_states[idx], self.vl_mask[idx]
 
     def cond(self, idx) -> dict:
@@ -76,9 +78,25 @@ def synthetic_scenes(data_cfg, split: str) -> world.Scene:
     return world.stack_scenes(scenes)
 
 
-def load_split(data_cfg, split: str, vl_dim: int) -> PlannerSplit:
-    """The split from the cache (when `data_cfg.cache_dir`) or the synthetic world + fixed scene tokens."""
+SOURCES = ("synthetic", "navsim")
+
+
+def load_split(data_cfg, split: str, vl_dim: int, need_pdm: bool = False) -> PlannerSplit:
+    """The split from the cache (when `data_cfg.cache_dir`), else the synthetic world or converted NAVSIM samples
+    (`data_cfg.source`) + fixed scene tokens. `need_pdm`: the split's plans get scored, so NAVSIM samples need
+    their PDM inputs (data/navsim_data.py); the synthetic world always has them."""
+    source = data_cfg.get("source", "synthetic") or "synthetic"
+    if source not in SOURCES:
+        from recogdrive_jax.configs import ConfigError
+        raise ConfigError(f"config.data.source: unknown {source!r}; allowed: {list(SOURCES)}")
     cache_dir = data_cfg.get("cache_dir", "") or ""
+    if cache_dir and source == "navsim":
+        return _navsim_cached_split(data_cfg, split, vl_dim, need_pdm)
+    if source == "navsim":
+        from recogdrive_jax.data import navsim_data
+        nd = navsim_data.load_navsim_split(data_cfg, split, need_pdm)
+        tokens, mask = scene_tokens.scene_tokens(nd.scenes, vl_dim, seed=int(data_cfg.get("token_seed", 0)))
+        return PlannerSplit(split, nd.scenes, tokens, mask, tokens=nd.tokens)
     if cache_dir:
         from recogdrive_jax.sim import scene_store
         path = os.path.join(cache_dir, split)
@@ -92,6 +110,32 @@ def load_split(data_cfg, split: str, vl_dim: int) -> PlannerSplit:
     scenes = synthetic_scenes(data_cfg, split)
     tokens, mask = scene_tokens.scene_tokens(scenes, vl_dim, seed=int(data_cfg.get("token_seed", 0)))
     return PlannerSplit(split, scenes, tokens, mask)
+
+
+def _navsim_cached_split(data_cfg, split: str, vl_dim: int, need_pdm: bool) -> PlannerSplit:
+    """A cache written from NAVSIM samples: its scenes.npz carries the tokens; PDM inputs are attached by token."""
+    from recogdrive_jax.data import navsim_data
+    from recogdrive_jax.sim import scene_store
+    path = os.path.join(data_cfg.cache_dir, split)
+    cache = HiddenCache.open(path)
+    cache.check_hidden_size(vl_dim)
+    scenes_file = os.path.join(path, "scenes.npz")
+    scenes = scene_store.load_scenes(scenes_file)
+    tokens = scene_store.load_tokens(scenes_file)
+    if tokens is None:
+        raise CacheError(f"{scenes_file}: no NAVSIM tokens: this cache was not written with config.data.source='navsim'")
+    if len(tokens) != cache.num_samples:
+        raise CacheError(f"{path}: scenes.npz has {len(tokens)} scenes but the cache {cache.num_samples}")
+    mc = navsim_data.metric_cache_path(data_cfg, split) if (data_cfg.get("navsim_metric_cache", "") or
+                                                             data_cfg.get("navsim_dir", "")) else None
+    scenes, has = navsim_data.attach_pdm(scenes, tokens, mc)
+    nd = navsim_data.NavsimSplit(scenes, tokens, np.array([""] * len(tokens)), has)
+    rows = None
+    if need_pdm:
+        nd = navsim_data.require_pdm(nd, split)
+        rows = None if nd.has_pdm.size == len(tokens) else np.flatnonzero(has)
+    pad = data_cfg.get("vl_pad_to", 0) or cache.max_len
+    return PlannerSplit(split, nd.scenes, None, None, cache=cache, pad_to=int(pad), rows=rows, tokens=nd.tokens)
 
 
 def _index_batches(split: PlannerSplit, local_batch_size: int, seed: int, make_batch):

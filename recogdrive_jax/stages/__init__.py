@@ -15,6 +15,7 @@ STAGES = {
         "eval": "recogdrive_jax.stages.eval",
         "ppo": "recogdrive_jax.stages.ppo",
         "eval_nav": "recogdrive_jax.stages.eval_nav",
+        "navsim_convert": "recogdrive_jax.stages.navsim_convert",
 }
 
 

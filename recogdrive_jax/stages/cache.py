@@ -44,6 +44,8 @@ def cache_stage_config() -> ml_collections.ConfigDict:
         min_dynamic_patch=1,
         use_thumbnail=True,
         system_message="__driving__",  # '__driving__' = data/driving_prompt.DRIVING_SYSTEM
+        ego_status_text="auto",  # the ego-status line in the prompt: 'auto' = on for data.source='navsim' (the
+        # upstream NAVSIM prompt), off for the synthetic world (its SFT data has none); or 'on' / 'off'
     ))
     return c
 
@@ -65,6 +67,10 @@ def validate(config) -> None:
         req(s in planner_data.SPLITS, "cache.splits", f"unknown split {s!r}; allowed: {list(planner_data.SPLITS)}")
     req(isinstance(c.batch_size, int) and c.batch_size >= 1, "cache.batch_size", f"must be an int >= 1, got {c.batch_size!r}")
     req(isinstance(c.max_len, int) and c.max_len >= 0, "cache.max_len", f"must be an int >= 0, got {c.max_len!r}")
+    req(c.get("ego_status_text", "auto") in ("auto", "on", "off"), "cache.ego_status_text",
+        f"must be 'auto', 'on' or 'off', got {c.get('ego_status_text')!r}")
+    source = config.data.get("source", "synthetic")
+    req(source in planner_data.SOURCES, "data.source", f"unknown {source!r}; allowed: {list(planner_data.SOURCES)}")
 
 
 # ------------------------------------------------------------------------------------------------- samples
@@ -76,9 +82,11 @@ def front_image(scene) -> np.ndarray:
 
 
 class PromptBuilder:
-    """Scene → (input_ids [t], pixel_values [n, S, S, 3]) with the driving prompt, as the VLM is queried upstream."""
+    """Scene → (input_ids [t], pixel_values [n, S, S, 3]) with the driving prompt, as the VLM is queried upstream.
+    `ego_status`: add the ego-status line (velocity, acceleration) to the prompt (NAVSIM data)."""
 
-    def __init__(self, cfg, tok, cache_cfg):
+    def __init__(self, cfg, tok, cache_cfg, ego_status: bool = False):
+        self.ego_status = bool(ego_status)
         from recogdrive_jax.data import driving_prompt as dp
         self.cfg, self.tok = cfg, tok
         self.max_num, self.min_num = int(cache_cfg.max_dynamic_patch), int(cache_cfg.min_dynamic_patch)
@@ -94,11 +102,11 @@ class PromptBuilder:
     def ids(self, scene, num_tiles: int) -> np.ndarray:
         from recogdrive_jax.data import driving_prompt as dp
         text = dp.driving_prompt(scene.history, dp.scene_command(scene), [num_tiles], self.cfg.num_image_token,
-                                 system_message=self.system)
+                                 system_message=self.system, status=scene.status if self.ego_status else None)
         return np.asarray(self.tok(text, add_special_tokens=False).input_ids, np.int32)
 
-    def sample(self, scene) -> tuple[np.ndarray, np.ndarray]:
-        pv = self.tiles(front_image(scene))
+    def sample(self, scene, image=None) -> tuple[np.ndarray, np.ndarray]:
+        pv = self.tiles(front_image(scene) if image is None else image)
         return self.ids(scene, len(pv)), pv
 
 
@@ -158,8 +166,10 @@ def load_params(resolved, mdef, mesh):
 
 def cache_split(split: str, scenes, builder: PromptBuilder, forward, params, out_dir: str, cache_cfg,
                 hidden_size: int, t_pad: int, m_pad: int, max_len: int, pad_id: int,
-                prompt_ids: list[np.ndarray] | None = None) -> dict:
-    """Writes (resuming) one split's cache; returns counts. `prompt_ids[i]`: scene i's prompt, if known."""
+                prompt_ids: list[np.ndarray] | None = None, images=None, tokens=None) -> dict:
+    """Writes (resuming) one split's cache; returns counts. `prompt_ids[i]`: scene i's prompt, if known.
+    `images[i]`: scene i's front-camera file (NAVSIM samples), else the synthetic render; `tokens` [N]: NAVSIM
+    sample tokens, stored in scenes.npz (the planner stages match the metric cache by them)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import jax
@@ -171,12 +181,17 @@ def cache_split(split: str, scenes, builder: PromptBuilder, forward, params, out
     scenes_path = os.path.join(out_dir, "scenes.npz")
     if os.path.exists(scenes_path):
         old = scene_store.load_scenes(scenes_path)
-        if np.asarray(old.seed).shape != np.asarray(scenes.seed).shape or not np.array_equal(old.seed, scenes.seed):
+        old_tokens = scene_store.load_tokens(scenes_path)
+        same_tokens = (old_tokens is None) == (tokens is None) and (
+            tokens is None or (old_tokens.shape == np.shape(tokens) and np.array_equal(old_tokens, tokens)))
+        if (np.asarray(old.seed).shape != np.asarray(scenes.seed).shape or not np.array_equal(old.seed, scenes.seed)
+                or not same_tokens):
             raise ValueError(f"{scenes_path}: the cached scenes differ from config.data's {split} scenes "
                              "(other scene_seed / num_*_scenes); use another workdir or delete it")
     cache = HiddenCache.create(out_dir, n, max_len, hidden_size, layout=cache_cfg.layout)
     if jax.process_index() == 0 and not os.path.exists(scenes_path):
-        scene_store.save_scenes(scenes_path, scenes)
+        scene_store.save_scenes(scenes_path, scenes,
+                                extra=None if tokens is None else {"tokens": np.asarray(tokens, dtype=str)})
     mine = np.arange(jax.process_index(), n, jax.process_count())
     todo = cache.pending(mine)
     bs = int(cache_cfg.batch_size)
@@ -187,7 +202,7 @@ def cache_split(split: str, scenes, builder: PromptBuilder, forward, params, out
         samples = []
         for i in idx:
             scene = world.index_scene(scenes, int(i))
-            pv = builder.tiles(front_image(scene))
+            pv = builder.tiles(front_image(scene) if images is None else images[int(i)])
             ids = prompt_ids[int(i)] if prompt_ids is not None and len(pv) == m_pad else builder.ids(scene, len(pv))
             samples.append((ids, pv))
         return collate(samples, t_pad, m_pad, builder.cfg.force_image_size, pad_id, bs_pad)
@@ -231,14 +246,25 @@ def run(config, workdir: str) -> dict:
     mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices())
     params = load_params(resolved, mdef, mesh)
     forward = make_forward(mdef, mesh)
-    builder = PromptBuilder(cfg, tok, c)
+    navsim = config.data.get("source", "synthetic") == "navsim"
+    ego_status = {"auto": navsim, "on": True, "off": False}[c.get("ego_status_text", "auto")]
+    builder = PromptBuilder(cfg, tok, c, ego_status=ego_status)
     splits = [s for s in c.splits.split(",") if s]
-    scenes = {s: planner_data.synthetic_scenes(config.data, s) for s in splits}
+    images, tokens = {s: None for s in splits}, {s: None for s in splits}
+    if navsim:  # converted NAVSIM samples: camera files + tokens; PDM inputs are attached when the planner reads
+        from recogdrive_jax.data import navsim_data
+        nd = {s: navsim_data.load_navsim_split(config.data, s, need_pdm=False) for s in splits}
+        scenes = {s: v.scenes for s, v in nd.items()}
+        images = {s: [str(p) for p in v.cameras] for s, v in nd.items()}
+        tokens = {s: v.tokens for s, v in nd.items()}
+    else:
+        scenes = {s: planner_data.synthetic_scenes(config.data, s) for s in splits}
 
-    # One static shape for every split: the longest prompt and the most tiles (images all have one size).
+    # One static shape for every split: the longest prompt and the most tiles (the synthetic images all have one
+    # size; NAVSIM front cameras have one size per dataset, so the first is probed and the others must match).
     from recogdrive_jax.sim import world
     probe = world.index_scene(scenes[splits[0]], 0)
-    m_pad = len(builder.tiles(front_image(probe)))
+    m_pad = len(builder.tiles(front_image(probe) if images[splits[0]] is None else images[splits[0]][0]))
     from recogdrive_jax.train.metrics import track
     prompt_ids = {s: [builder.ids(world.index_scene(sc, i), m_pad)
                       for i in track(range(len(sc.history)), desc=f"cache {s} prompts", unit="prompts")]
@@ -252,7 +278,7 @@ def run(config, workdir: str) -> dict:
     results = {}
     for s in splits:
         r = cache_split(s, scenes[s], builder, forward, params, os.path.join(workdir, s), c, cfg.llm_config.hidden_size,
-                        t_pad, m_pad, max_len, tok.pad_token_id, prompt_ids[s])
+                        t_pad, m_pad, max_len, tok.pad_token_id, prompt_ids[s], images=images[s], tokens=tokens[s])
         results[s] = r
         if jax.process_index() == 0:
             print(f"[cache] {s}: {r['finished']}/{r['num_samples']} rows done ({r['computed']} computed now, "

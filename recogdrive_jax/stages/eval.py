@@ -1,7 +1,8 @@
 """Stage `eval`: scores a planner checkpoint (or the constant-velocity baseline) on a split.
 
 Writes WORKDIR/eval/<split>/metrics.json (nc, dac, ddc, ttc, ep, comfort, pdms, epdms, ade, fde, num_scenes),
-metrics.md (the planner next to the constant-velocity baseline), per_scene.jsonl and BEV PNGs of the best and
+metrics.md (the planner next to the constant-velocity baseline), per_scene.jsonl, NAVSIM's result CSV
+(navsim_pdm_score.csv, eval/navsim_csv.py; tokens are NAVSIM's with data.source='navsim') and BEV PNGs of the best and
 worst scenes. `config.eval.checkpoint` is a run workdir (its latest checkpoint; EMA params when
 `config.eval.use_ema`) or a parameter checkpoint directory (e.g. converted from PyTorch);
 `--config.eval.baseline=constant_velocity` scores the baseline instead. `config.eval.protocol` picks how the
@@ -55,7 +56,7 @@ def run(config, workdir: str) -> dict:
         "checkpoint": provenance.checkpoint_ref(ecfg.get("checkpoint", "") or ""), "use_ema": bool(ecfg.use_ema)}
     provenance.write_config(config, workdir, extra={"scored": scored})
     pcfg = planner_common.planner_config(config)
-    split = planner_data.load_split(config.data, split_name, pcfg.vl_dim)
+    split = planner_data.load_split(config.data, split_name, pcfg.vl_dim, need_pdm=True)
     cv_plans = planner_eval.constant_velocity_plans(split)
     cv_per = planner_eval.score_plans(split, cv_plans)
     cv = planner_eval.summarize(cv_per)
@@ -86,6 +87,9 @@ def run(config, workdir: str) -> dict:
         with open(os.path.join(out_dir, "per_scene.jsonl"), "w") as f:
             for i in range(len(split)):
                 f.write(json.dumps({"index": i, **{k: float(v[i]) for k, v in per.items()}}) + "\n")
+        from recogdrive_jax.eval import navsim_csv
+        tokens = split.tokens if split.tokens is not None else [f"{split_name}-{i}" for i in range(len(split))]
+        navsim_csv.write_csv(out_dir, tokens, per)
     planner_common.plot_examples(out_dir, split, plans, per, int(ecfg.num_plots))
     if jax.process_index() == 0:
         shown = [(name, summary)] if baseline else [(k, v) for k, v in rows.items() if k != "constant_velocity"]

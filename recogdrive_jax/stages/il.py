@@ -18,7 +18,7 @@ def run(config, workdir: str) -> dict:
     pcfg = planner_common.planner_config(config)
     mdef = ModuleDef(lambda rngs: build_planner(pcfg, rngs))
     train_split = planner_data.load_split(config.data, "train", pcfg.vl_dim)
-    eval_split = planner_data.load_split(config.data, config.eval.split, pcfg.vl_dim)
+    eval_split = planner_data.load_split(config.data, config.eval.split, pcfg.vl_dim, need_pdm=True)
     sampler = planner_eval.make_sampler(mdef, planner_eval.eval_protocols(config.eval)[0])
     eval_rng = jax.random.key(int(config.seed) + 17)
 
