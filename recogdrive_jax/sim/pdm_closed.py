@@ -347,3 +347,20 @@ def pdm_closed(scene: Scene, speed_limit=None) -> dict[str, np.ndarray]:
     with jax.enable_x64(True):
         out = _plan_jit(scene, jnp.asarray(limit, jnp.float64))
         return {k: np.asarray(v) for k, v in out.items()}
+
+
+def with_reference(scenes: list[Scene], speed_limits: np.ndarray, chunk: int = 64) -> list[Scene]:
+    """The scenes with `ref_poses` = their PDM-Closed trajectory (0..4 s), computed in fixed-size batches (one
+    compilation per process)."""
+    chunk = min(chunk, len(scenes))
+    out = []
+    for s in range(0, len(scenes), chunk):
+        part = list(scenes[s:s + chunk])
+        lim = np.asarray(speed_limits[s:s + chunk], np.float64)
+        n = len(part)
+        pad = chunk - n
+        batch = world.stack_scenes(part + part[-1:] * pad)
+        poses = pdm_closed(batch, np.concatenate([lim, np.repeat(lim[-1:], pad)]))["poses"]
+        out += [dataclasses.replace(sc, ref_poses=poses[i, :world.NUM_SIM_STATES].astype(np.float32))
+                for i, sc in enumerate(part)]
+    return out

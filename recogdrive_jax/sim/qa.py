@@ -49,8 +49,8 @@ def meta_action(scene: Scene) -> tuple[str, str]:
     """(speed action, path action) of the expert: ACCELERATE / KEEP SPEED / DECELERATE / STOP and
     GO STRAIGHT / TURN LEFT / TURN RIGHT / CHANGE LANE LEFT / CHANGE LANE RIGHT."""
     v0 = float(scene.status[4])
-    ref = np.asarray(scene.ref_poses, np.float64)
-    v_end = float(np.hypot(*(ref[-1, :2] - ref[-6, :2]))) / 0.5
+    expert = np.asarray(scene.expert, np.float64)  # not ref_poses: that may hold PDM-Closed, not the expert
+    v_end = float(np.hypot(*(expert[-1, :2] - expert[-2, :2]))) / 0.5
     if v_end < 0.3:
         speed = "STOP"
     elif v_end > v0 + 1.0:

@@ -13,9 +13,10 @@ import numpy as np
 from recogdrive_jax.sim import baselines, pdm, render, scene_store, world
 
 
-def run(num_scenes: int, out: str, seed: int = 0, num_bev: int = 8, chunk: int = 64) -> dict:
+def run(num_scenes: int, out: str, seed: int = 0, num_bev: int = 8, chunk: int = 64,
+        reference: str = world.DEFAULT_REFERENCE) -> dict:
     os.makedirs(out, exist_ok=True)
-    scenes = world.generate_scenes(num_scenes, seed=seed)
+    scenes = world.generate_scenes(num_scenes, seed=seed, reference=reference)
     scene_store.save_scenes(os.path.join(out, "scenes.npz"), scenes)
     results = {"expert": [], "constant_velocity": []}
     subs = {"expert": [], "constant_velocity": []}
@@ -46,8 +47,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num_bev", type=int, default=8)
+    ap.add_argument("--reference", default=world.DEFAULT_REFERENCE, choices=world.REFERENCES,
+                    help="EP's reference in ref_poses: the synthetic expert or PDM-Closed (NAVSIM's)")
     args = ap.parse_args(argv)
-    summary = run(args.num_scenes, args.out, args.seed, args.num_bev)
+    summary = run(args.num_scenes, args.out, args.seed, args.num_bev, reference=args.reference)
     for name, m in summary.items():
         print(f"{name}: PDMS {m['pdms']:.4f}  (NC {m['nc']:.3f} DAC {m['dac']:.3f} TTC {m['ttc']:.3f} "
               f"EP {m['ep']:.3f} C {m['c']:.3f}; EPDMS {m['epdms']:.4f})")

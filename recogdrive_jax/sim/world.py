@@ -451,8 +451,30 @@ def _lane_motion(path: np.ndarray, s0: float, v0: float, acc: float, n: int):
 # Scene generation.
 
 
-def generate_scene(seed: int, kind: str | None = None, domain: str | None = None) -> Scene:
-    """A deterministic scene for `seed` (same seed -> identical arrays). `kind`/`domain` override the draw."""
+REFERENCES = ("expert", "pdm_closed")  # what `ref_poses` (EP's best-progress reference) holds
+DEFAULT_REFERENCE = "expert"
+
+
+def generate_scene(seed: int, kind: str | None = None, domain: str | None = None,
+                   reference: str = DEFAULT_REFERENCE) -> Scene:
+    """A deterministic scene for `seed` (same seed -> identical arrays). `kind`/`domain` override the draw.
+
+    reference: "expert" (the rule-based expert's own 0.1 s poses) or "pdm_closed" (NAVSIM's PDM-Closed run on
+    the scene at its speed limit, `sim/pdm_closed.py`: NAVSIM's EP reference)."""
+    scene, v_limit = _generate(seed, kind, domain)
+    return _with_reference([scene], [v_limit], reference)[0]
+
+
+def _with_reference(scenes: list[Scene], limits, reference: str) -> list[Scene]:
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    if reference == "expert":
+        return scenes
+    from recogdrive_jax.sim import pdm_closed  # jax; imports this module
+    return pdm_closed.with_reference(scenes, np.asarray(limits, np.float64))
+
+
+def _generate(seed: int, kind: str | None, domain: str | None) -> tuple[Scene, float]:
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2024]))
     kind_i = int(rng.integers(0, 3)) if kind is None else SCENE_KINDS.index(kind)
     dom_i = int(rng.choice(3, p=[0.6, 0.2, 0.2])) if domain is None else DOMAINS.index(domain)
@@ -625,18 +647,21 @@ def generate_scene(seed: int, kind: str | None = None, domain: str | None = None
         centerline=centerline, centerline_mask=cl_mask,
         command=np.array(cmd), kind=np.array(kind_i), domain=np.array(dom_i), seed=np.array(int(seed)),
     )
-    return _cast(scene)
+    return _cast(scene), v_limit
 
 
 def _cast(scene: Scene) -> Scene:
     return Scene(**{k: np.asarray(getattr(scene, k)).astype(SCENE_SCHEMA[k][1]) for k in SCENE_SCHEMA})
 
 
-def generate_scenes(num_scenes: int, seed: int = 0, **kw) -> list[Scene]:
-    """`num_scenes` scenes with per-scene seeds derived from `seed` (scene i uses seed * 1_000_003 + i)."""
+def generate_scenes(num_scenes: int, seed: int = 0, kind: str | None = None, domain: str | None = None,
+                    reference: str = DEFAULT_REFERENCE) -> list[Scene]:
+    """`num_scenes` scenes with per-scene seeds derived from `seed` (scene i uses seed * 1_000_003 + i); a
+    PDM-Closed `reference` is computed in batches (once per scene, stored in `ref_poses`)."""
     from recogdrive_jax.train.metrics import track  # rate/ETA: thousands of scenes take minutes
-    return [generate_scene(seed * 1_000_003 + i, **kw) for i in track(range(num_scenes), desc="scenes",
-                                                                      unit="scenes")]
+    made = [_generate(seed * 1_000_003 + i, kind, domain)
+            for i in track(range(num_scenes), desc="scenes", unit="scenes")]
+    return _with_reference([m[0] for m in made], [m[1] for m in made], reference)
 
 
 def ego_state_summary(scene: Scene) -> dict:
