@@ -15,7 +15,8 @@ constant-velocity poses), placed at a random global pose; a log holds `scenes_pe
 so NAVSIM's default `SceneFilter` (4 + 10 frames, frame_interval 14) cuts exactly these samples. The current frame
 carries the scene's exact velocity/acceleration and command; other frames get finite-difference dynamics. Only the
 current frame's CAM_F0 image is written (the converter and the cache read no other); the log pickles themselves are
-written with `pickle` (writing is safe; only the explicit conversion commands read pickles).
+written with `pickle` (writing is safe; only the explicit conversion commands read pickles), holding plain Python
+lists/numbers only, so that NAVSIM's older numpy (1.x) can read them (numpy 2 pickles arrays as `numpy._core`).
 """
 from __future__ import annotations
 
@@ -65,17 +66,17 @@ def scene_frames(scene: world.Scene, log_name: str, scene_idx: int, origin: np.n
             v = np.array([c * d[0] + s * d[1], -s * d[0] + c * d[1]]) / world.PLAN_DT
             dyn = [float(v[0]), float(v[1]), 0.0, 0.0]
         cams = {name: {"data_path": f"{log_name}/{name}/{token}.jpg",
-                       "sensor2lidar_rotation": np.eye(3), "sensor2lidar_translation": np.zeros(3),
-                       "cam_intrinsic": np.eye(3), "distortion": np.zeros(5)} for name in CAMERAS}
+                       "sensor2lidar_rotation": np.eye(3).tolist(), "sensor2lidar_translation": [0.0] * 3,
+                       "cam_intrinsic": np.eye(3).tolist(), "distortion": [0.0] * 5} for name in CAMERAS}
         frames.append({
             "token": token, "timestamp": int(t0_us + i * 500_000), "log_name": log_name,
             "scene_token": f"{log_name}{scene_idx:03d}", "map_location": MAP_LOCATION,
             "roadblock_ids": ["roadblock_0"], "traffic_lights": [],
-            "ego2global_translation": np.array([pose[0], pose[1], 0.0]),
-            "ego2global_rotation": yaw_quaternion(pose[2]),
-            "ego_dynamic_state": dyn, "driving_command": cmd.copy(),
+            "ego2global_translation": [float(pose[0]), float(pose[1]), 0.0],
+            "ego2global_rotation": [float(x) for x in yaw_quaternion(pose[2])],
+            "ego_dynamic_state": [float(x) for x in dyn], "driving_command": [int(x) for x in cmd],
             "cams": cams, "lidar_path": f"{log_name}/MergedPointCloud/{token}.pcd",
-            "anns": {"gt_boxes": np.zeros((0, 7)), "gt_names": [], "gt_velocity_3d": np.zeros((0, 3)),
+            "anns": {"gt_boxes": [], "gt_names": [], "gt_velocity_3d": [],
                      "instance_tokens": [], "track_tokens": []},
         })
     return frames
