@@ -71,7 +71,7 @@ def make_trajectory(scene: world.Scene, family: str, rng: np.random.Generator) -
 def make_cases(num_scenes: int, per_scene: int, seed: int = 0):
     """(batched Scene, trajectories [B, G, 8, 3], family names [B][G])."""
     rng = np.random.default_rng(seed)
-    scenes = [world.generate_scene(seed * 7919 + i) for i in range(num_scenes)]
+    scenes = [world.generate_scene(seed * 7919 + i, reference="expert") for i in range(num_scenes)]  # scorer cases
     trajs, fams = [], []
     for sc in scenes:
         fam = [FAMILIES[(j + rng.integers(0, len(FAMILIES))) % len(FAMILIES)] if j >= len(FAMILIES) else FAMILIES[j]

@@ -37,7 +37,7 @@ def test_matches_reference_on_500_pairs():
 
 def _empty_straight(v0: float, accel: float = 0.0) -> world.Scene:
     for seed in range(200):
-        sc = world.generate_scene(seed, kind="straight")
+        sc = world.generate_scene(seed, kind="straight", reference="expert")
         if abs(float(sc.centerline[:, 1].max())) < 1e-3:
             break
     sc = dataclasses.replace(sc, obj_type=np.zeros_like(sc.obj_type), obj_valid=np.zeros_like(sc.obj_valid))

@@ -3,7 +3,7 @@
 Follows `spec/pdm.md` (authoritative). Every trajectory is resampled to 41 states at 0.1 s, tracked by the
 nuPlan LQR controller on the kinematic bicycle model (exact spec equations: velocity/curvature least-squares
 fits, 10-step lateral LQR preview, stopping controller) and scored on the simulated states. The scene's
-reference plan (`Scene.ref_poses`, the rule-based expert: the role PDM-Closed plays in NAVSIM) is simulated in
+reference plan (`Scene.ref_poses`: PDM-Closed by default, `sim/pdm_closed.py`, as in NAVSIM) is simulated in
 the same call and provides the best achievable progress for EP.
 
 Shapes: `B` scenes, `G` candidates per scene, `T` poses per candidate. No Python control flow depends on

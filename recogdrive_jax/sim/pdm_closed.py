@@ -349,10 +349,9 @@ def pdm_closed(scene: Scene, speed_limit=None) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in out.items()}
 
 
-def with_reference(scenes: list[Scene], speed_limits: np.ndarray, chunk: int = 64) -> list[Scene]:
-    """The scenes with `ref_poses` = their PDM-Closed trajectory (0..4 s), computed in fixed-size batches (one
-    compilation per process)."""
-    chunk = min(chunk, len(scenes))
+def with_reference(scenes: list[Scene], speed_limits: np.ndarray, chunk: int = 8) -> list[Scene]:
+    """The scenes with `ref_poses` = their PDM-Closed trajectory (0..4 s), computed in batches of `chunk` (the
+    last one padded), so a process compiles PDM-Closed once whatever the number of scenes."""
     out = []
     for s in range(0, len(scenes), chunk):
         part = list(scenes[s:s + chunk])

@@ -168,7 +168,7 @@ def write_qa_dataset(out_dir: str, num_scenes: int, seed: int = 0, *, image_size
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
     from recogdrive_jax.train.metrics import track
     if scenes is None:
-        scenes = (world.generate_scene(seed * 1_000_003 + i, domain=domain) for i in range(num_scenes))
+        scenes = (world.generate_scene(seed * 1_000_003 + i, domain=domain, reference="expert") for i in range(num_scenes))
     scenes = track(scenes, total=len(scenes) if hasattr(scenes, "__len__") else num_scenes, desc="qa scenes",
                    unit="scenes")
     files = {k: open(os.path.join(out_dir, "annotations", f"{prefix}_{k}.jsonl"), "w") for k in repeat}

@@ -14,6 +14,8 @@ A scene is a straight road, a constant-curvature curve (with clothoid transition
 left / straight / right exits; roads have 1-3 lanes per direction. Other vehicles follow their lanes
 (51 frames = 5 s at 10 Hz, enough for the TTC look-ahead), static obstacles (cones, barriers, parked cars) sit on
 the road, and a rule-based planner (IDM along the route with curvature speed limits) produces the expert future.
+EP's reference (`ref_poses`) is NAVSIM's PDM-Closed run on the scene at its speed limit (`sim/pdm_closed.py`,
+checked against the real planner), or the expert's own poses with `reference="expert"`.
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ class Scene:
     history: np.ndarray  # [4, 3] f32 past ego rear-axle poses (x, y, heading) at -1.5, -1.0, -0.5, 0 s
     status: np.ndarray  # [8] f32 command one-hot (4) ++ velocity (vx, vy) ++ acceleration (ax, ay), body frame
     expert: np.ndarray  # [8, 3] f32 expert future poses at 0.5..4.0 s
-    ref_poses: np.ndarray  # [41, 3] f32 expert at 0..4 s, 0.1 s: the "best achievable progress" reference
+    ref_poses: np.ndarray  # [41, 3] f32 EP's reference at 0..4 s, 0.1 s: PDM-Closed (default) or the expert
     hist10: np.ndarray  # [14, 5] f32 (heading, ax, ay, yaw rate, yaw accel) at -1.5..-0.2 s (EPDMS HC)
     obj_boxes: np.ndarray  # [F, A, 5] f32 (x, y, heading, length, width) of box centres per frame
     obj_valid: np.ndarray  # [F, A] bool, object present in frame
@@ -452,7 +454,7 @@ def _lane_motion(path: np.ndarray, s0: float, v0: float, acc: float, n: int):
 
 
 REFERENCES = ("expert", "pdm_closed")  # what `ref_poses` (EP's best-progress reference) holds
-DEFAULT_REFERENCE = "expert"
+DEFAULT_REFERENCE = "pdm_closed"
 
 
 def generate_scene(seed: int, kind: str | None = None, domain: str | None = None,
