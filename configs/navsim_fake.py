@@ -63,5 +63,4 @@ def step_configs() -> dict:
 def get_config(arg: str | None = None):
     from recogdrive_jax.stages import pipeline
     steps = tuple(s for s in (arg or ",".join(STEPS)).split(",") if s)
-    return pipeline.pipeline_config([s if s != "navsim" else "navsim:navsim_convert" for s in steps], step_configs(),
-                                    source="configs/navsim_fake.py")
+    return pipeline.pipeline_config(steps, step_configs(), source="configs/navsim_fake.py")
