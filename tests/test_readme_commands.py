@@ -61,6 +61,7 @@ SMALLEST = {
         "--config.ppo.num_minibatches=1", "--config.optim.grad_accum=1", "--config.optim.optimizer_steps_per_step=1",
         "--config.prompt.max_new_tokens=8"],
     "configs/virl/eval_nav.py": _NAV,
+    "configs/navsim_fake.py": ["--config.train.num_steps=1"],
 }
 SMALLEST_ARGS = {  # other modules: their smallest arguments, or why the fast test leaves them out
     "recogdrive_jax.sim.sanity": ["--num_scenes", "4", "--num_bev", "1"],
