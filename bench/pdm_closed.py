@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--real_scenes", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
-    scenes = world.generate_scenes(args.scenes, seed=7)
+    scenes = world.generate_scenes(args.scenes, seed=7, reference="expert")  # PDM-Closed is what is timed
     limits = np.random.default_rng(0).uniform(8.0, 15.0, args.scenes)
     c1, ms1 = time_jax(scenes[:1], limits[:1], args.repeats * 4)
     cb, msb = time_jax(scenes, limits, args.repeats)
