@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from conftest import subprocess_env
 
 from recogdrive_jax import configs
 from recogdrive_jax.envs import navigation as nav
@@ -180,7 +181,6 @@ def _tiny_stage_config(tmp_path, **over):
     return configs.set_dotted(c, over)
 
 
-@pytest.mark.slow
 def test_ppo_stage_runs_resumes_and_eval_nav_writes_metrics(tmp_path):
     from recogdrive_jax.stages import eval_nav as eval_stage
     from recogdrive_jax.stages import ppo as ppo_stage
@@ -253,8 +253,8 @@ def test_two_process_rollouts(tmp_path):
              "--config.env.n_train_routes=4", "--config.env.n_eval_routes=2", "--config.eval_nav.splits="]
     procs = []
     for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        env = subprocess_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                             JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen([sys.executable, "-m", "recogdrive_jax.main", *flags], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]
