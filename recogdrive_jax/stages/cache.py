@@ -4,7 +4,9 @@ Upstream (`run_caching_recogdrive_hidden_state.sh`) runs ReCogDrive's InternVL o
 prompt — driving system message, front-camera image, the 4 past ego poses as text, the navigation command — and
 stores `hidden_states[-1]` left-padded to 2800 tokens in fp32. Here the samples are the synthetic world's scenes
 of each split (the same seeds `data/planner_data.py` uses), the prompt is `data/driving_prompt.py`, and the
-states go to a `HiddenCache` at `WORKDIR/<split>/` with the split's `scenes.npz` next to it:
+states go to a `HiddenCache` at `WORKDIR/<split>/` with the split's `scenes.npz` next to it. With
+`config.data.source='navsim'` the samples are converted NAVSIM logs (data/navsim_data.py): their CAM_F0 JPEGs, the
+same prompt plus the ego-status line (`config.cache.ego_status_text`), and their tokens stored in `scenes.npz`:
 
 * `config.cache.layout='compact'` (default): bf16, only the real tokens, their count in `lengths`;
 * `'upstream_compatible'`: fp32, left-padded to `config.cache.max_len` (2800), as upstream.
