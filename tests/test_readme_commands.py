@@ -38,8 +38,7 @@ _SCENES = ["--config.data.num_train_scenes=16", "--config.data.num_eval_scenes=8
 _EVAL = ["--config.eval.num_plots=0", "--config.eval.batch_size=8"]
 _TINY_DIT = ["--config.planner.variant=tiny", "--config.planner.vl_dim=64"]
 _TINY_VLM = ["--config.model.dtype=float32", "--config.model.remat=false"]
-_NAV = ["--config.eval_nav.splits=in_distribution", "--config.eval_nav.max_routes=1",
-        "--config.eval_nav.max_new_tokens=8", "--config.eval_nav.num_render=0"]
+_NAV = ["--config.eval_nav.max_routes=1", "--config.eval_nav.max_new_tokens=8", "--config.eval_nav.num_render=0"]
 # The smallest form of each config file's commands (appended after the README's own arguments).
 SMALLEST = {
     "configs/recogdrive_8b/sft.py": _TRAIN + _TINY_VLM + [
@@ -60,7 +59,7 @@ SMALLEST = {
         "--config.ppo.num_envs=8", "--config.ppo.num_steps=1", "--config.ppo.epochs=1",
         "--config.ppo.num_minibatches=1", "--config.optim.grad_accum=1", "--config.optim.optimizer_steps_per_step=1",
         "--config.prompt.max_new_tokens=8"],
-    "configs/virl/eval_nav.py": _NAV,
+    "configs/virl/eval_nav.py": _NAV + ["--config.eval_nav.splits=in_distribution"],
     "configs/navsim_fake.py": ["--config.train.num_steps=1"],
 }
 SMALLEST_ARGS = {  # other modules: their smallest arguments, or why the fast test leaves them out
