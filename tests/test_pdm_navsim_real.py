@@ -66,6 +66,21 @@ def test_float32_agrees_with_navsim_except_reversed_heading(fixture):
         assert not (bad & keep).any(), (k, np.argwhere(bad & keep)[:5])
 
 
+def test_navsim_arrays_round_trip(tmp_path):
+    """What the real scorer reads (navsim_arrays.save) is exactly the Scene sim/pdm.py scores."""
+    for seed in (1, 2, 3):  # straight / curve / junction draws
+        sc = world.generate_scene(seed, reference="expert")
+        navsim_arrays.save(str(tmp_path / "s.npz"), navsim_arrays.scene_to_arrays(sc))
+        back = navsim_arrays.arrays_to_scene(navsim_arrays.load(str(tmp_path / "s.npz")))
+        for k in world.SCENE_SCHEMA:
+            a, b = getattr(sc, k), getattr(back, k)
+            assert a.dtype == b.dtype and a.shape == b.shape, k
+            if k == "obj_speed":  # re-derived as |(v cos h, v sin h)|, as the real scorer sees it
+                np.testing.assert_allclose(a, b, rtol=1e-6)
+            else:
+                np.testing.assert_array_equal(a, b, err_msg=k)
+
+
 def test_regulariser_matrices():
     navsim = pdm.velocity_fit_regulariser(6, "navsim")  # [4, 6] over [v0, a_0..a_4]
     nuplan = pdm.velocity_fit_regulariser(6, "nuplan")
