@@ -214,22 +214,22 @@ class Checkpointer:
         return None, None
 
     def _set_aside(self, bad: list[tuple[int, str]], good: int) -> None:
-        moved = []
-        for step, _ in bad:
-            dst = os.path.join(self.dir, CORRUPT_DIR, str(step))
-            n = 1
-            while os.path.exists(dst):
-                dst, n = os.path.join(self.dir, CORRUPT_DIR, f"{step}.{n}"), n + 1
-            if jax.process_index() == 0:
+        """Process 0 moves each unreadable step to corrupt/<step>[.n]; every process then re-lists the steps."""
+        if jax.process_index() == 0:
+            moved = []
+            for step, _ in bad:
+                dst, n = os.path.join(self.dir, CORRUPT_DIR, str(step)), 1
+                while os.path.exists(dst):
+                    dst, n = os.path.join(self.dir, CORRUPT_DIR, f"{step}.{n}"), n + 1
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 os.replace(os.path.join(self.dir, str(step)), dst)
-            moved.append(dst)
+                moved.append(dst)
+            logging.warning("%s; moved to %s; resuming from step %d", "; ".join(r for _, r in bad),
+                            ", ".join(moved), good)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("recogdrive_checkpoint_set_aside")
         self.manager.reload()
-        logging.warning("%s; moved to %s; resuming from step %d", "; ".join(r for _, r in bad),
-                        ", ".join(moved), good)
 
     def _note_unfinished(self, step: int) -> None:
         """A save cut short leaves `<step>.orbax-checkpoint-tmp-*`: never a step, never deleted, named once."""
