@@ -2,8 +2,10 @@
 
 A stage supplies a `Task` (how to initialise params, their logical axes, a loss, a data iterator and an
 optional evaluation); this file owns the mesh, shardings, ZeRO-1, the jitted step, resume, checkpoints and
-metrics, so no stage re-implements any of it. Resume order: this workdir's latest checkpoint, then
-`config.train.init_from` (a parameter checkpoint or another run's workdir), then fresh init.
+metrics, so no stage re-implements any of it. Resume order: this workdir's newest readable checkpoint, then
+`config.train.init_from` (a `convert` output, a parameter checkpoint or another run's workdir), then fresh init.
+NaN guard: the loss is checked at every log and the post-update state (params, EMA, optimizer state) before every
+save, so a non-finite state is never written and the newest finite checkpoint stays the one a rerun resumes from.
 """
 from __future__ import annotations
 
