@@ -111,12 +111,13 @@ def write_split(out: str, split: str, scenes: list, num_logs: int, seed: int) ->
 
 
 def write_fake_split(out: str, splits=("train", "eval", "test"), num_logs: int = 2, scenes_per_log: int = 3,
-                     seed: int = 0) -> dict[str, list[str]]:
-    """The whole fake dataset under `out`; returns {split: tokens}."""
+                     seed: int = 0, reference: str = world.DEFAULT_REFERENCE) -> dict[str, list[str]]:
+    """The whole fake dataset under `out`; returns {split: tokens}. `reference`: the scenes' EP reference (PDM-Closed
+    by default, as in NAVSIM's metric cache)."""
     result = {}
     os.makedirs(os.path.join(out, "metric_cache"), exist_ok=True)
     for si, split in enumerate(splits):
-        scenes = world.generate_scenes(num_logs * scenes_per_log, seed=seed + 7919 * (si + 1))
+        scenes = world.generate_scenes(num_logs * scenes_per_log, seed=seed + 7919 * (si + 1), reference=reference)
         tokens = write_split(out, split, scenes, num_logs, seed + si)
         scene_store.save_scenes(os.path.join(out, "metric_cache", f"{split}.npz"), scenes,
                                 extra={"tokens": np.array(tokens, dtype=str)})
