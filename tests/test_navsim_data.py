@@ -182,3 +182,22 @@ def test_navsim_scene_loader_agrees_with_convert_navsim_logs(fake, tmp_path):
     np.testing.assert_array_equal(mine["status"][order, 4:6], ref["velocity"])
     np.testing.assert_array_equal(mine["status"][order, 6:8], ref["acceleration"])
     np.testing.assert_array_equal(mine["status"][order, :4], ref["command"])
+
+
+def test_navsim_cache_then_eval_writes_the_csv(tmp_path):
+    """The cheaper slice of the real path (no planner training): fake split -> convert -> cache -> eval of the
+    constant-velocity baseline on the NAVSIM cache (PDM inputs attached by token) -> NAVSIM's CSV."""
+    from recogdrive_jax import configs
+    from recogdrive_jax.stages import pipeline
+    cfg = configs.load_config_file(os.path.join(ROOT, "configs", "navsim_fake.py")).get_config("navsim,cache,eval")
+    cfg.pipeline.configs.navsim.navsim.fake_scenes_per_log = 2
+    cfg.pipeline.configs.cache.cache.splits = "test"
+    cfg.pipeline.configs.eval.eval.baseline = "constant_velocity"
+    work = str(tmp_path / "run")
+    pipeline.run(cfg, work)
+    tokens = np.load(os.path.join(work, "navsim", "test", "samples.npz"))["tokens"].tolist()
+    assert scene_store.load_tokens(os.path.join(work, "cache", "test", "scenes.npz")).tolist() == tokens
+    rows = list(csv.reader(open(os.path.join(work, "eval", "eval", "test", navsim_csv.FILE_NAME))))
+    assert [r[1] for r in rows[1:]] == tokens + ["average"] and len(tokens) == 4
+    cv = [float(r[-1]) for r in rows[1:-1]]
+    assert all(0.0 <= v <= 1.0 for v in cv) and abs(float(rows[-1][-1]) - np.mean(cv)) < 1e-12
