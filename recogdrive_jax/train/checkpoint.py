@@ -278,7 +278,8 @@ def load_params(path: str, target=None, *, prefer_ema: bool = True):
         raise CheckpointError(f"parameter checkpoint {path!r} does not exist")
     if target is None:
         try:
-            return ocp.StandardCheckpointer().restore(path)
+            inner = os.path.join(path, "params")
+            return ocp.StandardCheckpointer().restore(inner if not _is_tree(path) and _is_tree(inner) else path)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"cannot load parameters from {path!r}: {_one_line(e)}") from None
     if _is_tree(path):
