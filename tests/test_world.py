@@ -77,3 +77,16 @@ def test_metric_cache_converter_requires_navsim(tmp_path):
         pass
     with pytest.raises(SystemExit, match="optional NAVSIM install"):
         conv.main([str(tmp_path), str(tmp_path / "out.npz")])
+
+
+def test_scene_memo_gives_equal_independent_copies():
+    """A pipeline's steps share generated scenes in-process; what one caller changes never reaches another."""
+    first = world.generate_scenes(3, seed=11, reference="expert")
+    more = world.generate_scenes(5, seed=11, reference="expert")  # the first 3 from the memo
+    world._MEMO.clear()
+    fresh = world.generate_scenes(5, seed=11, reference="expert")
+    for a, b in zip(more, fresh):
+        for k in world.SCENE_SCHEMA:
+            np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=k)
+    first[0].history[...] = 1e6
+    assert world.generate_scenes(1, seed=11, reference="expert")[0].history.max() < 1e6

@@ -19,6 +19,7 @@ checked against the real planner), or the expert's own poses with `reference="ex
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Sequence
@@ -656,14 +657,31 @@ def _cast(scene: Scene) -> Scene:
     return Scene(**{k: np.asarray(getattr(scene, k)).astype(SCENE_SCHEMA[k][1]) for k in SCENE_SCHEMA})
 
 
+# Scenes already made in this process, by (per-scene seed, kind, domain, reference): a pipeline's steps (cache, il,
+# rl, eval) ask for overlapping scene sets, and each scene (its PDM-Closed reference above all) costs tens of ms.
+# Bounded FIFO (~50 KB a scene); callers always get copies, so nothing they change reaches the memo.
+_MEMO: "collections.OrderedDict[tuple, Scene]" = collections.OrderedDict()
+MEMO_MAX_SCENES = 4096
+
+
+def _copy(scene: Scene) -> Scene:
+    return Scene(**{k: np.array(getattr(scene, k)) for k in SCENE_SCHEMA})
+
+
 def generate_scenes(num_scenes: int, seed: int = 0, kind: str | None = None, domain: str | None = None,
                     reference: str = DEFAULT_REFERENCE) -> list[Scene]:
     """`num_scenes` scenes with per-scene seeds derived from `seed` (scene i uses seed * 1_000_003 + i); a
     PDM-Closed `reference` is computed in batches (once per scene, stored in `ref_poses`)."""
     from recogdrive_jax.train.metrics import track  # rate/ETA: thousands of scenes take minutes
-    made = [_generate(seed * 1_000_003 + i, kind, domain)
-            for i in track(range(num_scenes), desc="scenes", unit="scenes")]
-    return _with_reference([m[0] for m in made], [m[1] for m in made], reference)
+    keys = [(seed * 1_000_003 + i, kind, domain, reference) for i in range(num_scenes)]
+    todo = [k for k in keys if k not in _MEMO]
+    if todo:
+        made = [_generate(k[0], kind, domain) for k in track(todo, desc="scenes", unit="scenes")]
+        for k, scene in zip(todo, _with_reference([m[0] for m in made], [m[1] for m in made], reference)):
+            _MEMO[k] = scene
+            while len(_MEMO) > max(MEMO_MAX_SCENES, num_scenes):
+                _MEMO.popitem(last=False)
+    return [_copy(_MEMO[k]) for k in keys]
 
 
 def ego_state_summary(scene: Scene) -> dict:
