@@ -20,6 +20,7 @@ from recogdrive_jax.train import loop
 from recogdrive_jax.train.metrics import read_metrics
 
 import toy_task
+from conftest import subprocess_env
 
 KEYS = ("loss", "mae", "grad_norm", "param_norm", "lr")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,7 +187,7 @@ def test_resume_with_another_model_size_is_one_error_line(tmp_path):
     ckptr = ckpt_lib.Checkpointer(str(wd), async_save=False)
     ckptr.save(1, init_train_state(params, tx, ema=True))
     ckptr.close()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env(8)
     proc = subprocess.run([sys.executable, "-m", "recogdrive_jax.main", f"--config={cfg_file}",
                            "--config.planner.variant=tiny4", f"--workdir={wd}"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)

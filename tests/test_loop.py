@@ -17,6 +17,7 @@ from recogdrive_jax.train import loop
 from recogdrive_jax.train.metrics import read_metrics
 
 import toy_task
+from conftest import subprocess_env
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 KEYS = ("loss", "mae", "grad_norm", "param_norm", "lr")
@@ -159,8 +160,8 @@ def test_two_processes_match_one(tmp_path):
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        env = subprocess_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                             JAX_PROCESS_ID=str(pid))
         procs.append(_script(tmp_path / "two", "--set", "train.num_steps=6", env=env))
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs

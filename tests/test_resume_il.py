@@ -92,10 +92,11 @@ def test_il_sigkill_after_checkpoint_resumes_bitwise(tmp_path):
     from recogdrive_jax.train import checkpoint as ckpt_lib
     from recogdrive_jax.train.metrics import read_metrics
     from recogdrive_jax.train.module_def import ModuleDef
+    from conftest import subprocess_env
     # Two devices (a data-parallel mesh; ZeRO-1 shards the optimizer state) keep it cheap; one compilation cache
     # for the three processes lets the victim and the resumed run reuse the reference's programs.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = subprocess_env(2, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+                         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     ref = _run(tmp_path / "ref", env=env)
     assert ref.returncode == 0, ref.stderr[-3000:]
     victim = _run(tmp_path / "victim", "--kill_before_step", str(KILL_BEFORE), env=env)
