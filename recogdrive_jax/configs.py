@@ -92,6 +92,8 @@ def planner_data_block(**overrides) -> ml_collections.ConfigDict:
         navsim_metric_cache="",  # source='navsim': PDM inputs, a `convert navsim-metric-cache` .npz or folder of <split>.npz
         cache_dir="",  # hidden-state cache (from the `cache` stage); empty = synthetic world + fixed scene tokens
         vl_pad_to=0,  # static VL length read from a compact cache (0 = the cache's max_len)
+        vl_features="real",  # control: 'real' | 'shuffled' (another scene's states, fixed derangement) | 'zeros'
+        vl_shuffle_seed=0,  # the derangement of vl_features='shuffled'
         num_train_scenes=2000,
         num_eval_scenes=128,
         scene_seed=0,

@@ -37,14 +37,23 @@ class PlannerSplit:
     pad_to: int | None = None  # static VL length for cache reads
     rows: np.ndarray | None = None  # [N] cache row of each sample when the split is a subset of the cache
     tokens: np.ndarray | None = None  # [N] str NAVSIM sample tokens (data.source='navsim')
+    features: str = "real"  # data.vl_features: 'real' | 'shuffled' | 'zeros'
+    feature_perm: np.ndarray | None = None  # [N] 'shuffled': scene i reads the VL states of scene feature_perm[i]
 
     def __len__(self) -> int:
         return int(self.scenes.history.shape[0])
 
     def vl(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(states [b, L, H], mask [b, L]) of samples `idx`, after the `features` control."""
+        idx = np.asarray(idx)
+        src = idx if self.feature_perm is None else self.feature_perm[idx]
         if self.cache is not None:
-            return self.cache.read(idx if self.rows is None else self.rows[np.asarray(idx)], pad_to=self.pad_to)
-        return self.vl_states[idx], self.vl_mask[idx]
+            states, mask = self.cache.read(src if self.rows is None else self.rows[src], pad_to=self.pad_to)
+        else:
+            states, mask = self.vl_states[src], self.vl_mask[src]
+        if self.features == "zeros":
+            states = np.zeros_like(states)
+        return states, mask
 
     def cond(self, idx) -> dict:
         idx = np.asarray(idx)
@@ -79,12 +88,44 @@ def synthetic_scenes(data_cfg, split: str) -> world.Scene:
 
 
 SOURCES = ("synthetic", "navsim")
+VL_FEATURES = ("real", "shuffled", "zeros")
+
+
+def vl_features(data_cfg) -> str:
+    """`config.data.vl_features`, validated ('real' when the key is absent)."""
+    value = data_cfg.get("vl_features", "real") or "real"
+    if value not in VL_FEATURES:
+        from recogdrive_jax.configs import ConfigError
+        raise ConfigError(f"config.data.vl_features: unknown {value!r}; allowed: {list(VL_FEATURES)}")
+    return value
+
+
+def feature_permutation(n: int, seed: int, split: str) -> np.ndarray:
+    """A fixed derangement of n scenes (no scene keeps its own features when n > 1), per split and seed."""
+    order = np.random.default_rng([int(seed), SPLITS.index(split)]).permutation(n)
+    perm = np.empty(n, np.int64)
+    perm[order] = np.roll(order, -1)  # each scene in the random cycle reads the next one's features
+    return perm
+
+
+def _with_features(split: PlannerSplit, data_cfg) -> PlannerSplit:
+    features = vl_features(data_cfg)
+    split.features = features
+    if features == "shuffled":
+        split.feature_perm = feature_permutation(len(split), int(data_cfg.get("vl_shuffle_seed", 0)), split.name)
+    return split
 
 
 def load_split(data_cfg, split: str, vl_dim: int, need_pdm: bool = False) -> PlannerSplit:
     """The split from the cache (when `data_cfg.cache_dir`), else the synthetic world or converted NAVSIM samples
-    (`data_cfg.source`) + fixed scene tokens. `need_pdm`: the split's plans get scored, so NAVSIM samples need
-    their PDM inputs (data/navsim_data.py); the synthetic world always has them."""
+    (`data_cfg.source`) + fixed scene tokens, with the `data.vl_features` control applied. `need_pdm`: the split's
+    plans get scored, so NAVSIM samples need their PDM inputs (data/navsim_data.py); the synthetic world always
+    has them."""
+    vl_features(data_cfg)  # a bad value fails before any data is read
+    return _with_features(_load_split(data_cfg, split, vl_dim, need_pdm), data_cfg)
+
+
+def _load_split(data_cfg, split: str, vl_dim: int, need_pdm: bool) -> PlannerSplit:
     source = data_cfg.get("source", "synthetic") or "synthetic"
     if source not in SOURCES:
         from recogdrive_jax.configs import ConfigError
