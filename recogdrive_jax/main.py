@@ -32,18 +32,15 @@ def fail(msg: str) -> None:
 
 
 def check_workdir(workdir: str | None) -> str:
+    """The absolute workdir (a URL stays a URL), after writing and deleting a marker there: an unwritable local
+    directory or an unreachable `gs://`/`s3://` URL fails here, within seconds, naming it."""
     if not workdir:
         fail("--workdir is required")
-    workdir = os.path.abspath(workdir)
+    from recogdrive_jax import storage
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_probe")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        fail(f"--workdir={workdir!r} is not writable: {e.strerror or e}")
-    return workdir
+        return storage.check_writable(workdir)
+    except storage.StorageError as e:
+        fail(f"--workdir={e}")
 
 
 def run(config, workdir: str) -> dict:

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from typing import Any, Mapping
 
+from recogdrive_jax import storage
+
 # Distributions whose versions change numbers or checkpoint formats.
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore", "transformers", "numpy",
             "ml_collections")
@@ -66,9 +68,9 @@ def checkpoint_ref(path: str) -> dict[str, Any]:
     or HF directory)}: what an evaluation scored."""
     if not path:
         return {"path": "", "step": None}
-    path = os.path.abspath(path)
+    path = storage.abspath(path)
     step = None
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if storage.isdir(storage.join(path, "checkpoints")):
         from recogdrive_jax.train import checkpoint as ckpt_lib
         ckptr = ckpt_lib.Checkpointer(path, async_save=False)
         try:
@@ -82,21 +84,16 @@ def write_config(config, workdir: str, extra: Mapping[str, Any] | None = None) -
     """Writes WORKDIR/config.json: the resolved config, `provenance`, and `extra` keys (e.g. the checkpoint an eval
     scored). Process 0 only; returns the path."""
     import jax
-    path = os.path.join(workdir, "config.json")
+    path = storage.join(workdir, "config.json")
     if jax.process_index() != 0:
         return path
-    os.makedirs(workdir, exist_ok=True)
     data = json.loads(config.to_json_best_effort())
     data["provenance"] = provenance()
     for key, value in (extra or {}).items():
         data[key] = value
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(data, indent=2, default=str))  # atomic, local or remote
     return path
 
 
 def read_config(workdir: str) -> dict:
-    with open(os.path.join(workdir, "config.json")) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(storage.join(workdir, "config.json")))

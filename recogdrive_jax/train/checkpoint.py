@@ -17,21 +17,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
+from recogdrive_jax import storage
 from recogdrive_jax.errors import CheckpointKeyError, UserError
 from recogdrive_jax.train.optim import path_str
 
 STATE_ITEM = "state"
 CORRUPT_DIR = "corrupt"
 TMP_MARK = ".orbax-checkpoint-tmp"
+COMMIT_FILE = "commit_success.txt"  # on gs:// Orbax saves in place and marks a finished step with this file
 
 
 class CheckpointError(UserError):
@@ -65,7 +64,7 @@ def attach_shardings(abstract, shardings):
 
 def _read_metadata(item_dir: str):
     # The handler, not a Checkpointer: an item directory has no step-level metadata to warn about.
-    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
+    meta = ocp.PyTreeCheckpointHandler().metadata(storage.as_path(item_dir))
     return getattr(meta, "tree", meta)
 
 
@@ -93,8 +92,8 @@ def restore_tree(item_dir: str, target, *, subtree: str | None = None, what: str
     """Restores `target` (ShapeDtypeStructs with shardings, the model's structure) from the Orbax PyTree in
     `item_dir` (or its `subtree`, e.g. 'ema_params'), matching leaves by path. Returns `target`'s structure."""
     what = what or item_dir
-    if not os.path.isfile(os.path.join(item_dir, "_METADATA")):  # else Orbax guesses a partial tree from shards
-        raise CheckpointError(f"cannot read {what}: {os.path.join(item_dir, '_METADATA')} is missing")
+    if not storage.isfile(storage.join(item_dir, "_METADATA")):  # else Orbax guesses a partial tree from shards
+        raise CheckpointError(f"cannot read {what}: {storage.join(item_dir, '_METADATA')} is missing")
     try:
         meta = _read_metadata(item_dir)
     except Exception as e:  # noqa: BLE001  (Orbax raises many types: say which checkpoint, in one line)
@@ -115,7 +114,7 @@ def restore_tree(item_dir: str, target, *, subtree: str | None = None, what: str
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=subtree is not None)
     try:
-        out = ocp.PyTreeCheckpointHandler().restore(epath.Path(item_dir), args=args)
+        out = ocp.PyTreeCheckpointHandler().restore(storage.as_path(item_dir), args=args)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot read {what}: {_one_line(e)}") from None
     got = flat_by_path(out[subtree] if subtree is not None else out)
@@ -131,11 +130,12 @@ def _agree(ok: bool) -> bool:
 
 
 def _step_dirs(ckpt_dir: str) -> list[int]:
-    """Committed steps, newest first (Orbax renames `<step>.orbax-checkpoint-tmp-*` to `<step>` on commit)."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted((int(n) for n in os.listdir(ckpt_dir) if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n))),
-                  reverse=True)
+    """Committed steps, newest first (Orbax renames `<step>.orbax-checkpoint-tmp-*` to `<step>` on commit; on gs://
+    it writes `<step>/` in place and adds `commit_success.txt` last)."""
+    in_place = storage.scheme(ckpt_dir) == "gs"
+    steps = [int(n) for n in storage.listdir(ckpt_dir) if n.isdigit() and storage.isdir(storage.join(ckpt_dir, n))
+             and (not in_place or storage.exists(storage.join(ckpt_dir, n, COMMIT_FILE)))]
+    return sorted(steps, reverse=True)
 
 
 def _encode_state(state) -> Any:
@@ -152,40 +152,39 @@ def _decode_state(state) -> Any:
 
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.data_dir = os.path.join(self.dir, "data")
+        self.dir = storage.join(storage.abspath(workdir), "checkpoints")
+        self.data_dir = storage.join(self.dir, "data")
         # Leftover `*.orbax-checkpoint-tmp-*` dirs (a save cut short) are left alone: nothing is ever deleted.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=False)
-        self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=(STATE_ITEM,))
+        self.manager = ocp.CheckpointManager(storage.as_path(self.dir), options=options, item_names=(STATE_ITEM,))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state=None, force: bool = False):
-        if data_state is not None:
-            d = os.path.join(self.data_dir, str(step))
-            os.makedirs(d, exist_ok=True)
-            path = os.path.join(d, f"process_{jax.process_index()}.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump(_encode_state(data_state), f)
-            os.replace(path + ".tmp", path)
+        if data_state is not None:  # atomic (tmp + rename locally; an object appears whole)
+            storage.write_text(storage.join(self.data_dir, str(step), f"process_{jax.process_index()}.json"),
+                               json.dumps(_encode_state(data_state)))
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
         self._prune_data_states()
 
     def _prune_data_states(self):
-        if jax.process_index() != 0 or not os.path.isdir(self.data_dir):
+        if jax.process_index() != 0 or not storage.isdir(self.data_dir):
             return
         keep = {str(s) for s in self.manager.all_steps()}
         # The step being saved asynchronously is not listed yet: keep anything newer than the latest listed.
         latest = max([int(s) for s in keep], default=-1)
-        for name in os.listdir(self.data_dir):
+        for name in storage.listdir(self.data_dir):
             if name.isdigit() and name not in keep and int(name) < latest:
-                shutil.rmtree(os.path.join(self.data_dir, name), ignore_errors=True)
+                try:
+                    storage.rmtree(storage.join(self.data_dir, name))
+                except OSError:
+                    pass
 
     def restore(self, step: int, abstract_state):
         """`abstract_state`: a TrainState of `jax.ShapeDtypeStruct`s with target shardings."""
-        return restore_tree(os.path.join(self.dir, str(step), STATE_ITEM), abstract_state,
+        return restore_tree(storage.join(self.dir, str(step), STATE_ITEM), abstract_state,
                             what=f"checkpoint {self.dir}/{step}")
 
     def restore_latest(self, abstract_state) -> tuple[int | None, Any]:
@@ -218,11 +217,10 @@ class Checkpointer:
         if jax.process_index() == 0:
             moved = []
             for step, _ in bad:
-                dst, n = os.path.join(self.dir, CORRUPT_DIR, str(step)), 1
-                while os.path.exists(dst):
-                    dst, n = os.path.join(self.dir, CORRUPT_DIR, f"{step}.{n}"), n + 1
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                os.replace(os.path.join(self.dir, str(step)), dst)
+                dst, n = storage.join(self.dir, CORRUPT_DIR, str(step)), 1
+                while storage.exists(dst):
+                    dst, n = storage.join(self.dir, CORRUPT_DIR, f"{step}.{n}"), n + 1
+                storage.move(storage.join(self.dir, str(step)), dst)
                 moved.append(dst)
             logging.warning("%s; moved to %s; resuming from step %d", "; ".join(r for _, r in bad),
                             ", ".join(moved), good)
@@ -233,18 +231,20 @@ class Checkpointer:
 
     def _note_unfinished(self, step: int) -> None:
         """A save cut short leaves `<step>.orbax-checkpoint-tmp-*`: never a step, never deleted, named once."""
-        left = sorted(n for n in os.listdir(self.dir) if TMP_MARK in n and n.split(".")[0].isdigit()
-                      and int(n.split(".")[0]) > step)
+        names = storage.listdir(self.dir)
+        left = sorted(n for n in names if TMP_MARK in n and n.split(".")[0].isdigit() and int(n.split(".")[0]) > step)
+        if storage.scheme(self.dir) == "gs":  # in-place saves: a newer step directory without its commit file
+            left += [n for n in names if n.isdigit() and int(n) > step
+                     and not storage.exists(storage.join(self.dir, n, COMMIT_FILE))]
         if left and jax.process_index() == 0:
             logging.warning("ignoring unfinished save(s) %s in %s (interrupted run; delete to free disk); resuming "
                             "from step %d", ", ".join(left), self.dir, step)
 
     def data_state(self, step: int):
-        path = os.path.join(self.data_dir, str(step), f"process_{jax.process_index()}.json")
-        if not os.path.exists(path):
+        path = storage.join(self.data_dir, str(step), f"process_{jax.process_index()}.json")
+        if not storage.exists(path):
             return None
-        with open(path) as f:
-            return _decode_state(json.load(f))
+        return _decode_state(json.loads(storage.read_text(path)))
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -256,14 +256,13 @@ class Checkpointer:
 
 def save_params(path: str, params) -> None:
     """Writes a bare parameter tree (e.g. a converted PyTorch checkpoint) that stages can start from."""
-    path = os.path.abspath(path)
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path, params, force=True)
+    ckptr.save(storage.as_path(path), params, force=True)
     ckptr.wait_until_finished()
 
 
 def _is_tree(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "_METADATA"))
+    return storage.isfile(storage.join(path, "_METADATA"))
 
 
 def load_params(path: str, target=None, *, prefer_ema: bool = True):
@@ -273,21 +272,22 @@ def load_params(path: str, target=None, *, prefer_ema: bool = True):
       - a run workdir (its newest readable checkpoint: EMA params when present and `prefer_ema`, else params).
     With `target` (ShapeDtypeStructs with shardings) leaves are matched by path, shapes checked and arrays placed
     on the target shardings; without it the bare tree is returned as stored."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = storage.abspath(path)
+    if not storage.isdir(path):
         raise CheckpointError(f"parameter checkpoint {path!r} does not exist")
     if target is None:
         try:
-            inner = os.path.join(path, "params")
-            return ocp.StandardCheckpointer().restore(inner if not _is_tree(path) and _is_tree(inner) else path)
+            inner = storage.join(path, "params")
+            return ocp.StandardCheckpointer().restore(
+                storage.as_path(inner if not _is_tree(path) and _is_tree(inner) else path))
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"cannot load parameters from {path!r}: {_one_line(e)}") from None
     if _is_tree(path):
         return restore_tree(path, target, what=f"parameter checkpoint {path}")
-    if _is_tree(os.path.join(path, "params")):
-        return restore_tree(os.path.join(path, "params"), target, what=f"converted checkpoint {path}/params")
-    ckpt_dir = os.path.join(path, "checkpoints")
-    if os.path.isdir(ckpt_dir):
+    if _is_tree(storage.join(path, "params")):
+        return restore_tree(storage.join(path, "params"), target, what=f"converted checkpoint {path}/params")
+    ckpt_dir = storage.join(path, "checkpoints")
+    if storage.isdir(ckpt_dir):
         return _load_run_params(path, ckpt_dir, target, prefer_ema)
     raise CheckpointError(f"{path!r} is not a parameter checkpoint: expected a run workdir (checkpoints/), a "
                           "`convert ... --out` directory (params/) or an Orbax tree (_METADATA)")
@@ -297,7 +297,7 @@ def _load_run_params(path: str, ckpt_dir: str, target, prefer_ema: bool):
     """Another run's params: its newest readable step (older ones on failure, with a warning; nothing moved)."""
     bad = []
     for step in _step_dirs(ckpt_dir):
-        item = os.path.join(ckpt_dir, str(step), STATE_ITEM)
+        item = storage.join(ckpt_dir, str(step), STATE_ITEM)
         what = f"run checkpoint {ckpt_dir}/{step}"
         try:
             meta = _read_metadata(item)

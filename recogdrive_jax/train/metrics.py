@@ -1,6 +1,8 @@
 """Metric accumulation (clu.metrics) and writers: WORKDIR/metrics.jsonl always, TensorBoard, a progress bar.
 
-`clu.metric_writers` pulls in TensorFlow, so the writers here are our own; only process 0 writes.
+`clu.metric_writers` pulls in TensorFlow, so the writers here are our own; only process 0 writes. A remote workdir
+(gs://...) gets the same files through `storage`: metrics.jsonl is rewritten whole at each event (object stores
+cannot append) and TensorBoard event files are uploaded through etils.epath at each flush.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from typing import Mapping
 import jax
 import numpy as np
 from clu import metrics as clu_metrics
+
+from recogdrive_jax import storage
 
 
 class MetricAccumulator:
@@ -43,20 +47,33 @@ class MetricWriter:
 
     def __init__(self, workdir: str, tensorboard: bool = True):
         self.active = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = storage.join(storage.abspath(workdir), "metrics.jsonl")
+        self.remote = storage.is_remote(self.path)
+        self._rows: list[str] | None = None  # remote: the file's lines, rewritten whole at each event
         self._tb = None
         if self.active:
-            os.makedirs(workdir, exist_ok=True)
+            storage.makedirs(workdir)
+            if self.remote:
+                self._rows = storage.read_text(self.path).splitlines(keepends=True) if storage.exists(
+                    self.path) else []
             if tensorboard:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                tb_dir = storage.join(storage.abspath(workdir), "tensorboard")
+                if self.remote:
+                    _register_remote_event_files(storage.scheme(tb_dir))
+                self._tb = SummaryWriter(tb_dir)
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]):
         if not self.active:
             return
         row = {"step": int(step), "split": split, **{k: _jsonable(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        if self._rows is not None:
+            self._rows.append(line)
+            storage.write_text(self.path, "".join(self._rows))
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
         if self._tb is not None:
             for k, v in metrics.items():
                 if np.ndim(v) == 0 and np.isfinite(float(v)):
@@ -68,11 +85,45 @@ class MetricWriter:
             self._tb.close()
 
 
+class _EventFile:
+    """A TensorBoard event file on an object store: bytes kept in memory, the whole object rewritten at each flush
+    (what tensorboardX's own GCS writer does, but through etils.epath, so it shares gcsfs's credentials and
+    emulator settings with every other file of the run)."""
+
+    def __init__(self, path: str):
+        self.path, self._buf, self._flushed = path, bytearray(), 0
+
+    def write(self, data: bytes):
+        self._buf += data
+
+    def flush(self):
+        if len(self._buf) != self._flushed:
+            storage.write_bytes(self.path, bytes(self._buf))
+            self._flushed = len(self._buf)
+
+    def close(self):
+        self.flush()
+
+
+class _EventFileFactory:
+    def open(self, path: str):
+        return _EventFile(path)
+
+    def directory_check(self, path: str):  # object stores need no directories
+        pass
+
+
+def _register_remote_event_files(scheme: str) -> None:
+    """Routes tensorboardX's event files for `scheme://` through `storage` (its public writer-factory registry)."""
+    from tensorboardX import record_writer
+    record_writer.register_writer_factory(scheme, _EventFileFactory())
+
+
 def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "metrics.jsonl")
+    if not storage.exists(path):
         return []
-    rows = [json.loads(l) for l in open(path) if l.strip()]
+    rows = [json.loads(l) for l in storage.read_text(path).splitlines() if l.strip()]
     return [r for r in rows if split is None or r.get("split") == split]
 
 
