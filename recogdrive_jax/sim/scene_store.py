@@ -6,17 +6,16 @@ raising `SceneStoreError` that names the file and field.
 """
 from __future__ import annotations
 
-import os
+import io
 import zipfile
 from typing import Sequence
 
 import numpy as np
 
-from recogdrive_jax.sim import world
-from recogdrive_jax.sim.world import SCENE_SCHEMA, Scene
+from recogdrive_jax.sim import scene_format, world  # noqa: F401  (world registers Scene as a jax pytree)
+from recogdrive_jax.sim.scene_format import FORMAT_VERSION, SCENE_SCHEMA, Scene
+from recogdrive_jax import storage
 from recogdrive_jax.errors import UserError
-
-FORMAT_VERSION = 1
 
 
 class SceneStoreError(UserError):
@@ -25,21 +24,22 @@ class SceneStoreError(UserError):
 
 def save_scenes(path: str, scenes: Scene | Sequence[Scene], extra: dict | None = None) -> str:
     """Writes one scene or a list/batch of scenes to `path` (.npz, compressed); returns the path. `extra`: more
-    plain arrays stored beside the scene fields (e.g. NAVSIM `tokens` [N] str; `load_scenes` ignores them)."""
-    if isinstance(scenes, Scene):
-        arrays = {k: np.asarray(getattr(scenes, k)) for k in SCENE_SCHEMA}
-    else:
-        arrays = {k: np.asarray(getattr(world.stack_scenes(list(scenes)), k)) for k in SCENE_SCHEMA}
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, __format_version__=np.array(FORMAT_VERSION), **(extra or {}), **arrays)
-    os.replace(tmp, path)
+    plain arrays stored beside the scene fields (e.g. NAVSIM `tokens` [N] str; `load_scenes` ignores them).
+    The writer itself is numpy-only (`scene_format.save_scene_arrays`), shared with the NAVSIM converter."""
+    with storage.staged_file(path) as local:  # a gs:// file is written locally, then uploaded
+        scene_format.save_scene_arrays(local, scenes, extra)
     return path
+
+
+def _npz_source(path: str):
+    """What `np.load` reads: the local path, or a remote file's bytes."""
+    return io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
 
 
 def load_scenes(path: str) -> Scene:
     """Loads and validates a scene file; the result is batched iff the file is."""
     try:
-        data = np.load(path, allow_pickle=False)
+        data = np.load(_npz_source(path), allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise SceneStoreError(f"{path}: not a readable scene .npz ({e})") from e
     with data:
@@ -76,7 +76,7 @@ def load_scenes(path: str) -> Scene:
 def load_tokens(path: str) -> np.ndarray | None:
     """The `tokens` [N] str field of a scene file (NAVSIM sample tokens), or None when it has none."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(_npz_source(path), allow_pickle=False) as data:
             if "tokens" not in data.files:
                 return None
             tokens = data["tokens"]
