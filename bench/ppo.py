@@ -34,6 +34,7 @@ from recogdrive_jax.convert import internvl as cv  # noqa: E402
 from recogdrive_jax.envs import navigation as nav  # noqa: E402
 from recogdrive_jax.rl import ppo as ppo_lib  # noqa: E402
 from recogdrive_jax.train.state import init_train_state  # noqa: E402
+from recogdrive_jax.vlm import chat, nav_policy  # noqa: E402
 
 GAMMA, LAM, CLIP, VCLIP, VCOEF, RATIO_CAP, TEMP, MAX_NORM, LR = 0.9, 0.95, 0.1, 0.1, 0.5, 10.0, 0.2, 0.01, 1e-5
 
@@ -101,7 +102,7 @@ class TorchPPO:
     def rollout(self, steps):
         rows, rewards, terms, truncs, values = [], [], [], [], []
         for _ in range(steps):
-            p = ppo_lib.stack([self.enc.encode_prompt(o) for o in self.obs])
+            p = chat.stack([self.enc.encode_prompt(o) for o in self.obs])
             ids = torch.tensor(p["prompt_ids"], dtype=torch.long)
             mask = torch.tensor(p["prompt_mask"], dtype=torch.long)
             pv = torch.tensor(p["pixel_values"][:, 0].transpose(0, 3, 1, 2))
@@ -114,7 +115,7 @@ class TorchPPO:
             out[:, :g.shape[1]] = g
             dec = [self.enc.decode_answer(o) for o in out]
             amask, w = np.stack([d[2] for d in dec]), np.stack([d[1] for d in dec])
-            full = ppo_lib.join_sequences(p, out, amask)
+            full = chat.join_sequences(p, out, amask)
             t_ids, t_mask = torch.tensor(full["input_ids"], dtype=torch.long), torch.tensor(full["attention_mask"])
             with torch.no_grad():
                 logp, v = self.score(t_ids, t_mask, pv, torch.tensor(w))
@@ -128,9 +129,9 @@ class TorchPPO:
                 self.obs[k] = o
                 r_t.append(r), te_t.append(te), tr_t.append(tr)
             rewards.append(r_t), terms.append(te_t), truncs.append(tr_t)
-        p = ppo_lib.stack([self.enc.encode_prompt(o) for o in self.obs])
+        p = chat.stack([self.enc.encode_prompt(o) for o in self.obs])
         empty = np.full((len(self.obs), self.enc.layout.answer_len), self.enc.pad_id, np.int32)
-        full = ppo_lib.join_sequences(p, empty, np.zeros_like(empty))
+        full = chat.join_sequences(p, empty, np.zeros_like(empty))
         with torch.no_grad():
             _, nv = self.score(torch.tensor(full["input_ids"], dtype=torch.long),
                                torch.tensor(full["attention_mask"]),
@@ -173,8 +174,8 @@ def main(argv=None):
     from recogdrive_jax.stages import ppo as stage
     config = bench_config(args)
     import tempfile
-    model = stage.NavModel(config, tempfile.mkdtemp())
-    policy = stage.NavPolicy(config, model.cfg, model.tokenizer)
+    model = nav_policy.NavModel(config, tempfile.mkdtemp())
+    policy = nav_policy.NavPolicy(config, model.cfg, model.tokenizer)
     cfg = policy.cfg
     tm = hf_model(cfg)
     vlm = cv.load_hf_model({k: v.detach().numpy() for k, v in tm.state_dict().items()}, cfg, layout="native")
@@ -185,7 +186,7 @@ def main(argv=None):
     hp = ppo_lib.PPOHParams.from_config(config.ppo, int(config.optim.grad_accum))
 
     # ---- JAX: the stage's rollout iterator + the jitted update
-    it = stage.RolloutIterator(config, policy, mesh=None)
+    it = stage.RolloutIterator(config, policy, None)
     tx = optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.adam(LR, eps=1e-7))
     update = jax.jit(ppo_lib.make_ppo_update(policy.mdef, tx, hp, policy.layout.prompt_len), donate_argnums=(0,))
     state = init_train_state(params, tx)

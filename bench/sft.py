@@ -2,7 +2,7 @@
 
 1. SFT tokens/s: one full training step (ViT + mlp1 + LLM forward, assistant-token CE, backward, clip, AdamW) on
    the same small InternVL config, the same weights and the same batch, in this process. JAX runs the `sft` stage's
-   own loss (`stages/sft.make_loss_fn`: chunked CE, segment mask) through the loop's jitted train step
+   own loss (`stages/lm_loss.make_loss_fn`: chunked CE, segment mask) through the loop's jitted train step
    (`train/state.make_train_step`, `train/optim.make_optimizer`) with donated state; PyTorch runs
    `InternVLForConditionalGeneration(..., labels=...)` + `clip_grad_norm_` + `torch.optim.AdamW`. Both fp32 by
    default (`--dtype bfloat16`: JAX bf16 compute, torch CPU/GPU autocast bf16). Prints
@@ -33,9 +33,10 @@ import torch  # noqa: E402
 from recogdrive_jax.convert import internvl as cv  # noqa: E402
 from recogdrive_jax.models import internvl as iv  # noqa: E402
 from bench.common import small_internvl_config as bench_config  # noqa: E402
-from recogdrive_jax.stages import sft  # noqa: E402
 from recogdrive_jax.train import optim  # noqa: E402
 from recogdrive_jax.train.state import init_train_state, make_train_step  # noqa: E402
+from recogdrive_jax.vlm import checkpoint as vlm_ckpt  # noqa: E402
+from recogdrive_jax.vlm import lm_loss  # noqa: E402
 
 
 
@@ -85,9 +86,9 @@ def bench_sft(a) -> float:
     tokens = int(batch["attention_mask"].sum())
 
     # ---- JAX: the stage's loss through the loop's train step
-    mdef = sft.module_def(cfg, a.dtype)
+    mdef = vlm_ckpt.module_def(cfg, a.dtype)
     tx = optim.make_optimizer(optim_cfg(), 1000, params)
-    step = jax.jit(make_train_step(sft.make_loss_fn(mdef, chunk=512, drop_path=False, grad_accum=1), tx,
+    step = jax.jit(make_train_step(lm_loss.make_loss_fn(mdef, chunk=512, drop_path=False, grad_accum=1), tx,
                                    schedule=optim.make_schedule(optim_cfg(), 1000)), donate_argnums=(0,))
     state = init_train_state(jax.tree.map(jnp.asarray, params), tx)
     jb = jax.tree.map(jnp.asarray, batch)

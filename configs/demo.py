@@ -45,10 +45,9 @@ def il_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None):
-    from recogdrive_jax.stages import pipeline
     steps = tuple(s for s in (arg or ",".join(STEPS)).split(",") if s)
     vlm = configs.load_config_file("demo_vlm.py", relative_to=__file__)
     rl = configs.load_config_file("demo_rl.py", relative_to=__file__)
     step_configs = {"sft": vlm.sft_config(), "cache": vlm.cache_config(), "il_vlm": vlm.il_on_cache(il_config()),
                     "il": il_config(), "rl": rl.rl_config(), "eval": rl.eval_config()}
-    return pipeline.pipeline_config(steps, step_configs, source="configs/demo.py")
+    return configs.pipeline_config(steps, step_configs, source="configs/demo.py")

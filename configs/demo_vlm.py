@@ -14,8 +14,7 @@ Run on its own:
 import ml_collections
 
 from recogdrive_jax import configs
-from recogdrive_jax.stages.cache import cache_stage_config
-from recogdrive_jax.stages.sft import sft_stage_config
+from recogdrive_jax.stage_configs import cache_stage_config, sft_stage_config
 
 TINY_VLM_HIDDEN = 64  # models/internvl.VARIANTS['tiny'].llm_config.hidden_size
 # The planner scenes the cache covers (the first scenes of the il step's training split, the whole eval split).
@@ -74,8 +73,7 @@ STEPS = ("sft", "cache", "il_vlm")
 
 
 def get_config(arg: str | None = None):
-    from recogdrive_jax.stages import pipeline
     steps = tuple(s for s in (arg or ",".join(STEPS)).split(",") if s)
     demo = configs.load_config_file("demo.py", relative_to=__file__)
     step_configs = {"sft": sft_config(), "cache": cache_config(), "il_vlm": il_on_cache(demo.il_config())}
-    return pipeline.pipeline_config(steps, step_configs, source="configs/demo_vlm.py")
+    return configs.pipeline_config(steps, step_configs, source="configs/demo_vlm.py")

@@ -9,9 +9,12 @@ For real NAVSIM data, give the `navsim` step the NAVSIM roots instead of `fake` 
   --config.navsim.sensor_blobs_dir=/data/sensor_blobs --config.navsim.metric_cache=/data/metric_cache_converted
 and a fine-tuned VLM for the cache (--config.model.init_from=runs/sft8b) and bigger il/rl settings.
 """
+import dataclasses
+
 import ml_collections
 
-from recogdrive_jax import configs
+from recogdrive_jax import configs, stage_configs
+from recogdrive_jax.rl import grpo
 
 STEPS = ("navsim", "cache", "il", "rl", "eval")
 TINY_VLM_HIDDEN = 64
@@ -31,11 +34,9 @@ def _planner(stage: str) -> ml_collections.ConfigDict:
 
 
 def step_configs() -> dict:
-    from recogdrive_jax.stages import cache as cache_stage
-    from recogdrive_jax.stages import navsim_convert
-    conv = navsim_convert.navsim_convert_config()
+    conv = stage_configs.navsim_convert_config()
     conv.navsim.fake = True
-    cache = cache_stage.cache_stage_config()
+    cache = stage_configs.cache_stage_config()
     cache.model.variant = "tiny"
     cache.model.dtype = "float32"
     cache.model.remat = False
@@ -43,9 +44,6 @@ def step_configs() -> dict:
     cache.cache.update(dict(splits="train,eval,test", batch_size=8, max_dynamic_patch=2))
     il = _planner("il")
     rl = _planner("rl")
-    import dataclasses
-
-    from recogdrive_jax.rl import grpo
     rl.rl = ml_collections.ConfigDict(dataclasses.asdict(grpo.GRPOConfig(group_size=2)))
     rl.train.num_steps = 1
     rl.train.init_from = "{workdir}/il"
@@ -61,6 +59,5 @@ def step_configs() -> dict:
 
 
 def get_config(arg: str | None = None):
-    from recogdrive_jax.stages import pipeline
     steps = tuple(s for s in (arg or ",".join(STEPS)).split(",") if s)
-    return pipeline.pipeline_config(steps, step_configs(), source="configs/navsim_fake.py")
+    return configs.pipeline_config(steps, step_configs(), source="configs/navsim_fake.py")

@@ -17,9 +17,14 @@ never drift apart. Commands (8B; replace 8b by 2b):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from recogdrive_jax import configs
+from recogdrive_jax.models.planner import VLM_WIDTH
+from recogdrive_jax.rl import grpo
+from recogdrive_jax.stage_configs import cache_stage_config, sft_stage_config
 
 SIZES = {"2b": dict(vlm="internvl3_2b", vlm_size="small"), "8b": dict(vlm="internvl3_8b", vlm_size="large")}
 NUM_TRAIN_SCENES, NUM_EVAL_SCENES = 10_000, 512  # cache, il, rl and eval cover the same scenes
@@ -34,7 +39,6 @@ def _size(size: str) -> dict:
 def _vl_dim(size: str) -> int:
     """Hv of the size's VLM, the width of the cache the planner reads: a key of its own so a cache of another VLM
     (or the tiny one) can be named on the command line (`--config.planner.vl_dim=...`)."""
-    from recogdrive_jax.models.planner import VLM_WIDTH
     return VLM_WIDTH[_size(size)["vlm_size"]]
 
 
@@ -43,7 +47,6 @@ def sft(size: str) -> ml_collections.ConfigDict:
     warmup 0.1, weight decay 0.05, bf16, gradient checkpointing, max 12288 tokens, up to 16 tiles + thumbnail,
     drop path 0.1, global batch 128 with per-device batch 1 (grad accumulation from the device count), ZeRO-1,
     3 epochs. `model.init_from` = the InternVL3 HF directory (random init otherwise)."""
-    from recogdrive_jax.stages.sft import sft_stage_config
     c = sft_stage_config(variant=_size(size)["vlm"])
     c.model.init_from = ""
     c.model.drop_path_rate = 0.1
@@ -64,7 +67,6 @@ def cache(size: str) -> ml_collections.ConfigDict:
     """The fine-tuned VLM over every trajectory sample's driving prompt (front camera, 4-pose history, command;
     upstream caches with max 12 tiles), per split. `cache.layout=upstream_compatible` writes upstream's layout
     (left-padded to 2800 tokens, fp32). `model.init_from` = the sft workdir or an HF directory."""
-    from recogdrive_jax.stages.cache import cache_stage_config
     del size  # the VLM comes from init_from; its width is read from there
     c = cache_stage_config()
     c.model.init_from = ""
@@ -101,9 +103,6 @@ def rl(size: str, epochs: int = 10) -> ml_collections.ConfigDict:
 
     Upstream steps the cosine once per epoch; here it decays per optimizer update over the same span. The batch is
     global: 64 scenes = upstream's 8 per GPU on one 8-GPU node (scale with the number of devices)."""
-    import dataclasses
-
-    from recogdrive_jax.rl import grpo
     c = configs.planner_stage_config("rl", variant="small", vlm_size=_size(size)["vlm_size"])
     c.planner.vl_dim = _vl_dim(size)
     c.rl = ml_collections.ConfigDict(dataclasses.asdict(grpo.GRPOConfig()))

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recogdrive_jax import stage_configs
 from recogdrive_jax.convert import internvl as conv
 from recogdrive_jax.data import planner_data
 from recogdrive_jax.data.hidden_cache import CacheError, HiddenCache
@@ -13,7 +14,8 @@ from recogdrive_jax.data.tokenizer import build_tokenizer
 from recogdrive_jax.models import internvl as iv
 from recogdrive_jax.sim import world
 from recogdrive_jax.stages import cache as cache_stage
-from recogdrive_jax.stages import sft
+from recogdrive_jax.vlm import checkpoint as vlm_ckpt
+from recogdrive_jax.vlm import tokenizer as vlm_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def hf_dir(tmp_path_factory):
 
 
 def _config(hf_dir, **cache_kw):
-    c = cache_stage.cache_stage_config()
+    c = stage_configs.cache_stage_config()
     c.model.init_from = hf_dir
     c.model.dtype = "float32"
     c.data.num_train_scenes = 6
@@ -73,8 +75,8 @@ def compact_run(hf_dir, tmp_path_factory):
 
 def _reference_states(hf_dir, scene, workdir):
     """The tiny VLM's last hidden states of one scene's driving prompt, computed directly (fp32)."""
-    resolved = sft.resolve_model(sft.model_block(init_from=hf_dir), None, workdir)  # converts into workdir/init
-    tok = sft.load_or_build_tokenizer(resolved, workdir)
+    resolved = vlm_ckpt.resolve_model(stage_configs.model_block(init_from=hf_dir), None, workdir)  # converts into workdir/init
+    tok = vlm_tokenizer.load_or_build_tokenizer(resolved, workdir)
     model = conv.load_hf_model(hf_dir, resolved.cfg)
     builder = cache_stage.PromptBuilder(resolved.cfg, tok, _config(hf_dir).cache)
     ids, pv = builder.sample(scene)

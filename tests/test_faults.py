@@ -17,8 +17,10 @@ from conftest import subprocess_env
 from PIL import Image
 from safetensors.numpy import save_file
 
+from recogdrive_jax import stage_configs
 from recogdrive_jax.data import planner_data
 from recogdrive_jax.sim import world
+from recogdrive_jax.vlm import qa_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SFT = os.path.join(ROOT, "tests", "configs", "tiny_sft.py")
@@ -101,12 +103,11 @@ def test_truncated_image_row_is_skipped_with_the_flag(inputs, caplog):
     from recogdrive_jax.data import qa as qa_index
     from recogdrive_jax.data.tokenizer import build_tokenizer
     from recogdrive_jax.models import internvl as iv
-    from recogdrive_jax.stages import sft
     tok = build_tokenizer()
     cfg = iv.get_config("tiny", max_dynamic_patch=1)
-    dcfg = sft.data_block(max_seq_length=256, max_dynamic_patch=1, use_thumbnail=False, length_buckets=(256,),
+    dcfg = stage_configs.data_block(max_seq_length=256, max_dynamic_patch=1, use_thumbnail=False, length_buckets=(256,),
                           tile_buckets=(1,), skip_bad_rows=True)
-    plan = sft.build_batches(inputs["truncated"], tok, cfg, dcfg, global_batch=8, seed=0)
+    plan = qa_batches.build_batches(inputs["truncated"], tok, cfg, dcfg, global_batch=8, seed=0)
     with caplog.at_level(logging.WARNING):
         batch = plan.batch(0)
     assert plan.skipped == 1
@@ -114,7 +115,7 @@ def test_truncated_image_row_is_skipped_with_the_flag(inputs, caplog):
     real_rows = batch["attention_mask"].any(-1)
     assert real_rows.sum() == 7 and batch["image_flags"][real_rows].all()  # the other 7 rows are intact
     # without the flag, the row is an error naming the file and line (the CLI test above shows the one line)
-    strict = sft.build_batches(inputs["truncated"], tok, cfg, sft.data_block(**{**dcfg.to_dict(), "skip_bad_rows": False}),
+    strict = qa_batches.build_batches(inputs["truncated"], tok, cfg, stage_configs.data_block(**{**dcfg.to_dict(), "skip_bad_rows": False}),
                                global_batch=8, seed=0)
     with pytest.raises(qa_index.QADataError, match=rf"qa.jsonl:{BAD_ROW + 1}: cannot decode image .*{BAD_ROW}.png"):
         strict.batch(0)

@@ -12,6 +12,7 @@ from transformers import InternVLForConditionalGeneration
 
 from recogdrive_jax.convert import internvl as cv
 from recogdrive_jax.models import internvl as iv
+from recogdrive_jax.vlm import hf_export
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -130,8 +131,7 @@ def _export_via_cli(params, cfg, tok, out):
 def _export_via_sft(params, cfg, tok, out):
     import ml_collections
 
-    from recogdrive_jax.stages import sft
-    sft.export_hf(params, cfg, tok, out, ml_collections.ConfigDict(dict(layout="native", dtype="float32")))
+    hf_export.export_hf(params, cfg, tok, out, ml_collections.ConfigDict(dict(layout="native", dtype="float32")))
 
 
 @pytest.mark.parametrize("export", [_export_via_cli, _export_via_sft], ids=["to_hf", "sft_export"])

@@ -9,9 +9,12 @@ import pytest
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
 
+from recogdrive_jax import stage_configs
 from recogdrive_jax.data.tokenizer import build_tokenizer
 from recogdrive_jax.parallel import mesh as mesh_lib
-from recogdrive_jax.stages import cache, sft
+from recogdrive_jax.stages import cache
+from recogdrive_jax.vlm import checkpoint as vlm_ckpt
+from recogdrive_jax.vlm import tokenizer as vlm_tokenizer
 
 
 def transformers_checkpoint(path: str, tie: bool, seed: int) -> InternVLForConditionalGeneration:
@@ -46,14 +49,14 @@ def test_sft_and_cache_init_from_a_transformers_checkpoint(tmp_path, tokenizer, 
     from safetensors import safe_open
     with safe_open(os.path.join(src, "model.safetensors"), framework="numpy") as f:
         assert any("lm_head" in k for k in f.keys()) != tie  # tied: no head on disk
-    model_cfg = sft.model_block(init_from=src, dtype="float32", remat=False)
-    resolved = sft.resolve_model(model_cfg, None, str(tmp_path / "work"))
+    model_cfg = stage_configs.model_block(init_from=src, dtype="float32", remat=False)
+    resolved = vlm_ckpt.resolve_model(model_cfg, None, str(tmp_path / "work"))
     cfg = resolved.cfg
     assert cfg.llm_config.tie_word_embeddings is tie
     assert (cfg.image_token_id, cfg.img_start_token_id, cfg.img_end_token_id, cfg.eos_token_id,
             cfg.pad_token_id) == (5, 3, 4, 2, 0)
-    tok = sft.load_or_build_tokenizer(resolved, str(tmp_path / "work"))
-    mdef = sft.module_def(resolved.cfg, "float32")
+    tok = vlm_tokenizer.load_or_build_tokenizer(resolved, str(tmp_path / "work"))
+    mdef = vlm_ckpt.module_def(resolved.cfg, "float32")
     mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices())
     params = cache.load_params(resolved, mdef, mesh)  # the loader `cache` and (via Orbax) `sft` use
     assert ("lm_head" in params["language_model"]) != tie

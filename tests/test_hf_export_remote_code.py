@@ -10,11 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recogdrive_jax import stage_configs
 from recogdrive_jax.convert import internvl as cv
 from recogdrive_jax.data.tokenizer import build_tokenizer
 from recogdrive_jax.models import internvl as iv
 from recogdrive_jax.parallel import mesh as mesh_lib
-from recogdrive_jax.stages import cache, sft
+from recogdrive_jax.stages import cache
+from recogdrive_jax.vlm import checkpoint as vlm_ckpt
+from recogdrive_jax.vlm import tokenizer as vlm_tokenizer
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "internvl_remote")
 
@@ -64,10 +67,10 @@ def test_remote_code_checkpoint_gives_its_logits_and_greedy_tokens(reference, re
 
 
 def test_sft_and_cache_init_from_the_remote_code_checkpoint(reference, remote_dir, tmp_path):
-    resolved = sft.resolve_model(sft.model_block(init_from=remote_dir, dtype="float32", remat=False), None,
+    resolved = vlm_ckpt.resolve_model(stage_configs.model_block(init_from=remote_dir, dtype="float32", remat=False), None,
                                  str(tmp_path / "work"))
-    sft.load_or_build_tokenizer(resolved, str(tmp_path / "work"))
-    mdef = sft.module_def(resolved.cfg, "float32")
+    vlm_tokenizer.load_or_build_tokenizer(resolved, str(tmp_path / "work"))
+    mdef = vlm_ckpt.module_def(resolved.cfg, "float32")
     mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices())
     params = cache.load_params(resolved, mdef, mesh)
     logits = mdef.bind(params)(jnp.asarray(reference["input_ids"]), None,

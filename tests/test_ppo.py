@@ -15,6 +15,7 @@ from recogdrive_jax.envs import navigation as nav
 from recogdrive_jax.rl import ppo as ppo_lib
 from recogdrive_jax.train.metrics import read_metrics
 from recogdrive_jax.train.state import init_train_state
+from recogdrive_jax.vlm import chat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 P_LEN, A_LEN, V = 24, 8, 512
@@ -151,7 +152,7 @@ def test_malformed_output_is_scored():
     from recogdrive_jax.data.tokenizer import build_tokenizer
     tok = build_tokenizer(vocab_size=V)
     mdef, cfg = ppo_lib.policy_def(_model_cfg())
-    enc = ppo_lib.ChatEncoder(tok, cfg, ppo_lib.PromptLayout(prompt_len=4096, answer_len=16, system_message=None))
+    enc = chat.ChatEncoder(tok, cfg, chat.PromptLayout(prompt_len=4096, answer_len=16, system_message=None))
     env = nav.make_env("in_distribution", seed=0, city_size_m=800.0, n_train_routes=4, view_size=28)
     obs, _ = env.reset(seed=0)
     p = enc.encode_prompt(obs)

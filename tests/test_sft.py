@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from recogdrive_jax import stage_configs
 from recogdrive_jax.data import length_grouping as lg
 from recogdrive_jax.data import qa as qa_index
 from recogdrive_jax.data import qa_records
@@ -18,6 +19,8 @@ from recogdrive_jax.models import internvl as iv
 from recogdrive_jax.stages import sft
 from recogdrive_jax.train import optim
 from recogdrive_jax.train.metrics import read_metrics
+from recogdrive_jax.vlm import checkpoint as vlm_ckpt
+from recogdrive_jax.vlm import lm_loss, qa_batches
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
@@ -59,7 +62,7 @@ def toy_meta(tmp_path_factory):
 
 
 def _data_cfg(**kw):
-    d = sft.data_block(max_seq_length=256, max_dynamic_patch=6, length_buckets=(128, 256), tile_buckets=(4,))
+    d = stage_configs.data_block(max_seq_length=256, max_dynamic_patch=6, length_buckets=(128, 256), tile_buckets=(4,))
     d.update(kw)
     return d
 
@@ -72,7 +75,7 @@ def _answers(conv):
 def test_labels_cover_exactly_the_assistant_tokens(tok, toy_meta, pack):
     cfg = iv.get_config("tiny", max_dynamic_patch=6)
     dcfg = _data_cfg(pack=True, length_buckets=(256, 512), tile_buckets=(4, 8, 12)) if pack else _data_cfg()
-    plan = sft.build_batches(toy_meta, tok, cfg, dcfg, global_batch=4, seed=0)
+    plan = qa_batches.build_batches(toy_meta, tok, cfg, dcfg, global_batch=4, seed=0)
     records, _ = qa_index.build_index(toy_meta, seed=0)
     rows = plan.local_rows(0) + plan.local_rows(1)
     batch = plan.collate(rows)
@@ -119,7 +122,7 @@ def test_repeat_time_arithmetic(tmp_path, tok):
     with pytest.raises(qa_index.QADataError, match="'b'.*repeat_time"):
         qa_index.build_index(path)
     # estimated lengths bound the real ones from above only loosely, but tiles are exact
-    scfg = sft.sample_cfg(iv.get_config("tiny", max_dynamic_patch=6), _data_cfg())
+    scfg = qa_batches.sample_cfg(iv.get_config("tiny", max_dynamic_patch=6), _data_cfg())
     lengths, tiles = qa_records.estimate_lengths(recs[:6], tok, scfg)
     for r, n, t in zip(recs[:6], lengths, tiles):
         s = tpl.build_sample(r["conversations"], r["image_paths"], tok, scfg)
@@ -163,16 +166,16 @@ def test_length_grouping_static_shapes_and_packing():
 
 def test_chunked_loss_and_packing_match_unpacked_reference(tok, toy_meta):
     cfg = iv.get_config("tiny", max_dynamic_patch=6)
-    mdef = sft.module_def(cfg, "float32")
+    mdef = vlm_ckpt.module_def(cfg, "float32")
     params = mdef.init(jax.random.key(0))
-    plan = sft.build_batches(toy_meta, tok, cfg, _data_cfg(length_buckets=(512,), tile_buckets=(8,)), global_batch=4,
+    plan = qa_batches.build_batches(toy_meta, tok, cfg, _data_cfg(length_buckets=(512,), tile_buckets=(8,)), global_batch=4,
                              seed=0)
     rows = plan.local_rows(0)
     batch = jax.tree.map(jnp.asarray, plan.collate(rows))
 
     @jax.jit
     def sums(p, b):
-        return sft.forward_sums(mdef.bind(p), b, None, chunk=64, drop_path=False)
+        return lm_loss.forward_sums(mdef.bind(p), b, None, chunk=64, drop_path=False)
 
     @jax.jit
     def reference(p, b):  # the model's own full-logits forward + models.internvl.lm_loss
@@ -194,14 +197,14 @@ def test_chunked_loss_and_packing_match_unpacked_reference(tok, toy_meta):
 
 
 def test_freeze_flags_map_to_param_paths():
-    m = sft.model_block(freeze_vision=True, freeze_mlp=True)
-    pats = sft.freeze_patterns(m)
-    mdef = sft.module_def(iv.get_config("tiny"), "float32")
+    m = stage_configs.model_block(freeze_vision=True, freeze_mlp=True)
+    pats = vlm_ckpt.freeze_patterns(m)
+    mdef = vlm_ckpt.module_def(iv.get_config("tiny"), "float32")
     labels = optim.freeze_labels(mdef.abstract_params(), pats)
     flat = {optim.path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(labels)}
     assert all(v == "frozen" for k, v in flat.items() if k.startswith(("vision_model/", "mlp1/")))
     assert all(v == "train" for k, v in flat.items() if k.startswith("language_model/"))
-    assert sft.freeze_patterns(sft.model_block()) == ()
+    assert vlm_ckpt.freeze_patterns(stage_configs.model_block()) == ()
 
 
 def _config_file(rel):
@@ -221,7 +224,7 @@ def test_upstream_recipe_configs():
         assert c.model.remat and c.data.max_seq_length == 12288 and c.data.max_dynamic_patch == 16
         assert c.train.batch_size == 128 and c.train.batch_size // c.optim.grad_accum >= 1
         assert iv.get_config(c.model.variant).llm_config.hidden_size == hidden
-        assert max(sft.default_tile_buckets(iv.get_config(c.model.variant, max_dynamic_patch=16))) == 17
+        assert max(qa_batches.default_tile_buckets(iv.get_config(c.model.variant, max_dynamic_patch=16))) == 17
         cfg = c.copy_and_resolve_references()
         sft.derive_steps_and_accum(cfg, batches_per_epoch=1000, num_devices=64)  # 8 nodes x 8 GPUs
         assert cfg.optim.grad_accum == 2 and cfg.train.num_steps == 3000
@@ -250,7 +253,7 @@ def compile_cache(tmp_path_factory):
 
 
 def _train_cfg(meta, steps=6, **kw):
-    c = sft.sft_stage_config("tiny")
+    c = stage_configs.sft_stage_config("tiny")
     c.data = _data_cfg(meta_path=meta, length_buckets=(256,), num_workers=2)
     c.model.remat = False
     c.model.dtype = "float32"  # compiles in half the time of bf16 on CPU

@@ -13,6 +13,8 @@ from recogdrive_jax.envs.sft_data import expert_rollout, tokenizer_corpus
 from recogdrive_jax.rl import ppo as ppo_lib
 from recogdrive_jax.train import loop
 from recogdrive_jax.train.metrics import read_metrics
+from recogdrive_jax.vlm import checkpoint as vlm_ckpt
+from recogdrive_jax.vlm import nav_policy, qa_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,11 +33,11 @@ def _config(name, **over):
 def test_sft_samples_equal_policy_prompt_and_answer_tokens(tmp_path):
     from recogdrive_jax.data import tokenizer as tok_lib
     from recogdrive_jax.stages import sft
-    from recogdrive_jax.stages.ppo import NavPolicy
+    from recogdrive_jax.vlm.nav_policy import NavPolicy
     c = _config("sft")
     tok = tok_lib.build_tokenizer(vocab_size=int(c.model.llm.vocab_size), corpus=tokenizer_corpus(c.env))
-    cfg = sft.resolve_model(c.model, c.data, str(tmp_path)).cfg
-    scfg = sft.sample_cfg(cfg, c.data)
+    cfg = vlm_ckpt.resolve_model(c.model, c.data, str(tmp_path)).cfg
+    scfg = qa_batches.sample_cfg(cfg, c.data)
     enc = NavPolicy(c, cfg, tok).encoder
     env = nav.make_env_from_config("in_distribution", c.env)
     checked = 0
@@ -75,12 +77,12 @@ def test_sft_stage_then_ppo_starts_from_its_trunk(tmp_path):
     pc.ppo.num_envs, pc.ppo.num_steps, pc.ppo.epochs, pc.ppo.num_minibatches = 8, 1, 1, 1
     pc.train.batch_size, pc.optim.grad_accum, pc.optim.optimizer_steps_per_step = 8, 1, 1
     ppo.run(pc, ppo_wd)
-    model = ppo.NavModel(pc, ppo_wd)
-    policy = ppo.NavPolicy(pc, model.cfg, model.tokenizer)
+    model = nav_policy.NavModel(pc, ppo_wd)
+    policy = nav_policy.NavPolicy(pc, model.cfg, model.tokenizer)
     rep = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     vlm_abs = ppo_lib.str_keys(policy.vlm_mdef.abstract_params())
     sft_params = loop.load_init_params(sft_wd, vlm_abs, jax.tree.map(lambda _: rep, vlm_abs), prefer_ema=False)
-    ppo_vlm = ppo.load_vlm_params(ppo.NavModel(pc, str(tmp_path / "x"), source=ppo_wd), policy,
+    ppo_vlm = nav_policy.load_vlm_params(nav_policy.NavModel(pc, str(tmp_path / "x"), source=ppo_wd), policy,
                                   jax.tree.map(lambda _: rep, vlm_abs))
     for a, b in zip(jax.tree.leaves(sft_params), jax.tree.leaves(ppo_vlm)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

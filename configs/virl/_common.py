@@ -2,8 +2,7 @@
 (spec/virl.md §2–§4, on InternVL3-2B), `tiny` = a CPU-sized variant (tiny InternVL, small city, short runs)."""
 import ml_collections
 
-from recogdrive_jax import configs
-from recogdrive_jax.stages import sft
+from recogdrive_jax import configs, stage_configs
 
 VARIANTS = ("full", "tiny")
 
@@ -20,7 +19,7 @@ def base(stage: str, variant: str) -> ml_collections.ConfigDict:
     c = configs.base_config()
     c.stage = stage
     # The InternVL trunk exactly as the `sft` stage reads it (init_from: HF dir | converted dir | sft run).
-    c.model = sft.model_block(
+    c.model = stage_configs.model_block(
         variant="tiny" if tiny else "internvl3_2b",
         dtype="float32" if tiny else "bfloat16",
         remat=not tiny,

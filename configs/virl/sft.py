@@ -14,8 +14,7 @@ from it with configs/virl/ppo.py and the same flag.
 
 import ml_collections
 
-from recogdrive_jax import configs
-from recogdrive_jax.stages import sft
+from recogdrive_jax import configs, stage_configs
 
 common = configs.load_config_file("_common.py", relative_to=__file__)
 
@@ -24,7 +23,7 @@ def get_config(arg=None):
     variant = common.variant_of(arg)
     tiny = variant == "tiny"
     c = common.base("sft", variant)
-    c.data = sft.data_block(
+    c.data = stage_configs.data_block(
         max_seq_length=1024 if tiny else 4608,
         length_buckets=(512, 640, 768, 896, 1024) if tiny else (),
         max_dynamic_patch=6, use_thumbnail=True,      # InternVL3 chat defaults: the grid → 4 tiles + thumbnail

@@ -169,9 +169,9 @@ def to_shardings(mesh: Mesh, specs):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """Leading (batch) dimension split over `('data', 'fsdp')`; other dims replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 1, axes=BATCH_AXES) -> NamedSharding:
+    """Leading (batch) dimension split over `axes` (default `('data', 'fsdp')`); other dims replicated."""
+    return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -182,11 +182,11 @@ def global_batch_size(local_batch_size: int) -> int:
     return local_batch_size * jax.process_count()
 
 
-def make_global_batch(mesh: Mesh, local_batch):
+def make_global_batch(mesh: Mesh, local_batch, axes=BATCH_AXES):
     """Process-local numpy batch (this host's rows) → global `jax.Array`s sharded over the batch axes."""
     def one(x):
         x = np.asarray(x)
-        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, axes), x)
     return jax.tree.map(one, local_batch)
 
 

@@ -3,20 +3,12 @@
 Modules are imported lazily so `--config.stage=il` does not import the VLM stack.
 """
 import importlib
+
+from recogdrive_jax.configs import STAGE_NAMES
 from recogdrive_jax.errors import UserError
 
-# name -> module defining `run(config, workdir)`.
-STAGES = {
-        "pipeline": "recogdrive_jax.stages.pipeline",
-        "sft": "recogdrive_jax.stages.sft",
-        "cache": "recogdrive_jax.stages.cache",
-        "il": "recogdrive_jax.stages.il",
-        "rl": "recogdrive_jax.stages.rl",
-        "eval": "recogdrive_jax.stages.eval",
-        "ppo": "recogdrive_jax.stages.ppo",
-        "eval_nav": "recogdrive_jax.stages.eval_nav",
-        "navsim_convert": "recogdrive_jax.stages.navsim_convert",
-}
+# name -> module defining `run(config, workdir)`; the names are configs.STAGE_NAMES (what validation accepts).
+STAGES = {name: f"recogdrive_jax.stages.{name}" for name in STAGE_NAMES}
 
 
 class UnknownStageError(UserError):

@@ -12,34 +12,30 @@ a comma list scores each, one row per protocol in metrics.md, '<protocol>/<key>'
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 
-from recogdrive_jax import provenance
+from recogdrive_jax import provenance, storage
 from recogdrive_jax.configs import ConfigError
 from recogdrive_jax.data import planner_data
-from recogdrive_jax.eval import planner_eval
+from recogdrive_jax.eval import navsim_csv, planner_common, planner_eval
 from recogdrive_jax.models.planner import build_planner
-from recogdrive_jax.parallel import mesh as mesh_lib
-from recogdrive_jax.parallel import sharding as sh
-from recogdrive_jax.stages import planner_common
-from recogdrive_jax.train import loop
+from recogdrive_jax.parallel import runtime as runtime_lib
+from recogdrive_jax.train import checkpoint as ckpt_lib
 from recogdrive_jax.train.module_def import ModuleDef
 
 BASELINES = ("constant_velocity",)
 
 
-def load_planner_params(config, mdef: ModuleDef, mesh):
+def load_planner_params(config, mdef: ModuleDef, rt: runtime_lib.Runtime):
     path = config.eval.get("checkpoint", "") or ""
     if not path:
         raise ConfigError("config.eval.checkpoint: required (a run workdir or a parameter checkpoint dir), or set "
                           "config.eval.baseline=constant_velocity")
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise ConfigError(f"config.eval.checkpoint={path!r}: no such directory")
-    abstract = mdef.abstract_params()
-    shardings = sh.to_shardings(mesh, sh.param_partition_specs(abstract, mdef.logical, mesh))
-    return loop.load_init_params(path, abstract, shardings, prefer_ema=bool(config.eval.use_ema))
+    return ckpt_lib.load_params(path, rt.targets(mdef.abstract_params(), mdef.logical),
+                                prefer_ema=bool(config.eval.use_ema))
 
 
 def run(config, workdir: str) -> dict:
@@ -65,8 +61,7 @@ def run(config, workdir: str) -> dict:
         rows = {baseline: cv}
     else:
         mdef = ModuleDef(lambda rngs: build_planner(pcfg, rngs))
-        mesh = mesh_lib.make_mesh(config.get("mesh"))
-        params = load_planner_params(config, mdef, mesh)
+        params = load_planner_params(config, mdef, runtime_lib.from_config(config))
         name, rows, others = "planner", {}, {}
         for i, protocol in enumerate(protocols):  # the same seeded noise for each protocol: a paired comparison
             sampler = planner_eval.make_sampler(mdef, protocol)
@@ -81,13 +76,11 @@ def run(config, workdir: str) -> dict:
                                if k != "num_scenes"})
         summary = {**summary, "protocol": protocols[0], **others}
         rows["constant_velocity"] = cv
-    out_dir = os.path.join(workdir, "eval", split_name)
+    out_dir = storage.join(workdir, "eval", split_name)
     planner_eval.write_report(out_dir, summary, rows)
     if jax.process_index() == 0:
-        with open(os.path.join(out_dir, "per_scene.jsonl"), "w") as f:
-            for i in range(len(split)):
-                f.write(json.dumps({"index": i, **{k: float(v[i]) for k, v in per.items()}}) + "\n")
-        from recogdrive_jax.eval import navsim_csv
+        storage.write_text(storage.join(out_dir, "per_scene.jsonl"), "".join(
+            json.dumps({"index": i, **{k: float(v[i]) for k, v in per.items()}}) + "\n" for i in range(len(split))))
         tokens = split.tokens if split.tokens is not None else [f"{split_name}-{i}" for i in range(len(split))]
         navsim_csv.write_csv(out_dir, tokens, per)
     planner_common.plot_examples(out_dir, split, plans, per, int(ecfg.num_plots))

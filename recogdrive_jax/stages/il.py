@@ -2,14 +2,12 @@
 synthetic world's scene tokens, evaluated on held-out scenes with ADE/FDE and the PDM score."""
 from __future__ import annotations
 
-import os
-
 import jax
 
+from recogdrive_jax import storage
 from recogdrive_jax.data import planner_data
-from recogdrive_jax.eval import planner_eval
+from recogdrive_jax.eval import planner_common, planner_eval
 from recogdrive_jax.models.planner import build_planner
-from recogdrive_jax.stages import planner_common
 from recogdrive_jax.train import loop
 from recogdrive_jax.train.module_def import ModuleDef
 
@@ -29,7 +27,7 @@ def run(config, workdir: str) -> dict:
         params = state.ema_params if (config.eval.use_ema and state.ema_params is not None) else state.params
         plans = planner_eval.plan_split(sampler, params, eval_split, eval_rng, int(config.eval.batch_size))
         per = planner_eval.score_plans(eval_split, plans)
-        planner_common.plot_examples(os.path.join(workdir, "plots", f"step_{step:06d}"), eval_split, plans, per,
+        planner_common.plot_examples(storage.join(workdir, "plots", f"step_{step:06d}"), eval_split, plans, per,
                                      int(config.eval.num_plots))
         return planner_eval.summarize(per)
 
@@ -39,7 +37,7 @@ def run(config, workdir: str) -> dict:
         ema_decay=float(config.train.get("ema_decay", 0.0)))
     state, final = loop.train(config, workdir, task)
     baseline = planner_eval.summarize(planner_eval.score_plans(eval_split, planner_eval.constant_velocity_plans(eval_split)))
-    planner_eval.write_report(os.path.join(workdir, "eval", eval_split.name), final,
+    planner_eval.write_report(storage.join(workdir, "eval", eval_split.name), final,
                               {"il": final, "constant_velocity": baseline})
     if jax.process_index() == 0:
         print(f"[il] held-out PDMS {final.get('pdms', float('nan')):.4f} vs constant-velocity baseline "

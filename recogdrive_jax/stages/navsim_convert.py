@@ -13,32 +13,15 @@ from __future__ import annotations
 
 import os
 
-import ml_collections
 import numpy as np
 
-from recogdrive_jax import configs
+from recogdrive_jax import configs, provenance
 from recogdrive_jax.convert import navsim_logs
-
-
-def navsim_convert_config() -> ml_collections.ConfigDict:
-    c = configs.base_config()
-    c.stage = "navsim_convert"
-    for key in ("train", "optim"):
-        del c[key]
-    c.navsim = ml_collections.ConfigDict(dict(
-        fake=False,  # write a fake split from the synthetic world first (CI / the README's one-line run)
-        fake_logs=2, fake_scenes_per_log=4, fake_seed=0,
-        logs_dir="",  # NAVSIM navsim_logs root (one folder per NAVSIM split)
-        sensor_blobs_dir="",  # NAVSIM sensor_blobs root
-        split_dirs="train:trainval,eval:test,test:test",  # project split -> NAVSIM split folder
-        metric_cache="",  # converted metric cache(s): .npz for every split, or a folder with <split>.npz
-        num_history_frames=4, num_future_frames=10, frame_interval=0,  # NAVSIM SceneFilter (0 = chunk length)
-    ))
-    return c
+from recogdrive_jax.data import planner_data
+from recogdrive_jax.sim import navsim_fake_split
 
 
 def _split_dirs(text: str) -> dict[str, str]:
-    from recogdrive_jax.data import planner_data
     out = {}
     for item in [x for x in text.split(",") if x]:
         mine, _, theirs = item.partition(":")
@@ -52,7 +35,6 @@ def _split_dirs(text: str) -> dict[str, str]:
 
 
 def run(config, workdir: str) -> dict:
-    from recogdrive_jax import provenance
     n = config.navsim
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -60,7 +42,6 @@ def run(config, workdir: str) -> dict:
     splits = _split_dirs(n.split_dirs)
     logs_dir, blobs_dir, metric_cache = n.logs_dir, n.sensor_blobs_dir, n.metric_cache
     if n.fake:
-        from recogdrive_jax.sim import navsim_fake_split
         fake = os.path.join(workdir, "fake")
         splits = {s: s for s in splits}
         navsim_fake_split.write_fake_split(fake, list(splits), int(n.fake_logs), int(n.fake_scenes_per_log),

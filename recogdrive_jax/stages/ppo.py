@@ -15,90 +15,20 @@ configs/virl/sft.py); the value head starts fresh. `config.train.init_from` inst
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 
 from recogdrive_jax import configs
 from recogdrive_jax.envs import navigation as nav
+from recogdrive_jax.parallel import runtime as runtime_lib
 from recogdrive_jax.rl import ppo as ppo_lib
 from recogdrive_jax.train import loop, optim
-
-
-# ----------------------------------------------------------------------------------------------- shared setup
-
-def run_stage(path: str) -> str | None:
-    """The `stage` a run workdir was written by (its config.json), None for anything else."""
-    f = os.path.join(path, "config.json")
-    if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.isfile(f):
-        try:
-            return json.load(open(f)).get("stage")
-        except (OSError, ValueError):
-            return None
-    return None
-
-
-class NavModel:
-    """Which InternVL the policy is and where its trunk weights are, plus the tokenizer.
-
-    `source` = a VLM checkpoint (see `stages.sft.resolve_model`) or a `ppo` run workdir (whole policy);
-    '' = random init of `config.model.variant` (the tiny model then trains its own small tokenizer on
-    navigation text, saved to WORKDIR/tokenizer)."""
-
-    def __init__(self, config, workdir: str, source: str = ""):
-        from recogdrive_jax.envs.sft_data import tokenizer_corpus
-        from recogdrive_jax.stages import sft
-        self.source = os.path.abspath(source) if source else ""
-        self.policy_run = bool(source) and run_stage(self.source) == "ppo"
-        model_cfg = config.model.to_dict()
-        if source:
-            model_cfg["init_from"] = self.source
-        resolved = sft.resolve_model(ml_collections.ConfigDict(model_cfg), None, workdir)
-        self.cfg = resolved.cfg
-        self.vlm_params_path = None if self.policy_run else resolved.params_path
-        self.tokenizer = sft.load_or_build_tokenizer(resolved, workdir, corpus=lambda: tokenizer_corpus(config.env))
-
-    def save(self, workdir: str) -> None:
-        """WORKDIR/recogdrive_internvl.json + tokenizer/: a ppo workdir describes its own model."""
-        from recogdrive_jax.stages import sft
-        sft.save_model_files(self.cfg, self.tokenizer, workdir)
-
-
-class NavPolicy:
-    """Everything both stages need to run the policy: module definitions (policy, bare VLM), chat encoder."""
-
-    def __init__(self, config, cfg, tokenizer, answer_len: int | None = None):
-        from recogdrive_jax.stages import sft
-        self.cfg = cfg
-        self.mdef, _ = ppo_lib.policy_def(config.model, cfg)
-        self.vlm_mdef = sft.module_def(cfg, str(config.model.dtype))
-        p = config.prompt
-        self.layout = ppo_lib.PromptLayout(
-            prompt_len=int(p.max_prompt_len), answer_len=int(answer_len or p.max_new_tokens),
-            max_tiles=int(p.max_tiles), system_message=nav_system_message(config.model))
-        self.encoder = ppo_lib.ChatEncoder(tokenizer, cfg, self.layout, weight_mode=str(p.weight_mode),
-                                           thought_coef=float(p.thought_coef), action_coef=float(p.action_coef))
-
-
-def nav_system_message(model_cfg):
-    from recogdrive_jax.data import template as tmpl
-    return tmpl.INTERNVL2_5_SYSTEM if bool(model_cfg.get("system_message", True)) else None
-
-
-def load_vlm_params(model: NavModel, policy: NavPolicy, shardings):
-    """The VLM subtree from `model.source` (a VLM checkpoint, or the `vlm` part of a ppo run)."""
-    if model.policy_run:
-        abstract = ppo_lib.str_keys(policy.mdef.abstract_params())
-        any_sh = jax.tree.leaves(shardings)[0]
-        full_sh = {"vlm": shardings, "value_head": jax.tree.map(lambda _: any_sh, abstract["value_head"])}
-        return loop.load_init_params(model.source, abstract, full_sh, prefer_ema=False)["vlm"]
-    if model.vlm_params_path is None:
-        raise configs.ConfigError(f"{model.source or 'the model'} has no weights to load")
-    abstract = ppo_lib.str_keys(policy.vlm_mdef.abstract_params())
-    return loop.load_init_params(model.vlm_params_path, abstract, shardings, prefer_ema=False)
+from recogdrive_jax.train.metrics import track
+from recogdrive_jax.vlm import chat, nav_eval
+from recogdrive_jax.vlm.generate import Generator
+from recogdrive_jax.vlm.nav_policy import NavModel, NavPolicy, load_vlm_params
 
 
 def validate(config) -> None:
@@ -139,16 +69,16 @@ class RolloutIterator:
     normalised advantages and returns from host GAE, rewards/done flags for logging.
     """
 
-    def __init__(self, config, policy: NavPolicy, mesh):
+    def __init__(self, config, policy: NavPolicy, rt: runtime_lib.Runtime | None):
         c = config.ppo
-        self.policy, self.mesh = policy, mesh
+        self.policy, self.rt = policy, rt
         self.num_envs, self.num_steps = int(c.num_envs), int(c.num_steps)
         self.gamma, self.lam, self.cut = float(c.gamma), float(c.lam), bool(c.cut_at_truncation)
         self.seed = int(c.env_seed) + jax.process_index() * self.num_envs
         split = str(config.env.get("train_split", "in_distribution"))
         self.envs = [nav.make_env_from_config(split, config.env, seed=self.seed + e) for e in range(self.num_envs)]
-        self.generate = ppo_lib.Generator(policy.vlm_mdef, policy.encoder, temperature=float(c.temperature),
-                                          top_p=float(c.top_p), mesh=self._mesh_if_divisible())
+        self.generate = Generator(policy.vlm_mdef, policy.encoder, temperature=float(c.temperature),
+                                          top_p=float(c.top_p), runtime=self._rt_if_divisible())
         self.score = ppo_lib.make_score_fn(policy.mdef, policy.layout.prompt_len, float(c.temperature))
         self.rng = jax.random.key(int(config.seed) * 1_000_003 + jax.process_index())
         self.params = None
@@ -157,18 +87,16 @@ class RolloutIterator:
         self.actions: list[list[str]] = [[] for _ in range(self.num_envs)]
         self.obs = [self._reset(e) for e in range(self.num_envs)]
 
-    def _mesh_if_divisible(self):
-        if self.mesh is None:
+    def _rt_if_divisible(self) -> runtime_lib.Runtime | None:
+        if self.rt is None:
             return None
-        n = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp")])) // jax.process_count()
-        return self.mesh if self.num_envs % max(n, 1) == 0 else None
+        n = self.rt.batch_shards // jax.process_count()
+        return self.rt if self.num_envs % max(n, 1) == 0 else None
 
     def _global(self, batch):
-        m = self._mesh_if_divisible()
-        if m is None:
+        if self._rt_if_divisible() is None:
             return batch
-        from recogdrive_jax.parallel import sharding as sh
-        return sh.make_global_batch(m, batch)
+        return self.rt.global_batch(batch)
 
     def _reset(self, e: int) -> dict:
         self.actions[e] = []
@@ -182,9 +110,9 @@ class RolloutIterator:
         return self
 
     def _score(self, prompts: dict, answers: np.ndarray, amask: np.ndarray, weights: np.ndarray) -> dict:
-        batch = dict(ppo_lib.join_sequences(prompts, answers, amask), weights=weights)
+        batch = dict(chat.join_sequences(prompts, answers, amask), weights=weights)
         out = self.score(self.params, self._global(batch))
-        return {k: ppo_lib.local_rows(v) for k, v in out.items()}
+        return {k: chat.local_rows(v) for k, v in out.items()}
 
     def __next__(self) -> dict:
         if self.params is None:
@@ -192,16 +120,15 @@ class RolloutIterator:
         enc, a_len = self.policy.encoder, self.policy.layout.answer_len
         rows, rewards, term, trunc = [], [], [], []
         values = []
-        from recogdrive_jax.train.metrics import track
         for _ in track(range(self.num_steps), desc="ppo rollout", unit="steps"):  # each: num_envs env steps
-            prompts = ppo_lib.stack([enc.encode_prompt(o) for o in self.obs])
+            prompts = chat.stack([enc.encode_prompt(o) for o in self.obs])
             out = self.generate(self.params["vlm"], prompts, jax.random.fold_in(self.rng, self.counter))
             self.counter += 1
             decoded = [enc.decode_answer(o) for o in out]
             amask = np.stack([d[2] for d in decoded])
             weights = np.stack([d[1] for d in decoded])
             scored = self._score(prompts, out, amask, weights)
-            rows.append(dict(ppo_lib.join_sequences(prompts, out, amask), weights=weights,
+            rows.append(dict(chat.join_sequences(prompts, out, amask), weights=weights,
                              old_logp=scored["logp"].astype(np.float32),
                              old_values=scored["values"].astype(np.float32)))
             values.append(scored["values"])
@@ -215,7 +142,7 @@ class RolloutIterator:
                 self.obs[e] = obs
                 r_t.append(r), te_t.append(te), tr_t.append(tr)
             rewards.append(r_t), term.append(te_t), trunc.append(tr_t)
-        prompts = ppo_lib.stack([enc.encode_prompt(o) for o in self.obs])
+        prompts = chat.stack([enc.encode_prompt(o) for o in self.obs])
         empty = np.full((self.num_envs, a_len), enc.pad_id, np.int32)
         nxt = self._score(prompts, empty, np.zeros_like(empty), np.zeros(empty.shape, np.float32))["values"]
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}     # [T, E, ...]
@@ -248,12 +175,10 @@ class RolloutIterator:
 # ---------------------------------------------------------------------------------------------------- the run
 
 def run(config, workdir: str) -> dict:
-    from recogdrive_jax.parallel import mesh as mesh_lib
-    from recogdrive_jax.stages import eval_nav
     validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    mesh = mesh_lib.make_mesh(config.get("mesh"))
+    rt = runtime_lib.from_config(config)
     model = NavModel(config, workdir, config.model.get("init_from") or config.train.get("init_from") or "")
     model.save(workdir)
     policy = NavPolicy(config, model.cfg, model.tokenizer)
@@ -269,14 +194,14 @@ def run(config, workdir: str) -> dict:
         return {"vlm": load_vlm_params(model, policy, shardings["vlm"]), "value_head": head}
 
     def eval_fn(state, step):
-        if not eval_nav.splits_of(config.eval_nav):
+        if not nav_eval.splits_of(config.eval_nav):
             return {}
-        res = eval_nav.evaluate(state.params["vlm"], config, model.cfg, model.tokenizer,
-                                os.path.join(workdir, "eval_nav"), mesh=mesh)
-        return eval_nav.flat_metrics(res)
+        res = nav_eval.evaluate(state.params["vlm"], config, model.cfg, model.tokenizer,
+                                os.path.join(workdir, "eval_nav"), runtime=rt)
+        return nav_eval.flat_metrics(res)
 
     hp = ppo_lib.PPOHParams.from_config(config.ppo, int(config.optim.grad_accum))
-    rollouts = RolloutIterator(config, policy, mesh)
+    rollouts = RolloutIterator(config, policy, rt)
     schedule = optim.make_schedule(config.optim, int(config.train.num_steps))
     task = loop.Task(name="ppo", init_params=init_params, loss_fn=None, logical=logical, eval_fn=eval_fn,
                      train_iter=rollouts,
@@ -284,7 +209,7 @@ def run(config, workdir: str) -> dict:
                                                                     schedule=schedule),
                      on_state=lambda state: rollouts.set_params(state.params),
                      load_init=trunk_and_fresh_head if config.model.get("init_from") else None)
-    _, final = loop.train(config, workdir, task, mesh=mesh)
+    _, final = loop.train(config, workdir, task, runtime=rt)
     if jax.process_index() == 0 and final:
         print(f"[{task.name}] " + "  ".join(f"{k}={v:.3f}" for k, v in sorted(final.items())
                                              if k.endswith(("success_rate", "per_step_accuracy"))), flush=True)

@@ -8,19 +8,17 @@ computed once (`WORKDIR/eval/reference.json`) and reported side by side with the
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
 
+from recogdrive_jax import storage
 from recogdrive_jax.configs import ConfigError
 from recogdrive_jax.data import planner_data
-from recogdrive_jax.eval import planner_eval
+from recogdrive_jax.eval import planner_common, planner_eval
 from recogdrive_jax.models.planner import build_planner
-from recogdrive_jax.parallel import mesh as mesh_lib
-from recogdrive_jax.parallel import sharding as sh
+from recogdrive_jax.parallel import runtime as runtime_lib
 from recogdrive_jax.rl import grpo
-from recogdrive_jax.stages import planner_common
 from recogdrive_jax.train import checkpoint as ckpt_lib
 from recogdrive_jax.train import loop, optim
 from recogdrive_jax.train.module_def import ModuleDef
@@ -50,15 +48,13 @@ def validate(config, pcfg, rcfg: grpo.GRPOConfig) -> None:
                           f"rl.group_size = {n}")
 
 
-def reference_params(config, workdir: str, mdef: ModuleDef, mesh):
+def reference_params(config, workdir: str, mdef: ModuleDef, rt: runtime_lib.Runtime):
     """The frozen reference: WORKDIR/reference_params when present (resume), else `init_from` (then saved there)."""
-    abstract = mdef.abstract_params()
-    shardings = sh.to_shardings(mesh, sh.param_partition_specs(abstract, mdef.logical, mesh))
-    saved = os.path.join(workdir, REFERENCE_DIR)
-    if os.path.isdir(saved):
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    target = rt.targets(mdef.abstract_params(), mdef.logical, what="rl reference")
+    saved = storage.join(workdir, REFERENCE_DIR)
+    if storage.isdir(saved):
         return ckpt_lib.load_params(saved, target)
-    params = loop.load_init_params(config.train.init_from, abstract, shardings)
+    params = ckpt_lib.load_params(config.train.init_from, target)
     ckpt_lib.save_params(saved, params)
     return params
 
@@ -67,12 +63,12 @@ def run(config, workdir: str) -> dict:
     pcfg = planner_common.planner_config(config)
     rcfg = rl_config(config)
     validate(config, pcfg, rcfg)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     mdef = ModuleDef(lambda rngs: build_planner(pcfg, rngs))
-    mesh = mesh_lib.make_mesh(config.get("mesh"))
+    rt = runtime_lib.from_config(config)
     train_split = planner_data.load_split(config.data, "train", pcfg.vl_dim, need_pdm=True)
     eval_split = planner_data.load_split(config.data, config.eval.split, pcfg.vl_dim, need_pdm=True)
-    ref = reference_params(config, workdir, mdef, mesh)
+    ref = reference_params(config, workdir, mdef, rt)
     sampler = planner_eval.make_sampler(mdef, planner_eval.eval_protocols(config.eval)[0])
     eval_rng = jax.random.key(int(config.seed) + 17)
     num_steps = int(config.train.num_steps)
@@ -85,16 +81,13 @@ def run(config, workdir: str) -> dict:
         summary["end_reverse_frac"] = float(np.mean(np.asarray(grpo.end_reverse(plans))))
         return summary, plans, per
 
-    ref_path = os.path.join(workdir, "eval", "reference.json")
-    if os.path.exists(ref_path):
-        with open(ref_path) as f:
-            ref_summary = json.load(f)
+    ref_path = storage.join(workdir, "eval", "reference.json")
+    if storage.exists(ref_path):
+        ref_summary = json.loads(storage.read_text(ref_path))
     else:
         ref_summary = evaluate(ref)[0]
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(ref_path), exist_ok=True)
-            with open(ref_path, "w") as f:
-                json.dump(ref_summary, f, indent=2)
+            storage.write_text(ref_path, json.dumps(ref_summary, indent=2))
     if jax.process_index() == 0:
         print(f"[rl] reference (initial) policy: held-out PDMS {ref_summary['pdms']:.4f} EPDMS "
               f"{ref_summary['epdms']:.4f}", flush=True)
@@ -102,7 +95,7 @@ def run(config, workdir: str) -> dict:
     def eval_fn(state, step):
         params = state.ema_params if (config.eval.use_ema and state.ema_params is not None) else state.params
         summary, plans, per = evaluate(params)
-        planner_common.plot_examples(os.path.join(workdir, "plots", f"step_{step:06d}"), eval_split, plans, per,
+        planner_common.plot_examples(storage.join(workdir, "plots", f"step_{step:06d}"), eval_split, plans, per,
                                      int(config.eval.num_plots))
         return summary
 
@@ -119,10 +112,10 @@ def run(config, workdir: str) -> dict:
         name="rl", init_params=mdef.init, loss_fn=None, logical=mdef.logical, eval_fn=eval_fn,
         train_iter=planner_data.rl_iterator(train_split, loop.local_batch_size(config), int(config.seed)),
         ema_decay=ema_decay, make_update=make_update, extra=ref)
-    _, final = loop.train(config, workdir, task, mesh=mesh)
+    _, final = loop.train(config, workdir, task, runtime=rt)
     baseline = planner_eval.summarize(planner_eval.score_plans(eval_split,
                                                                planner_eval.constant_velocity_plans(eval_split)))
-    planner_eval.write_report(os.path.join(workdir, "eval", eval_split.name), final,
+    planner_eval.write_report(storage.join(workdir, "eval", eval_split.name), final,
                               {"rl": final, "reference (il)": ref_summary, "constant_velocity": baseline})
     if jax.process_index() == 0:
         print(f"[rl] held-out PDMS {final.get('pdms', float('nan')):.4f} (reference {ref_summary['pdms']:.4f}, "

@@ -1,9 +1,9 @@
 """The generic training loop every stage uses.
 
 A stage supplies a `Task` (how to initialise params, their logical axes, a loss, a data iterator and an
-optional evaluation); this file owns the mesh, shardings, ZeRO-1, the jitted step, resume, checkpoints and
-metrics, so no stage re-implements any of it. Resume order: this workdir's newest readable checkpoint, then
-`config.train.init_from` (a `convert` output, a parameter checkpoint or another run's workdir), then fresh init.
+optional evaluation) and the run's `parallel.runtime.Runtime` (mesh + sharding rules, built once); this file
+owns the shardings, ZeRO-1, the jitted step, resume, checkpoints and metrics, so no stage re-implements any of
+it. Resume order: this workdir's newest readable checkpoint, then `config.train.init_from` (a `convert` output, a parameter checkpoint or another run's workdir), then fresh init.
 NaN guard: the loss is checked at every log and the post-update state (params, EMA, optimizer state) before every
 save, so a non-finite state is never written and the newest finite checkpoint stays the one a rerun resumes from.
 """
@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from recogdrive_jax import provenance
+from recogdrive_jax import provenance, storage
 from recogdrive_jax.errors import UserError
-from recogdrive_jax.parallel import mesh as mesh_lib
+from recogdrive_jax.parallel import runtime as runtime_lib
 from recogdrive_jax.parallel import sharding as sh
 from recogdrive_jax.train import checkpoint as ckpt_lib
 from recogdrive_jax.train import metrics as metrics_lib
@@ -66,11 +66,12 @@ def local_batch_size(config) -> int:
     return global_bs // jax.process_count()
 
 
-def state_shardings(abstract_state: TrainState, logical, mesh: Mesh, tx, zero1: bool) -> TrainState:
-    """Shardings of every TrainState leaf: params by logical rules (+FSDP), optimizer state ZeRO-1 over data."""
-    if logical is None:
-        logical = jax.tree.map(lambda _: P(), abstract_state.params)
-    pspecs = sh.param_partition_specs(abstract_state.params, logical, mesh)
+def state_shardings(abstract_state: TrainState, logical, mesh: Mesh, tx, zero1: bool,
+                    runtime: runtime_lib.Runtime | None = None, what: str = "model") -> TrainState:
+    """Shardings of every TrainState leaf: params by logical rules (+FSDP, checked by the runtime), optimizer state
+    ZeRO-1 over data. `logical=None` is an error (`runtime.replicate_all` replicates on purpose)."""
+    rt = runtime or runtime_lib.from_mesh(mesh)
+    pspecs = rt.param_specs(abstract_state.params, logical, what=what)
     ospecs = sh.zero1_partition_specs(tx, abstract_state.opt_state, pspecs, abstract_state.params, mesh,
                                       enabled=zero1)
     specs = TrainState(step=P(), params=pspecs, opt_state=ospecs,
@@ -92,12 +93,16 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[TrainState, dict]:
-    """Runs (or resumes) `task` for `config.train.num_steps` steps. Returns the final state and last eval."""
+def train(config, workdir: str, task: Task, mesh: Mesh | None = None,
+          runtime: runtime_lib.Runtime | None = None) -> tuple[TrainState, dict]:
+    """Runs (or resumes) `task` for `config.train.num_steps` steps on `runtime` (default: built from the config,
+    or over `mesh` when given). Returns the final state and last eval."""
     tcfg = config.train
-    mesh = mesh_lib.make_mesh(config.get("mesh")) if mesh is None else mesh
+    if runtime is None:
+        runtime = runtime_lib.from_config(config) if mesh is None else runtime_lib.from_mesh(mesh, config)
+    mesh = runtime.mesh
     num_steps = int(tcfg.num_steps)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)  # nothing on gs:// (no directories there)
     provenance.write_config(config, workdir)
 
     rng = jax.random.key(int(config.seed))
@@ -107,8 +112,7 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
     schedule = optim.make_schedule(config.optim, num_steps)
     ema = float(task.ema_decay) > 0
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx, ema), abstract_params)
-    zero1 = bool(config.get("parallel", {}).get("zero1", True))
-    shardings = state_shardings(abstract_state, task.logical, mesh, tx, zero1)
+    shardings = state_shardings(abstract_state, task.logical, mesh, tx, runtime.zero1, runtime, what=task.name)
 
     ckpt = ckpt_lib.Checkpointer(workdir, keep=int(tcfg.keep_checkpoints),
                                  async_save=bool(tcfg.get("async_checkpoint", True)))
@@ -199,9 +203,9 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None) -> tuple[T
     try:
         for step in range(start, num_steps):
             local = next(task.train_iter)
-            batch = sh.make_global_batch(mesh, local)
+            batch = runtime.global_batch(local)
             if jitted is None:
-                batch_sh = jax.tree.map(lambda x: sh.batch_sharding(mesh, x.ndim), batch)
+                batch_sh = jax.tree.map(lambda x: runtime.batch_sharding(x.ndim), batch)
                 jitted = jax.jit(guarded_step, in_shardings=(shardings, batch_sh, repl, extra_sh),
                                  out_shardings=(shardings, repl), donate_argnums=(0,))
             state, (metrics, state_finite) = jitted(state, batch, jax.random.fold_in(step_rng, step), extra)

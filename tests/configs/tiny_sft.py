@@ -1,6 +1,6 @@
 """The smallest `sft` run (tiny InternVL, one 56-px tile and <= 256 tokens a row, 2 steps) for the CLI fault tests
 (tests/test_faults.py); the meta JSON comes from `--config.data.meta_path`."""
-from recogdrive_jax.stages.sft import sft_stage_config
+from recogdrive_jax.stage_configs import sft_stage_config
 
 
 def get_config():

@@ -1,0 +1,104 @@
+"""Default configs of the stages whose defaults are not the planner's (`configs.planner_stage_config`): `sft`,
+`cache`, `navsim_convert`, and the InternVL `config.model` block the VLM stages share with the V-IRL configs. The
+one place their keys and defaults are written; config files (configs/*.py, recipes.py) start from these."""
+from __future__ import annotations
+
+import ml_collections
+
+from recogdrive_jax import configs
+
+
+def model_block(**overrides) -> ml_collections.ConfigDict:
+    """`config.model`: which InternVL and how it is computed (shared by `sft`, `cache`, `ppo`, `eval_nav`)."""
+    d = dict(
+        variant="tiny",  # random init only: models/internvl.VARIANTS
+        init_from="",  # HF dir | Orbax dir from `convert internvl --from-hf` | an sft workdir; '' = random init
+        tokenizer="",  # tokenizer dir; '' = init_from's (HF dir / sft workdir), else WORKDIR's, else generated (tiny)
+        dtype="bfloat16",  # compute dtype; params stay fp32
+        remat=True,  # gradient checkpointing per layer (both towers)
+        drop_path_rate=-1.0,  # ViT drop path; < 0 keeps the checkpoint's / variant's value
+        freeze_vision=False, freeze_llm=False, freeze_mlp=False,  # upstream freeze_backbone / freeze_llm / freeze_mlp
+        loss_chunk=2048,  # tokens per logits chunk (the [T, vocab] logits are never materialised at once)
+    )
+    d.update(overrides)
+    return ml_collections.ConfigDict(d)
+
+
+def data_block(**overrides) -> ml_collections.ConfigDict:
+    """`config.data` of the sft stage."""
+    d = dict(
+        meta_path="",  # meta JSON {name: {root, annotation, repeat_time, length}}; '' = synthetic QA
+        eval_meta_path="",  # held-out mixture for the eval loss; '' = none (synthetic: generated)
+        synthetic_scenes=0,  # with meta_path '': scenes of the synthetic world turned into QA (WORKDIR/qa)
+        synthetic_eval_scenes=0,
+        synthetic_seed=0,  # = the planner stages' data.scene_seed: train QA from the planner's train scenes
+        skip_bad_rows=False,  # drop (and count) malformed rows and undecodable images instead of failing
+        max_seq_length=12288,
+        max_dynamic_patch=16,  # ReCogDrive: up to 16 tiles (+ thumbnail)
+        min_dynamic_patch=1,
+        use_thumbnail=True,
+        dynamic_image_size=True,
+        system_message="__default__",  # '__default__' = the internvl2_5 system message
+        length_buckets=(),  # padded lengths; () = powers of two from 256 up to max_seq_length
+        tile_buckets=(),  # tiles per row; () = (1, 2, 4, ..., max_dynamic_patch + thumbnail)
+        pack=False,  # pack several samples per row (segment-masked attention)
+        per_device_batch_size=0,  # > 0: optim.grad_accum = train.batch_size / (this x devices), as upstream
+        num_epochs=0,  # > 0: train.num_steps = epochs x batches per epoch (upstream trains 3 epochs)
+        num_workers=2,  # Grain reader threads
+        prefetch=4,
+    )
+    d.update(overrides)
+    return ml_collections.ConfigDict(d)
+
+
+def sft_stage_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    """Common keys + model/data/export blocks with upstream's InternVL3 fine-tune recipe (seed 000)."""
+    c = configs.base_config()
+    c.stage = "sft"
+    c.model = model_block(variant=variant)
+    c.data = data_block()
+    c.export = ml_collections.ConfigDict(dict(at_end=True, each_eval=False, layout="native", dtype="bfloat16",
+                                              max_shard_size="5GB"))
+    c.eval = ml_collections.ConfigDict(dict(max_batches=0))  # 0 = the whole eval mixture
+    c.optim.update(dict(lr=4e-5, warmup_ratio=0.1, schedule="cosine", weight_decay=0.05, b1=0.9, b2=0.999,
+                        eps=1e-8, clip_norm=1.0))
+    return c
+
+
+def cache_stage_config() -> ml_collections.ConfigDict:
+    c = configs.base_config()
+    c.stage = "cache"
+    for key in ("train", "optim"):  # not a training stage
+        del c[key]
+    c.model = model_block(init_from="", remat=False)
+    c.data = configs.planner_data_block()  # which scenes: the same keys the planner stages read
+    c.cache = ml_collections.ConfigDict(dict(
+        splits="train,eval",
+        layout="compact",  # or 'upstream_compatible'
+        max_len=0,  # stored length; 0 = longest prompt (compact) / 2800 (upstream_compatible)
+        batch_size=8,  # per process, per forward
+        max_dynamic_patch=12,  # upstream caches with load_image(max_num=12)
+        min_dynamic_patch=1,
+        use_thumbnail=True,
+        system_message="__driving__",  # '__driving__' = data/driving_prompt.DRIVING_SYSTEM
+        ego_status_text="auto",  # the ego-status line in the prompt: 'auto' = on for data.source='navsim' (the
+        # upstream NAVSIM prompt), off for the synthetic world (its SFT data has none); or 'on' / 'off'
+    ))
+    return c
+
+
+def navsim_convert_config() -> ml_collections.ConfigDict:
+    c = configs.base_config()
+    c.stage = "navsim_convert"
+    for key in ("train", "optim"):
+        del c[key]
+    c.navsim = ml_collections.ConfigDict(dict(
+        fake=False,  # write a fake split from the synthetic world first (CI / the README's one-line run)
+        fake_logs=2, fake_scenes_per_log=4, fake_seed=0,
+        logs_dir="",  # NAVSIM navsim_logs root (one folder per NAVSIM split)
+        sensor_blobs_dir="",  # NAVSIM sensor_blobs root
+        split_dirs="train:trainval,eval:test,test:test",  # project split -> NAVSIM split folder
+        metric_cache="",  # converted metric cache(s): .npz for every split, or a folder with <split>.npz
+        num_history_frames=4, num_future_frames=10, frame_interval=0,  # NAVSIM SceneFilter (0 = chunk length)
+    ))
+    return c

@@ -1,0 +1,65 @@
+"""The SFT language-model loss: next-token CE on assistant tokens, chunked over the sequence so the [T, vocab]
+logits are never materialised at once; packing-safe (segment-masked causal attention)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from recogdrive_jax.models.layers import token_logprobs
+
+
+def segment_mask(segment_ids):
+    """segment_ids [B, T] (0 = pad) → causal mask [B, T, T] within each segment (packing-safe)."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal[None] & same & (segment_ids[:, None, :] > 0)
+
+
+def chunked_ce(lm, hidden, labels, chunk: int):
+    """Next-token CE over labels != -100 without the full [B, T, V] logits: scans T in chunks (each
+    rematerialised in the backward). hidden [B, T, D], labels [B, T]. Returns (nll_sum, correct, count)."""
+    b, t, d = hidden.shape
+    tgt = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), -100, labels.dtype)], axis=1)  # [B, T]
+    c = chunk if (chunk and t % chunk == 0) else t
+    hs = hidden.reshape(b, t // c, c, d).swapaxes(0, 1)  # [n, B, c, D]
+    ts = tgt.reshape(b, t // c, c).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(h, y):
+        logits = lm.logits(h)  # [B, c, V] fp32
+        valid = y != -100
+        yy = jnp.where(valid, y, 0)
+        lp = token_logprobs(logits, yy)
+        correct = (jnp.argmax(logits, axis=-1) == yy) & valid
+        return -jnp.sum(jnp.where(valid, lp, 0.0)), jnp.sum(correct), jnp.sum(valid)
+
+    def body(acc, xs):
+        out = one(*xs)
+        return tuple(a + o.astype(a.dtype) for a, o in zip(acc, out)), None
+
+    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    (nll, correct, count), _ = jax.lax.scan(body, zero, (hs, ts))
+    return nll, correct, count
+
+
+def forward_sums(model, batch, rng, *, chunk: int, drop_path: bool):
+    """Model forward on a collated batch (data/length_grouping.py) → (nll_sum, correct, count)."""
+    b, m = batch["image_flags"].shape
+    pv = batch["pixel_values"]
+    pv = pv.reshape(b * m, *pv.shape[2:]).astype(model.dtype)
+    emb, _ = model.embed_inputs(batch["input_ids"], pv, batch["image_flags"].reshape(-1),
+                                rng=rng if drop_path else None)
+    hidden, _ = model.language_model.model(emb, batch["positions"], segment_mask(batch["segment_ids"]))
+    return chunked_ce(model.language_model, hidden, batch["labels"], chunk)
+
+
+def make_loss_fn(mdef, *, chunk: int, drop_path: bool, grad_accum: int):
+    def loss_fn(params, batch, rng):
+        nll, correct, count = forward_sums(mdef.bind(params), batch, rng, chunk=chunk, drop_path=drop_path)
+        n = jnp.maximum(count, 1).astype(jnp.float32)
+        # `tokens`: real (non-pad) tokens of the whole optimizer step (the loop averages micro-batch metrics).
+        tokens = jnp.sum(batch["attention_mask"]).astype(jnp.float32) * grad_accum
+        return nll / n, {"token_acc": correct / n, "tokens": tokens,
+                         "label_tokens": count.astype(jnp.float32) * grad_accum}
+    return loss_fn
