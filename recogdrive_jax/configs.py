@@ -32,7 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Mesh axes ('data', 'fsdp', 'tensor'); -1 fills with the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # zero1: Adam moments sharded over `data` (upstream's DeepSpeed ZeRO-1); params stay replicated there.
-    c.parallel = ml_collections.ConfigDict(dict(zero1=True))
+    # rules: logical axis name -> mesh axes ('tensor', 'data,fsdp', '' = replicated); the defaults are
+    # parallel/sharding.LOGICAL_RULES (a test keeps them equal), e.g. --config.parallel.rules.embed=tensor.
+    c.parallel = ml_collections.ConfigDict(dict(zero1=True, rules=ml_collections.ConfigDict(dict(
+        batch="data,fsdp", embed="", mlp="tensor", heads="tensor", kv="tensor", head_dim="", vocab="tensor",
+        layers="", norm="", time="", seq=""))))
     # Multi-host: empty values fall back to JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1,
                                                    auto=False, timeout_s=300))

@@ -88,7 +88,7 @@ class Runtime:
                                 "`ModuleDef.logical`, or `runtime.replicate_all(params)` to replicate on purpose)")
         specs = sh.param_partition_specs(abstract_params, logical, self.mesh, rules=self.rules)
         if self.mesh.shape["fsdp"] > 1:
-            check_fsdp_coverage(abstract_params, specs, what=what)
+            check_fsdp_coverage(abstract_params, specs, self.mesh, what=what)
         return specs
 
     def param_shardings(self, abstract_params, logical, *, what: str = "model"):
@@ -120,15 +120,25 @@ class Runtime:
         return sh.replicated(self.mesh)
 
 
-def check_fsdp_coverage(abstract_params, specs, *, what: str = "model", min_elements: int = MIN_FSDP_ELEMENTS):
-    """Every parameter of >= `min_elements` elements is split over some mesh axis (called when fsdp > 1)."""
+def _ways(spec: P, mesh: Mesh) -> int:
+    """Into how many shards `spec` splits an array on `mesh` (1 = replicated, e.g. only size-1 axes named)."""
+    n = 1
+    for entry in spec:
+        for axis in (entry,) if isinstance(entry, str) else tuple(entry or ()):
+            n *= mesh.shape[axis]
+    return n
+
+
+def check_fsdp_coverage(abstract_params, specs, mesh: Mesh, *, what: str = "model",
+                        min_elements: int = MIN_FSDP_ELEMENTS):
+    """Every parameter of >= `min_elements` elements is split over the mesh (called when fsdp > 1)."""
     spec_by_path = dict(jax.tree_util.tree_leaves_with_path(specs, is_leaf=_is_spec))
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params):
         spec = spec_by_path[path]
         size = 1
         for d in leaf.shape:
             size *= int(d)
-        if size >= min_elements and all(e is None for e in spec):
+        if size >= min_elements and _ways(spec, mesh) == 1:
             raise ShardingError(
                 f"{what}: parameter {jax.tree_util.keystr(path)} {tuple(leaf.shape)} ({size} elements) would be "
                 f"replicated on every device although mesh.fsdp > 1: no dimension is divisible by the fsdp size "
