@@ -1,10 +1,12 @@
 """PDM-Closed ms/scene: JAX (`sim/pdm_closed.py`, batched, jitted) vs the unmodified NAVSIM v1.1 planner.
 
-    python bench/pdm_closed.py [--scenes 64] [--real_scenes 16]
-The real planner runs in navsim-real's own venv (../shared/tools/navsim-real; it cannot share this process), one
-scene at a time as upstream does, timed inside that process around the planner call only. JAX is timed at batch 1
-and at batch `--scenes`, compile time (first call) printed separately. Prints `pdm_closed_jax_vs_navsim_b1: Nx`
-and `..._b64: Nx` when the tool is set up.
+    python bench/pdm_closed.py [--scenes 64] [--real_scenes 16] [--reps 5]
+The real planner runs in navsim-real's own venv (../shared/tools/navsim-real; it cannot share this process): one
+long-lived subprocess plans `--real_scenes` scenes one at a time as upstream does, timed around the planner call
+only, each time this process asks (a line on its stdin). `bench/common.interleaved` alternates that baseline
+with the JAX call (ABAB..., >= 5 repeats each, compile time apart), at batch 1 and at batch `--scenes`, and prints
+the load average and the other processes' CPU share: on a loaded machine the ratios are marked as such.
+Prints `pdm_closed_jax_vs_navsim_b1: Nx` and `..._b64: Nx` (per scene, min over repeats) when the tool is set up.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 from recogdrive_jax.sim import navsim_arrays, pdm_closed, world  # noqa: E402
+from bench import common  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("navsim_real_make", os.path.join(ROOT, "tests", "fixtures",
                                                                                "navsim_real", "make_fixture.py"))
@@ -34,65 +37,92 @@ import sys, time, numpy as np
 sys.path.insert(0, sys.argv[1])
 import navsim_real_pdm as real
 from navsim.planning.metric_caching.metric_cache_processor import MetricCacheProcessor
-times = []
+inputs = []
 for path in sys.argv[2:]:
     scene, _ = real.load_scene_npz(path)
-    processor = MetricCacheProcessor(cache_path=None, force_feature_computation=False)
     ego = real.build_ego_state(scene["ego_state"])
     types = np.asarray(scene["agent_types"], np.int64)
     frames = real.build_detection_tracks(real._pad_agents(scene["agents"], types), types)
     drivable, route = real.build_drivable_map(scene)
-    cl = real.centerline_states(scene["centerline"])
-    t = time.perf_counter()
-    real.run_pdm_closed(processor, ego, frames[0], drivable, route, cl, float(scene["speed_limit"]))
-    times.append(time.perf_counter() - t)
-print(np.mean(times))
+    inputs.append((ego, frames[0], drivable, route, real.centerline_states(scene["centerline"]),
+                   float(scene["speed_limit"])))
+print("ready", flush=True)
+for line in sys.stdin:  # one request: plan every scene once, answer the mean planner seconds per scene
+    times = []
+    for ego, det, drivable, route, cl, limit in inputs:
+        processor = MetricCacheProcessor(cache_path=None, force_feature_computation=False)
+        t = time.perf_counter()
+        real.run_pdm_closed(processor, ego, det, drivable, route, cl, limit)
+        times.append(time.perf_counter() - t)
+    print(np.mean(times), flush=True)
 """
 
 
-def time_jax(scenes, limits, repeats: int) -> tuple[float, float]:
-    """(compile + first call s, ms per scene)."""
-    batch = world.stack_scenes(scenes)
-    t0 = time.perf_counter()
-    pdm_closed.pdm_closed(batch, limits)
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        pdm_closed.pdm_closed(batch, limits)
-    return first, 1e3 * (time.perf_counter() - t0) / (repeats * len(scenes))
+class RealPlanner:
+    """The real PDM-Closed in a long-lived navsim-real subprocess; `__call__` plans its scenes once (blocking) and
+    records the planner's own mean seconds per scene (setup and pipe time excluded)."""
+
+    def __init__(self, scenes, limits, work: str):
+        tool_dir, python, src = tool.tool_paths()
+        paths = []
+        for i, (sc, lim) in enumerate(zip(scenes, limits)):
+            paths.append(os.path.join(work, f"s{i}.npz"))
+            navsim_arrays.save(paths[-1], navsim_arrays.scene_to_arrays(sc, with_reference=False, speed_limit=lim))
+        env = dict(os.environ, NAVSIM_REAL_SRC=src, PYTHONWARNINGS="ignore")
+        self.proc = subprocess.Popen([python, "-c", _REAL, tool_dir] + paths, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("navsim-real planner subprocess failed to start")
+        self.per_scene_s: list[float] = []
+
+    def __call__(self):
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        self.per_scene_s.append(float(self.proc.stdout.readline()))
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scenes", type=int, default=64)
     ap.add_argument("--real_scenes", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
     scenes = world.generate_scenes(args.scenes, seed=7, reference="expert")  # PDM-Closed is what is timed
     limits = np.random.default_rng(0).uniform(8.0, 15.0, args.scenes)
-    c1, ms1 = time_jax(scenes[:1], limits[:1], args.repeats * 4)
-    cb, msb = time_jax(scenes, limits, args.repeats)
-    print(f"backend: {jax.default_backend()}")
-    print(f"jax batch 1: {ms1:.1f} ms/scene (compile + first call {c1:.1f} s, excluded)")
-    print(f"jax batch {args.scenes}: {msb:.2f} ms/scene (compile + first call {cb:.1f} s, excluded)")
+    print(f"backend: {jax.default_backend()}; {common.load_average()} on {os.cpu_count()} CPUs")
+
+    def jax_fn(n):
+        batch = world.stack_scenes(scenes[:n])
+        return lambda: pdm_closed.pdm_closed(batch, limits[:n])  # returns numpy: blocks until done
+
     if not tool.tool_available():
+        for n in (1, args.scenes):
+            fn = jax_fn(n)
+            t0 = time.perf_counter()
+            fn()
+            c = time.perf_counter() - t0
+            print(f"jax batch {n}: {1e3 * common.time_call(fn, args.reps, 'min') / n:.2f} ms/scene "
+                  f"(compile + first call {c:.1f} s, excluded)")
         print("navsim: navsim-real not set up (see ../shared/tools/navsim-real/README.md); no ratio")
         return 0
-    _, python, src = tool.tool_paths()
-    tool_dir = tool.tool_paths()[0]
     with tempfile.TemporaryDirectory() as work:
-        paths = []
-        for i, sc in enumerate(scenes[: args.real_scenes]):
-            paths.append(os.path.join(work, f"s{i}.npz"))
-            navsim_arrays.save(paths[-1], navsim_arrays.scene_to_arrays(sc, with_reference=False,
-                                                                         speed_limit=limits[i]))
-        env = dict(os.environ, NAVSIM_REAL_SRC=src, PYTHONWARNINGS="ignore")
-        r = subprocess.run([python, "-c", _REAL, tool_dir] + paths, env=env, capture_output=True, text=True,
-                           check=True)
-    real_ms = 1e3 * float(r.stdout.strip().splitlines()[-1])
-    print(f"navsim (real PDM-Closed, {args.real_scenes} scenes): {real_ms:.1f} ms/scene")
-    print(f"pdm_closed_jax_vs_navsim_b1: {real_ms / ms1:.1f}x")
-    print(f"pdm_closed_jax_vs_navsim_b{args.scenes}: {real_ms / msb:.1f}x")
+        real = RealPlanner(scenes[: args.real_scenes], limits[: args.real_scenes], work)
+        try:
+            for n in (1, args.scenes):
+                real.per_scene_s.clear()
+                t = common.interleaved(f"pdm_closed_jax_vs_navsim_b{n}", real, jax_fn(n), reps=args.reps)
+                # per scene on both sides: the planner's own seconds per scene vs the JAX call / batch size
+                t.baseline_s = list(real.per_scene_s[-args.reps:])
+                t.jax_s = [s / n for s in t.jax_s]
+                print(f"# batch {n}: real PDM-Closed {1e3 * min(t.baseline_s):.1f} ms/scene "
+                      f"({args.real_scenes} scenes), JAX {1e3 * min(t.jax_s):.2f} ms/scene; {common.load_average()}")
+                t.print()
+        finally:
+            real.close()
     return 0
 
 

@@ -429,17 +429,17 @@ def measure(scene: Scene, poses: jax.Array, regulariser: str = "navsim") -> dict
     flat_c = corners.reshape(B, G1 * T * 4, 2)
     in_drv = points_in_polygons(flat_c, drv) & scene.drivable_mask[:, None, :]
     non_drivable = ~jnp.all(jnp.any(in_drv, -1).reshape(B, G1, T, 4), -1)  # [B, G1, T]
-    pts5 = jnp.concatenate([corners, centre[..., None, :]], -2).reshape(B, G1 * T * 5, 2)
-    in_lane = (points_in_polygons(pts5, lanes) & scene.lane_mask[:, None, :]).reshape(B, G1, T, 5, -1)
-    c_in = in_lane[..., :4, :]
+    # One point-in-polygon call per point kind (each point's test is independent: same values as one call), so
+    # a caller that drops the metrics of a kind (PDM-Closed: DDC, LK) has that call removed by XLA.
+    c_in = (points_in_polygons(flat_c, lanes) & scene.lane_mask[:, None, :]).reshape(B, G1, T, 4, -1)
+    centre_in_lane = points_in_polygons(centre.reshape(B, G1 * T, 2), lanes) & scene.lane_mask[:, None, :]
     n_lanes_touched = jnp.sum(jnp.any(c_in, -2), -1)
     all4 = jnp.any(jnp.all(c_in, -2), -1)
     multiple_lanes = (n_lanes_touched > 1) & ~all4
-    oncoming = ~jnp.any(in_lane[..., 4, :] & scene.lane_on_route[:, None, None, :], -1)
-    pts2 = jnp.stack([centre, rear], -2).reshape(B, G1 * T * 2, 2)
-    in_int = jnp.any(points_in_polygons(pts2, inter) & scene.intersection_mask[:, None, :], -1)
-    in_int = in_int.reshape(B, G1, T, 2)
-    centre_in_int, rear_in_int = in_int[..., 0], in_int[..., 1]
+    oncoming = ~jnp.any(centre_in_lane.reshape(B, G1, T, -1) & scene.lane_on_route[:, None, None, :], -1)
+    in_int = lambda pts: jnp.any(  # noqa: E731
+        points_in_polygons(pts.reshape(B, G1 * T, 2), inter) & scene.intersection_mask[:, None, :], -1)
+    centre_in_int, rear_in_int = in_int(centre).reshape(B, G1, T), in_int(rear).reshape(B, G1, T)
     lateral_fault = multiple_lanes | non_drivable
 
     # Objects.

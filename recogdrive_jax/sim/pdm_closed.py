@@ -216,10 +216,11 @@ def _leaders(t, x_prev, pose_prev, geo, shared: bool):
 
     shared=True: one record per path carried through its 5 policies in order (the batched proposals);
     False: a fresh record per proposal (the winner's continuation past 4 s, unrolled alone)."""
-    boxes, usable, obj_prog, dynamic, speed, length = geo
-    ob = jax.lax.dynamic_index_in_dim(boxes, t, 1, keepdims=False)  # [B, A, 5] forecast at step t
-    use = jax.lax.dynamic_index_in_dim(usable, t, 2, keepdims=False)  # [B, 3, A]
-    o_prog = jax.lax.dynamic_index_in_dim(obj_prog, t, 2, keepdims=False)  # [B, 3, A]
+    boxes, usable, obj_prog, dynamic, speed, length = geo  # even frames only: step t is entry t // 2
+    k2 = t // LEAD_UPDATE
+    ob = jax.lax.dynamic_index_in_dim(boxes, k2, 1, keepdims=False)  # [B, A, 5] forecast at step t
+    use = jax.lax.dynamic_index_in_dim(usable, k2, 2, keepdims=False)  # [B, 3, A]
+    o_prog = jax.lax.dynamic_index_in_dim(obj_prog, k2, 2, keepdims=False)  # [B, 3, A]
     ahead = use[:, :, None, :] & (o_prog[:, :, None, :] > x_prev[..., None])  # [B, 3, 5, A]
     fwd = jnp.stack([jnp.cos(pose_prev[..., 2]), jnp.sin(pose_prev[..., 2])], -1)
     ego_c = pose_prev[..., :2] + pdm.R2C * fwd  # [B, 3, 5, 2]
@@ -293,17 +294,19 @@ def _plan(scene: Scene, speed_limit):
     pose0 = _interpolate(path, prog, length, n, e0[..., None])  # [B, 3, 1, 3]
     pose = jnp.broadcast_to(pose0, x.shape + (3,))
 
-    # Forecast, corridor membership and progress of every forecast box on every path.
+    # Forecast, corridor membership and progress of every forecast box on every path. Leaders are searched at
+    # even steps only, and the forecast changes every 2nd frame (frame 2k+1 = frame 2k), so these are computed on
+    # the even frames alone (F2 = 26) and `_leaders` indexes them by step // 2: the same values, half the work.
     boxes, kept, collided, dynamic, speed = forecast(scene, dtype)  # [B, F, A, 5]
     start = jnp.clip(e0, 0.0, length)
     end = jnp.clip(e0 + limit[:, None] * N_TRAJECTORY_STEPS * world.DT, 0.0, length)
-    ob = boxes[:, None]  # [B, 1, F, A, 5]
+    ob = boxes[:, None, ::LEAD_UPDATE]  # [B, 1, F2, A, 5]
     in_corr = _corridor_hits(path, prog, start, end, ob[..., :2], ob[..., 2], (ob[..., 3] / 2, ob[..., 4] / 2))
-    usable = in_corr & (kept & ~collided)[:, None, None, :]  # [B, 3, F, A]
-    F, A = boxes.shape[1:3]
-    o_prog, _ = pdm.project_on_polyline(jnp.broadcast_to(ob[..., :2], (B, N_PATHS, F, A, 2)).reshape(B, N_PATHS, F * A, 2),
-                                        path[..., :2])
-    geo = (boxes, usable, o_prog.reshape(B, N_PATHS, F, A), dynamic, speed, length)
+    usable = in_corr & (kept & ~collided)[:, None, None, :]  # [B, 3, F2, A]
+    F2, A = ob.shape[2:4]
+    o_prog, _ = pdm.project_on_polyline(
+        jnp.broadcast_to(ob[..., :2], (B, N_PATHS, F2, A, 2)).reshape(B, N_PATHS, F2 * A, 2), path[..., :2])
+    geo = (boxes[:, ::LEAD_UPDATE], usable, o_prog.reshape(B, N_PATHS, F2, A), dynamic, speed, length)
 
     # 15 proposals over 4 s (one shared leader record per path and step), from an all-zero leader.
     zero = jnp.zeros_like(x)
