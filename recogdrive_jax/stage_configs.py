@@ -81,8 +81,8 @@ def cache_stage_config() -> ml_collections.ConfigDict:
         min_dynamic_patch=1,
         use_thumbnail=True,
         system_message="__driving__",  # '__driving__' = data/driving_prompt.DRIVING_SYSTEM
-        ego_status_text="auto",  # the ego-status line in the prompt: 'auto' = on for data.source='navsim' (the
-        # upstream NAVSIM prompt), off for the synthetic world (its SFT data has none); or 'on' / 'off'
+        ego_status_text="auto",  # the ego-status line in the prompt: 'auto' = on (the upstream NAVSIM prompt; the
+        # synthetic SFT trajectory QA asks it too, sim/qa.py); 'off' for a VLM fine-tuned without it
     ))
     return c
 

@@ -8,7 +8,8 @@ paths relative to `root`.
 
 Tasks: perception (objects, counts, distances), prediction (other agents' motion), planning (meta-actions),
 cognitive (seed 000's 4-stage answer: perception -> understanding -> reasoning -> decision) and trajectory QA
-(`data/driving_prompt.py` question, `"[PT, (x, y, h), ...]"` answer).
+(`data/driving_prompt.py` question with the ego-status line, as upstream's Stage-1 planning QA; `"[PT, (x, y, h),
+...]"` answer).
 """
 from __future__ import annotations
 
@@ -150,7 +151,9 @@ def qa_rows_for_scene(scene: Scene, sid: str, front: str, bev: str) -> dict[str,
     q = ("Analyse the driving scene step by step (perception, understanding, reasoning, decision) and plan the "
          "ego vehicle's next 4 seconds.")
     rows["cognitive"].append(_row(f"{sid}_cog", front, q, _cognitive_answer(scene, objs)))
-    tq = driving_prompt.driving_question(scene.history, int(scene.command))
+    # upstream's Stage-1 planning QA: front camera + history + ego status + command -> the future waypoints as text
+    # (the same question the `cache` stage asks, so the states it caches answer what SFT taught)
+    tq = driving_prompt.driving_question(scene.history, int(scene.command), status=scene.status)
     tq = tq[len("<image>\n"):] if tq.startswith("<image>\n") else tq
     rows["trajectory"].append(_row(f"{sid}_traj", front, tq, driving_prompt.trajectory_answer(scene.expert)))
     return rows

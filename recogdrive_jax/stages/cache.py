@@ -131,7 +131,7 @@ def run(config, workdir: str) -> dict:
     params = load_params(resolved, mdef, rt)
     forward = make_forward(mdef, rt)
     navsim = config.data.get("source", "synthetic") == "navsim"
-    ego_status = {"auto": navsim, "on": True, "off": False}[c.get("ego_status_text", "auto")]
+    ego_status = c.get("ego_status_text", "auto") != "off"  # auto = on: the prompt the SFT trajectory QA asks
     builder = PromptBuilder(cfg, tok, c, ego_status=ego_status)
     splits = [s for s in c.splits.split(",") if s]
     images, tokens = {s: None for s in splits}, {s: None for s in splits}
