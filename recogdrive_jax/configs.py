@@ -15,7 +15,7 @@ from ml_collections.config_dict import placeholder
 from recogdrive_jax.errors import UserError
 
 # `config.stage` values: the registry in stages/__init__.py maps each to its module (checked by a test).
-STAGE_NAMES = ("pipeline", "sft", "cache", "il", "rl", "eval", "ppo", "eval_nav", "navsim_convert")
+STAGE_NAMES = ("pipeline", "sft", "cache", "il", "il_joint", "rl", "eval", "ppo", "eval_nav", "navsim_convert")
 
 # The cache's layouts; upstream_compatible = left-padded fp32 like the PyTorch pipeline.
 CACHE_LAYOUTS = ("compact", "upstream_compatible")

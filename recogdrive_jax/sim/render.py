@@ -120,6 +120,16 @@ def render_front(scene: Scene, height: int = 256, width: int = 448, fov_deg: flo
     return np.asarray(img, np.uint8)
 
 
+def render_frames(scene: Scene, num_history: int, height: int = 256, width: int = 448) -> np.ndarray:
+    """Front-camera frames [num_history + 1, height, width, 3] uint8: the last `num_history` past poses (oldest
+    first, from `world.past_scene`) then t = 0 — the history + current frames of the OpenTrackVLA recipe."""
+    if not 0 <= num_history < world.NUM_HISTORY:
+        raise ValueError(f"render_frames: num_history={num_history}; the world keeps {world.NUM_HISTORY - 1} past poses")
+    ks = range(world.NUM_HISTORY - 1 - num_history, world.NUM_HISTORY - 1)
+    past = [render_front(world.past_scene(scene, k), height, width) for k in ks]
+    return np.stack(past + [render_front(scene, height, width)])
+
+
 def render_bev(scene: Scene, trajectories: dict[str, np.ndarray] | None = None, size: int = 400,
                extent: float = 60.0, path: str | None = None) -> np.ndarray:
     """Bird's-eye view [size, size, 3] uint8 (matplotlib): road, lanes, route, agents with their futures, the

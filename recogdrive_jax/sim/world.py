@@ -546,3 +546,33 @@ def ego_state_summary(scene: Scene) -> dict:
     st = np.asarray(scene.status)
     return dict(command=COMMANDS[int(np.argmax(st[:4]))], speed=float(np.hypot(st[4], st[5])),
                 accel=float(st[6]))
+
+
+def past_scene(scene: Scene, k: int) -> Scene:
+    """The (unbatched) scene as seen from the ego's past pose `history[k]` (k = 0..NUM_HISTORY-1 at -1.5, -1.0,
+    -0.5, 0 s): every map polygon, the centreline and the agents re-expressed in that pose's ego frame, with frame 0 of
+    `obj_boxes` moved back to that instant — agents are extrapolated backwards at their frame 0 -> 1 velocity (the
+    world stores no agent past; lane followers move smoothly, so this is close for 1.5 s). What `render.render_front`
+    draws for the history frames of the OpenTrackVLA recipe; only frame 0 of the agents is meaningful."""
+    k = int(k)
+    if not 0 <= k < NUM_HISTORY:
+        raise ValueError(f"past_scene: history index {k} not in [0, {NUM_HISTORY})")
+    x0, y0, h0 = (float(v) for v in np.asarray(scene.history)[k])
+    c, s = math.cos(h0), math.sin(h0)
+
+    def xy(p: np.ndarray) -> np.ndarray:  # [..., 2] current ego frame -> past ego frame
+        d = np.asarray(p, np.float64) - (x0, y0)
+        return np.stack([c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]], -1).astype(np.float32)
+
+    tau = (NUM_HISTORY - 1 - k) * PLAN_DT  # seconds before t = 0
+    boxes = np.array(scene.obj_boxes, np.float32)
+    valid = np.array(scene.obj_valid, bool)
+    vel = np.where((valid[0] & valid[1])[:, None], (boxes[1, :, :2] - boxes[0, :, :2]) / DT, 0.0)  # [A, 2]
+    boxes[0, :, :2] = boxes[0, :, :2] - tau * vel
+    boxes[..., :2] = xy(boxes[..., :2])
+    boxes[..., 2] = wrap_angle(boxes[..., 2] - h0)
+    centerline = np.array(scene.centerline, np.float32)
+    centerline[:, :2] = xy(centerline[:, :2])
+    centerline[:, 2] = wrap_angle(centerline[:, 2] - h0)
+    return dataclasses.replace(scene, obj_boxes=boxes, drivable=xy(scene.drivable), lanes=xy(scene.lanes),
+                               intersections=xy(scene.intersections), centerline=centerline)

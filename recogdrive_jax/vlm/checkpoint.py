@@ -21,6 +21,7 @@ from recogdrive_jax.train.module_def import ModuleDef
 
 MODEL_CONFIG_NAME = "recogdrive_internvl.json"  # = convert.internvl.CONFIG_NAME
 TOKENIZER_DIR = "tokenizer"
+JOINT_VLM_DIR = "vlm"  # an il_joint workdir's VLM part (a `convert internvl --from-hf` layout)
 FREEZE_PATTERNS = {"freeze_vision": r"^vision_model/", "freeze_llm": r"^language_model/", "freeze_mlp": r"^mlp1/"}
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -80,6 +81,11 @@ def resolve_model(model_cfg, data_cfg, workdir: str, *, convert_dir: str | None 
         src = os.path.abspath(src)
         if not os.path.isdir(src):
             raise FileNotFoundError(f"config.model.init_from={src!r} is not a directory")
+        if run_stage(src) == "il_joint":  # an il_joint workdir: its VLM part, written at the end of the run
+            if not os.path.isdir(os.path.join(src, JOINT_VLM_DIR)):
+                raise FileNotFoundError(f"config.model.init_from={src!r}: an il_joint run without "
+                                        f"{JOINT_VLM_DIR}/ (it is written when the run finishes)")
+            src = os.path.join(src, JOINT_VLM_DIR)
         if os.path.isdir(os.path.join(src, "checkpoints")) and os.path.isfile(os.path.join(src, MODEL_CONFIG_NAME)):
             cfg = iv.load_hf_config(os.path.join(src, MODEL_CONFIG_NAME), **overrides)  # an sft workdir
             params_path = src
