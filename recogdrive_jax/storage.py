@@ -20,10 +20,11 @@ import contextlib
 import os
 import posixpath
 import re
-import shutil
+import socket
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from typing import Iterator
 
@@ -49,7 +50,8 @@ def _configure_fsspec() -> None:
         fsspec.config.conf.setdefault(name, {}).setdefault("use_listings_cache", False)
 
 
-def _configure_emulator() -> None:
+def configure_emulator() -> None:
+    """Points TensorStore and gcsfs at `STORAGE_EMULATOR_HOST` when it is set (see the module docstring)."""
     host = os.environ.get("STORAGE_EMULATOR_HOST", "")
     if not host or host == "default":
         return
@@ -65,7 +67,7 @@ def _configure_emulator() -> None:
 
 
 _configure_fsspec()
-_configure_emulator()
+configure_emulator()
 
 
 def scheme(path) -> str | None:
@@ -314,6 +316,18 @@ def tensorstore_kvstore(path) -> dict:
 
 
 # ---- start-up check -----------------------------------------------------------------------------------------------
+def _endpoint(path: str) -> tuple[str, int, str] | None:
+    """(host, port, how to name it) that a gs:// URL's requests go to: the emulator or Google's endpoint."""
+    if scheme(path) != "gs":
+        return None
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    if emulator and emulator != "default":
+        u = urllib.parse.urlsplit(emulator if "://" in emulator else f"http://{emulator}")
+        return u.hostname or "localhost", u.port or (443 if u.scheme == "https" else 80), \
+            f"STORAGE_EMULATOR_HOST={emulator}"
+    return "storage.googleapis.com", 443, "storage.googleapis.com:443"
+
+
 def check_writable(path, timeout_s: float = CHECK_TIMEOUT_S) -> str:
     """Returns `abspath(path)` after writing and deleting a small marker there; a remote URL that cannot be reached
     within `timeout_s` (no network, no credentials, no bucket) is a `StorageError` naming it. Local directories
@@ -330,6 +344,15 @@ def check_writable(path, timeout_s: float = CHECK_TIMEOUT_S) -> str:
             raise StorageError(f"{path!r} is not writable: {e.strerror or e}") from None
         return path
     _needs_driver(path)
+    t0 = time.monotonic()
+    endpoint = _endpoint(path)
+    if endpoint is not None:  # fail fast (no DNS, nothing listening) instead of waiting out the client's retries
+        host, port, name = endpoint
+        try:
+            socket.create_connection((host, port), timeout=max(timeout_s / 2, 0.5)).close()
+        except OSError as e:
+            raise StorageError(f"{path} cannot be reached: no connection to {name} "
+                               f"({e.strerror or type(e).__name__})") from None
     marker = join(path, f".write_probe.{uuid.uuid4().hex[:12]}")
     outcome: dict = {}
 
@@ -342,10 +365,9 @@ def check_writable(path, timeout_s: float = CHECK_TIMEOUT_S) -> str:
         except BaseException as e:  # noqa: BLE001  (reported by the caller, one line)
             outcome["error"] = e
 
-    t0 = time.monotonic()
     thread = threading.Thread(target=probe, name="storage-check", daemon=True)
     thread.start()
-    thread.join(timeout_s)
+    thread.join(max(timeout_s - (time.monotonic() - t0), 0.5))
     if "ok" in outcome:
         return path
     where = os.environ.get("STORAGE_EMULATOR_HOST")

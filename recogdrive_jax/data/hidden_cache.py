@@ -24,12 +24,13 @@ and reported when read.
 from __future__ import annotations
 
 import json
-import os
 from typing import Sequence
 
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
+
+from recogdrive_jax import storage
 from recogdrive_jax.errors import UserError
 
 LAYOUTS = ("compact", "upstream_compatible")
@@ -45,8 +46,9 @@ def _dtype(layout: str):
 
 
 def _spec(path: str, shape, dtype: str, chunk, create: bool, strict: bool = False):
-    """zarr3 spec; `strict` (hidden/): a missing chunk is a read error and every written chunk is stored."""
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
+    """zarr3 spec on `path`'s kvstore (`file`, or `gcs`/`s3` for a URL); `strict` (hidden/): a missing chunk is a
+    read error and every written chunk is stored."""
+    spec = {"driver": "zarr3", "kvstore": storage.tensorstore_kvstore(path)}
     if strict:
         spec.update(fill_missing_data_reads=False, store_data_equal_to_fill_value=True)
     if create:
@@ -75,39 +77,37 @@ class HiddenCache:
         """Creates the cache, or reopens it when it exists with the same geometry (resume)."""
         if layout not in LAYOUTS:
             raise CacheError(f"cache layout {layout!r} unknown; allowed: {list(LAYOUTS)}")
-        path = os.path.abspath(path)
+        path = storage.abspath(path)
         meta = {"num_samples": int(num_samples), "max_len": int(max_len), "hidden_size": int(hidden_size),
                 "layout": layout, "dtype": _dtype(layout)[0], "format_version": FORMAT_VERSION}
-        meta_path = os.path.join(path, "meta.json")
-        if os.path.exists(meta_path):
-            old = json.load(open(meta_path))
+        meta_path = storage.join(path, "meta.json")
+        if storage.exists(meta_path):
+            old = json.loads(storage.read_text(meta_path))
             if old != meta:
                 diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
                 raise CacheError(f"{path}: an existing cache has a different geometry (existing, requested): {diff}; "
                                  "use another directory or delete it")
-        os.makedirs(path, exist_ok=True)
-        hidden = ts.open(_spec(os.path.join(path, "hidden"), (num_samples, max_len, hidden_size), meta["dtype"],
+        storage.makedirs(path)
+        hidden = ts.open(_spec(storage.join(path, "hidden"), (num_samples, max_len, hidden_size), meta["dtype"],
                                (1, max_len, hidden_size), True, strict=True)).result()
-        lengths = ts.open(_spec(os.path.join(path, "lengths"), (num_samples,), "int32", (1,), True)).result()
-        if not os.path.exists(meta_path):
-            with open(meta_path + ".tmp", "w") as f:
-                json.dump(meta, f)
-            os.replace(meta_path + ".tmp", meta_path)
+        lengths = ts.open(_spec(storage.join(path, "lengths"), (num_samples,), "int32", (1,), True)).result()
+        if not storage.exists(meta_path):
+            storage.write_text(meta_path, json.dumps(meta))  # atomic
         return cls(path, meta, hidden, lengths)
 
     @classmethod
     def open(cls, path: str) -> "HiddenCache":
-        path = os.path.abspath(path)
-        meta_path = os.path.join(path, "meta.json")
-        if not os.path.exists(meta_path):
+        path = storage.abspath(path)
+        meta_path = storage.join(path, "meta.json")
+        if not storage.exists(meta_path):
             raise CacheError(f"{path} is not a hidden-state cache (no meta.json); run the `cache` stage first")
         try:
-            meta = json.load(open(meta_path))
+            meta = json.loads(storage.read_text(meta_path))
             for key in ("num_samples", "max_len", "hidden_size", "layout", "dtype"):
                 if key not in meta:
                     raise CacheError(f"{meta_path}: field {key!r} missing")
-            hidden = ts.open(_spec(os.path.join(path, "hidden"), None, None, None, False, strict=True)).result()
-            lengths = ts.open(_spec(os.path.join(path, "lengths"), None, None, None, False)).result()
+            hidden = ts.open(_spec(storage.join(path, "hidden"), None, None, None, False, strict=True)).result()
+            lengths = ts.open(_spec(storage.join(path, "lengths"), None, None, None, False)).result()
         except (json.JSONDecodeError, ValueError) as e:
             raise CacheError(f"{path}: unreadable cache: {e}") from e
         want = (meta["num_samples"], meta["max_len"], meta["hidden_size"])

@@ -9,10 +9,12 @@ NAVSIM names the file `<output_dir>/<%Y.%m.%d.%H.%M.%S>.csv`; here it is `navsim
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 
 import numpy as np
+
+from recogdrive_jax import storage
 
 # The header exactly as v1.1's to_csv writes it ('' = the unnamed index column).
 COLUMNS = ("", "token", "valid", "no_at_fault_collisions", "drivable_area_compliance", "ego_progress",
@@ -46,10 +48,10 @@ def rows(tokens, per_scene: dict) -> list[list[str]]:
 
 def write_csv(out_dir: str, tokens, per_scene: dict) -> str:
     """Writes `out_dir/navsim_pdm_score.csv`; returns its path."""
-    path = os.path.join(out_dir, FILE_NAME)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(COLUMNS)
-        w.writerows(rows(tokens, per_scene))
+    path = storage.join(out_dir, FILE_NAME)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    w.writerows(rows(tokens, per_scene))
+    storage.write_text(path, buf.getvalue())
     return path

@@ -6,13 +6,13 @@ of them means the same thing.
 from __future__ import annotations
 
 import json
-import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recogdrive_jax import storage
 from recogdrive_jax.configs import ConfigError
 from recogdrive_jax.sim import pdm
 
@@ -61,7 +61,7 @@ PROTOCOLS = {"upstream": False, "deterministic": True}
 
 def eval_protocols(eval_config) -> tuple[str, ...]:
     """`config.eval.protocol` -> the protocol names, validated (an error names the key and the allowed values)."""
-    raw = eval_config.get("protocol", "deterministic")
+    raw = eval_config.protocol
     names = tuple(p.strip() for p in str(raw).split(",") if p.strip())
     if not names or any(p not in PROTOCOLS for p in names) or len(set(names)) != len(names):
         raise ConfigError(f"config.eval.protocol={raw!r}: expected one of {sorted(PROTOCOLS)} or a comma list of "
@@ -114,11 +114,8 @@ def markdown_table(rows: dict[str, dict[str, float]]) -> str:
 def write_report(out_dir: str, summary: dict[str, float], table_rows: dict[str, dict[str, float]]):
     if jax.process_index() != 0:
         return
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(out_dir, "metrics.md"), "w") as f:
-        f.write(markdown_table(table_rows))
+    storage.write_text(storage.join(out_dir, "metrics.json"), json.dumps(summary, indent=2))
+    storage.write_text(storage.join(out_dir, "metrics.md"), markdown_table(table_rows))
 
 
 def plot_scenes(out_dir: str, split, idx, plans: dict[str, np.ndarray], per_scene: dict[str, np.ndarray] | None,
@@ -127,14 +124,15 @@ def plot_scenes(out_dir: str, split, idx, plans: dict[str, np.ndarray], per_scen
     if jax.process_index() != 0:
         return []
     from recogdrive_jax.sim import render
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     paths = []
     for i in idx:
         i = int(i)
         scene = split.scene_batch(np.array([i]))
         scene = type(scene)(**{k: np.asarray(v)[0] for k, v in vars(scene).items()})
-        path = os.path.join(out_dir, f"{prefix}_{i:05d}"
+        path = storage.join(out_dir, f"{prefix}_{i:05d}"
                             + (f"_pdms{per_scene['pdms'][i]:.2f}" if per_scene is not None else "") + ".png")
-        render.render_bev(scene, {name: p[i] for name, p in plans.items()}, path=path)
+        with storage.staged_file(path) as local:  # PIL writes local files; a gs:// PNG is uploaded
+            render.render_bev(scene, {name: p[i] for name, p in plans.items()}, path=local)
         paths.append(path)
     return paths
