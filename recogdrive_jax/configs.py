@@ -12,48 +12,28 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from recogdrive_jax.errors import UserError
+from recogdrive_jax import config_types as ct
+from recogdrive_jax.config_types import ConfigError  # noqa: F401 (re-exported: configs.ConfigError)
 
 # `config.stage` values: the registry in stages/__init__.py maps each to its module (checked by a test).
 STAGE_NAMES = ("pipeline", "sft", "cache", "il", "il_joint", "rl", "eval", "ppo", "eval_nav", "navsim_convert")
 
 # The cache's layouts; upstream_compatible = left-padded fp32 like the PyTorch pipeline.
-CACHE_LAYOUTS = ("compact", "upstream_compatible")
+CACHE_LAYOUTS = ct.CACHE_LAYOUTS
 
 
-class ConfigError(UserError):
-    """A config value is invalid; the message names the key."""
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """`stage`, `seed` and the blocks every stage has; types, defaults and their meaning: config_types.py."""
     c = ml_collections.ConfigDict()
     c.stage = "il"
     c.seed = 0
-    # Mesh axes ('data', 'fsdp', 'tensor'); -1 fills with the remaining devices.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    # zero1: Adam moments sharded over `data` (upstream's DeepSpeed ZeRO-1); params stay replicated there.
-    # rules: logical axis name -> mesh axes ('tensor', 'data,fsdp', '' = replicated); the defaults are
-    # parallel/sharding.LOGICAL_RULES (a test keeps them equal), e.g. --config.parallel.rules.embed=tensor.
-    c.parallel = ml_collections.ConfigDict(dict(zero1=True, rules=ml_collections.ConfigDict(dict(
-        batch="data,fsdp", embed="", mlp="tensor", heads="tensor", kv="tensor", head_dim="", vocab="tensor",
-        layers="", norm="", time="", seq=""))))
-    # Multi-host: empty values fall back to JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
-    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1,
-                                                   auto=False, timeout_s=300))
-    c.train = ml_collections.ConfigDict(dict(
-        num_steps=100,
-        batch_size=8,  # global batch (all processes together)
-        log_every=10,
-        eval_every=0,  # 0: only at the end
-        checkpoint_every=50,  # 0: only at the end
-        keep_checkpoints=3,
-        async_checkpoint=True,
-        tensorboard=True,
-        init_from="",  # parameter checkpoint dir or another run's workdir
-    ))
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-4, warmup_ratio=0.0, warmup_steps=0, schedule="cosine", min_lr_ratio=0.0, weight_decay=0.0,
-        b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, grad_accum=1, freeze=()))
+    c.mesh = ml_collections.ConfigDict(ct.defaults(ct.MeshConfig))
+    c.parallel = ml_collections.ConfigDict(ct.defaults(ct.ParallelConfig))
+    c.distributed = ml_collections.ConfigDict(ct.defaults(ct.DistributedConfig))
+    c.train = ml_collections.ConfigDict(ct.defaults(ct.TrainConfig, exclude=("ema_decay",)))  # planner stages add it
+    c.optim = ml_collections.ConfigDict(ct.defaults(ct.OptimConfig, exclude=("cosine_steps", "optimizer_steps_per_step")))
     return c
 
 
@@ -62,32 +42,14 @@ def _require(cond: bool, key: str, msg: str):
         raise ConfigError(f"config.{key}: {msg}")
 
 
-def validate_common(config) -> None:
-    """Checks the keys every stage honours; stages call their own checks after this."""
+def validate_common(config) -> ct.RunConfig:
+    """Types and checks the whole config once (config_types.typed: unknown keys, types, ranges, keys the stage does
+    not honour) and returns the typed RunConfig; stages call their own checks after this."""
     _require(config.stage in STAGE_NAMES, "stage", f"unknown stage {config.stage!r}; allowed: {sorted(STAGE_NAMES)}")
     if config.stage == "pipeline":  # its top level holds override slots; each resolved step is validated instead
         resolve(config)
-        return
-    _require(isinstance(config.seed, int), "seed", f"must be an int, got {config.seed!r}")
-    for axis in ("data", "fsdp", "tensor"):
-        v = config.mesh.get(axis)
-        _require(isinstance(v, int) and (v == -1 or v >= 1), f"mesh.{axis}", f"must be -1 or a positive int, got {v!r}")
-    if "train" not in config or "optim" not in config:  # evaluation-only stages
-        return
-    t = config.train
-    for key in ("num_steps", "batch_size", "log_every", "keep_checkpoints"):
-        _require(isinstance(t.get(key), int) and t.get(key) >= 1, f"train.{key}", f"must be an int >= 1, got {t.get(key)!r}")
-    for key in ("eval_every", "checkpoint_every"):
-        _require(isinstance(t.get(key), int) and t.get(key) >= 0, f"train.{key}", f"must be an int >= 0, got {t.get(key)!r}")
-    o = config.optim
-    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr!r}")
-    _require(0.0 <= o.warmup_ratio < 1.0, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio!r}")
-    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay!r}")
-    _require(o.clip_norm >= 0, "optim.clip_norm", f"must be >= 0 (0 disables), got {o.clip_norm!r}")
-    _require(isinstance(o.grad_accum, int) and o.grad_accum >= 1, "optim.grad_accum", f"must be an int >= 1, got {o.grad_accum!r}")
-    _require(t.batch_size % o.grad_accum == 0, "optim.grad_accum",
-             f"must divide config.train.batch_size={t.batch_size}, got {o.grad_accum}")
-    _require(o.schedule in ("cosine", "constant"), "optim.schedule", f"unknown {o.schedule!r}; allowed: ['cosine', 'constant']")
+        return None
+    return ct.typed(config)
 
 
 def planner_block(variant: str = "small", vlm_size: str = "large", **overrides) -> ml_collections.ConfigDict:
@@ -96,36 +58,15 @@ def planner_block(variant: str = "small", vlm_size: str = "large", **overrides) 
 
 
 def planner_data_block(**overrides) -> ml_collections.ConfigDict:
-    """`config.data` of the planner stages (data/planner_data.py)."""
-    d = dict(
-        source="synthetic",  # 'synthetic' (the world in sim/world.py) | 'navsim' (converted NAVSIM logs, data/navsim_data.py)
-        navsim_dir="",  # source='navsim': output root of `convert navsim-logs` (<split>/samples.npz per split)
-        navsim_metric_cache="",  # source='navsim': PDM inputs, a `convert navsim-metric-cache` .npz or folder of <split>.npz
-        cache_dir="",  # hidden-state cache (from the `cache` stage); empty = synthetic world + fixed scene tokens
-        vl_pad_to=0,  # static VL length read from a compact cache (0 = the cache's max_len)
-        vl_features="real",  # control: 'real' | 'shuffled' (another scene's states, fixed derangement) | 'zeros'
-        vl_shuffle_seed=0,  # the derangement of vl_features='shuffled'
-        num_train_scenes=2000,
-        num_eval_scenes=128,
-        scene_seed=0,
-        token_seed=0,
-    )
+    """`config.data` of the planner stages (data/planner_data.py); keys: config_types.PlannerDataConfig."""
+    d = ct.defaults(ct.PlannerDataConfig)
     d.update(overrides)
     return ml_collections.ConfigDict(d)
 
 
 def planner_eval_block(**overrides) -> ml_collections.ConfigDict:
-    d = dict(
-        split="eval",
-        protocol="deterministic",  # 'deterministic' (DDIM eta 0) | 'upstream' (the agent's stochastic eta = 1
-        # sampling, seeded) | a comma list, e.g. 'upstream,deterministic': the eval stage scores each, the first is
-        # the headline and the one il/rl evaluate with (eval/planner_eval.py PROTOCOLS)
-        batch_size=64,
-        num_plots=6,
-        baseline="",  # 'constant_velocity' scores the baseline instead of a checkpoint (eval stage)
-        checkpoint="",  # eval stage: a run workdir or parameter checkpoint to score
-        use_ema=True,
-    )
+    """`config.eval` of the planner stages; keys: config_types.PlannerEvalConfig."""
+    d = ct.defaults(ct.PlannerEvalConfig)
     d.update(overrides)
     return ml_collections.ConfigDict(d)
 

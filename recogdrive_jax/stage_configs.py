@@ -5,48 +5,21 @@ from __future__ import annotations
 
 import ml_collections
 
+from recogdrive_jax import config_types as ct
 from recogdrive_jax import configs
 
 
 def model_block(**overrides) -> ml_collections.ConfigDict:
-    """`config.model`: which InternVL and how it is computed (shared by `sft`, `cache`, `ppo`, `eval_nav`)."""
-    d = dict(
-        variant="tiny",  # random init only: models/internvl.VARIANTS
-        init_from="",  # HF dir | Orbax dir from `convert internvl --from-hf` | an sft workdir; '' = random init
-        tokenizer="",  # tokenizer dir; '' = init_from's (HF dir / sft workdir), else WORKDIR's, else generated (tiny)
-        dtype="bfloat16",  # compute dtype; params stay fp32
-        remat=True,  # gradient checkpointing per layer (both towers)
-        drop_path_rate=-1.0,  # ViT drop path; < 0 keeps the checkpoint's / variant's value
-        freeze_vision=False, freeze_llm=False, freeze_mlp=False,  # upstream freeze_backbone / freeze_llm / freeze_mlp
-        loss_chunk=2048,  # tokens per logits chunk (the [T, vocab] logits are never materialised at once)
-    )
+    """`config.model`: which InternVL and how it is computed (shared by `sft`, `cache`, `il_joint`, `ppo`,
+    `eval_nav`); keys: config_types.ModelConfig (`llm`/`vit` field overrides only where a config gives them)."""
+    d = ct.defaults(ct.ModelConfig, exclude=("llm", "vit"))
     d.update(overrides)
     return ml_collections.ConfigDict(d)
 
 
 def data_block(**overrides) -> ml_collections.ConfigDict:
-    """`config.data` of the sft stage."""
-    d = dict(
-        meta_path="",  # meta JSON {name: {root, annotation, repeat_time, length}}; '' = synthetic QA
-        eval_meta_path="",  # held-out mixture for the eval loss; '' = none (synthetic: generated)
-        synthetic_scenes=0,  # with meta_path '': scenes of the synthetic world turned into QA (WORKDIR/qa)
-        synthetic_eval_scenes=0,
-        synthetic_seed=0,  # = the planner stages' data.scene_seed: train QA from the planner's train scenes
-        skip_bad_rows=False,  # drop (and count) malformed rows and undecodable images instead of failing
-        max_seq_length=12288,
-        max_dynamic_patch=16,  # ReCogDrive: up to 16 tiles (+ thumbnail)
-        min_dynamic_patch=1,
-        use_thumbnail=True,
-        dynamic_image_size=True,
-        system_message="__default__",  # '__default__' = the internvl2_5 system message
-        length_buckets=(),  # padded lengths; () = powers of two from 256 up to max_seq_length
-        tile_buckets=(),  # tiles per row; () = (1, 2, 4, ..., max_dynamic_patch + thumbnail)
-        pack=False,  # pack several samples per row (segment-masked attention)
-        per_device_batch_size=0,  # > 0: optim.grad_accum = train.batch_size / (this x devices), as upstream
-        num_epochs=0,  # > 0: train.num_steps = epochs x batches per epoch (upstream trains 3 epochs)
-        num_workers=2,  # Grain reader threads
-        prefetch=4,
-    )
+    """`config.data` of the sft stage; keys: config_types.SFTDataConfig."""
+    d = ct.defaults(ct.SFTDataConfig)
     d.update(overrides)
     return ml_collections.ConfigDict(d)
 
@@ -57,9 +30,8 @@ def sft_stage_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.stage = "sft"
     c.model = model_block(variant=variant)
     c.data = data_block()
-    c.export = ml_collections.ConfigDict(dict(at_end=True, each_eval=False, layout="native", dtype="bfloat16",
-                                              max_shard_size="5GB"))
-    c.eval = ml_collections.ConfigDict(dict(max_batches=0))  # 0 = the whole eval mixture
+    c.export = ml_collections.ConfigDict(ct.defaults(ct.ExportConfig))
+    c.eval = ml_collections.ConfigDict(ct.defaults(ct.SFTEvalConfig))
     c.optim.update(dict(lr=4e-5, warmup_ratio=0.1, schedule="cosine", weight_decay=0.05, b1=0.9, b2=0.999,
                         eps=1e-8, clip_norm=1.0))
     return c
@@ -72,18 +44,7 @@ def cache_stage_config() -> ml_collections.ConfigDict:
         del c[key]
     c.model = model_block(init_from="", remat=False)
     c.data = configs.planner_data_block()  # which scenes: the same keys the planner stages read
-    c.cache = ml_collections.ConfigDict(dict(
-        splits="train,eval",
-        layout="compact",  # or 'upstream_compatible'
-        max_len=0,  # stored length; 0 = longest prompt (compact) / 2800 (upstream_compatible)
-        batch_size=8,  # per process, per forward
-        max_dynamic_patch=12,  # upstream caches with load_image(max_num=12)
-        min_dynamic_patch=1,
-        use_thumbnail=True,
-        system_message="__driving__",  # '__driving__' = data/driving_prompt.DRIVING_SYSTEM
-        ego_status_text="auto",  # the ego-status line in the prompt: 'auto' = on (the upstream NAVSIM prompt; the
-        # synthetic SFT trajectory QA asks it too, sim/qa.py); 'off' for a VLM fine-tuned without it
-    ))
+    c.cache = ml_collections.ConfigDict(ct.defaults(ct.CacheConfig))
     return c
 
 

@@ -171,7 +171,7 @@ def _tiny_stage_config(tmp_path, **over):
     c = _load_config("ppo")
     c.ppo.num_envs, c.ppo.num_steps, c.ppo.epochs, c.ppo.num_minibatches = 8, 1, 1, 1
     c.train.batch_size, c.train.num_steps = 8, 1
-    c.optim.grad_accum, c.optim.optimizer_steps_per_step = 1, 1
+    c.ppo.minibatch_grad_accum, c.optim.optimizer_steps_per_step = 1, 1
     c.optim.lr, c.optim.clip_norm = 1e-4, 1.0
     c.model.value_hidden = (16, 8)
     c.prompt.max_new_tokens = 12                 # a fresh tiny model never finishes the format: malformed output
@@ -249,7 +249,7 @@ def test_two_process_rollouts(tmp_path):
     flags = ["--config=" + os.path.join(ROOT, "configs", "virl", "ppo.py") + ":tiny", "--workdir=" + wd,
              "--config.ppo.num_envs=2", "--config.ppo.num_steps=2", "--config.ppo.epochs=1",
              "--config.ppo.num_minibatches=1", "--config.train.batch_size=8", "--config.train.num_steps=1",
-             "--config.optim.grad_accum=1", "--config.optim.optimizer_steps_per_step=1",
+             "--config.ppo.minibatch_grad_accum=1", "--config.optim.optimizer_steps_per_step=1",
              "--config.model.value_hidden=(16, 8)", "--config.prompt.max_new_tokens=8",
              "--config.env.n_train_routes=4", "--config.env.n_eval_routes=2", "--config.eval_nav.splits="]
     procs = []

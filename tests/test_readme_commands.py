@@ -57,7 +57,7 @@ SMALLEST = {
     "configs/virl/sft.py": _TRAIN + _NAV + ["--config.virl_sft.num_routes=2", "--config.virl_sft.rail_redraws=1"],
     "configs/virl/ppo.py": _TRAIN + _NAV + [
         "--config.ppo.num_envs=8", "--config.ppo.num_steps=1", "--config.ppo.epochs=1",
-        "--config.ppo.num_minibatches=1", "--config.optim.grad_accum=1", "--config.optim.optimizer_steps_per_step=1",
+        "--config.ppo.num_minibatches=1", "--config.ppo.minibatch_grad_accum=1", "--config.optim.optimizer_steps_per_step=1",
         "--config.prompt.max_new_tokens=8"],
     "configs/virl/eval_nav.py": _NAV + ["--config.eval_nav.splits=in_distribution"],
     "configs/navsim_fake.py": ["--config.train.num_steps=1"],

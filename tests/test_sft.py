@@ -226,8 +226,8 @@ def test_upstream_recipe_configs():
         assert iv.get_config(c.model.variant).llm_config.hidden_size == hidden
         assert max(qa_batches.default_tile_buckets(iv.get_config(c.model.variant, max_dynamic_patch=16))) == 17
         cfg = c.copy_and_resolve_references()
-        sft.derive_steps_and_accum(cfg, batches_per_epoch=1000, num_devices=64)  # 8 nodes x 8 GPUs
-        assert cfg.optim.grad_accum == 2 and cfg.train.num_steps == 3000
+        derived = sft.derive_steps_and_accum(cfg, batches_per_epoch=1000, num_devices=64)  # 8 nodes x 8 GPUs
+        assert derived["optim.grad_accum"] == 2 and derived["train.num_steps"] == 3000
         cc = _config_file(f"configs/recogdrive_{size}/cache.py")
         assert cc.stage == "cache" and cc.cache.max_dynamic_patch == 12
 

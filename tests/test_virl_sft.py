@@ -75,7 +75,7 @@ def test_sft_stage_then_ppo_starts_from_its_trunk(tmp_path):
     pc = _config("ppo", **{"model.init_from": sft_wd, "train.num_steps": 1, "optim.freeze": ("^vlm/",),
                            "prompt.max_new_tokens": 8})
     pc.ppo.num_envs, pc.ppo.num_steps, pc.ppo.epochs, pc.ppo.num_minibatches = 8, 1, 1, 1
-    pc.train.batch_size, pc.optim.grad_accum, pc.optim.optimizer_steps_per_step = 8, 1, 1
+    pc.train.batch_size, pc.ppo.minibatch_grad_accum, pc.optim.optimizer_steps_per_step = 8, 1, 1
     ppo.run(pc, ppo_wd)
     model = nav_policy.NavModel(pc, ppo_wd)
     policy = nav_policy.NavPolicy(pc, model.cfg, model.tokenizer)

@@ -51,6 +51,7 @@ def ppo_block(tiny: bool) -> ml_collections.ConfigDict:
         num_envs=8 if tiny else 1,          # per process (upstream: 1 env per GPU process, 8 processes)
         num_steps=4 if tiny else 256,       # env steps per env per update
         epochs=2 if tiny else 4, num_minibatches=2,
+        minibatch_grad_accum=2 if tiny else 128,  # micro-batches per minibatch (global micro = 8 samples)
         clip_param=0.1, value_clip=0.1, value_coef=0.5, ratio_cap=10.0, use_clipped_value_loss=True,
         gamma=0.9, lam=0.95, cut_at_truncation=False,
         temperature=0.2, top_p=1.0, env_seed=42, shuffle=True))

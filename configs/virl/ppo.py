@@ -24,7 +24,6 @@ def get_config(arg=None):
     c.train.checkpoint_every = 1
     c.train.keep_checkpoints = 2
     c.train.tensorboard = False
-    c.optim.grad_accum = 2 if tiny else 8 * 128 // 8      # micro-batches per optimizer step (global micro = 8)
     c.optim.update(dict(
         lr=2e-4 if tiny else 1e-7, eps=1e-7, b1=0.9, b2=0.999, weight_decay=0.0, clip_norm=0.01,
         schedule="cosine", warmup_ratio=0.0, cosine_steps=20, min_lr_ratio=1e-2,  # 1e-9 / 1e-7

@@ -147,12 +147,12 @@ def check_fsdp_coverage(abstract_params, specs, mesh: Mesh, *, what: str = "mode
 
 def from_config(config, *, devices=None) -> Runtime:
     """The run's runtime: `config.mesh` over `devices` (default all), `config.parallel.{zero1,rules}`."""
-    par = config.get("parallel") or {}
-    mesh = mesh_lib.make_mesh(config.get("mesh"), devices=devices)
+    par = (config["parallel"] if "parallel" in config else None) or {}  # a ConfigDict or a typed RunConfig
+    mesh = mesh_lib.make_mesh(config["mesh"] if "mesh" in config else None, devices=devices)
     return Runtime(mesh=mesh, rules=rules_from_config(par.get("rules")), zero1=bool(par.get("zero1", True)))
 
 
 def from_mesh(mesh: Mesh, config=None) -> Runtime:
     """A runtime over a mesh a caller already has (tests, notebooks), rules/zero1 from `config` when given."""
-    par = (config.get("parallel") if config is not None else None) or {}
+    par = (config["parallel"] if config is not None and "parallel" in config else None) or {}
     return Runtime(mesh=mesh, rules=rules_from_config(par.get("rules")), zero1=bool(par.get("zero1", True)))

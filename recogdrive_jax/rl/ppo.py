@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from recogdrive_jax import config_types
 from recogdrive_jax.models import internvl as ivl
 from recogdrive_jax.models.heads import ValueHead
 from recogdrive_jax.models.layers import token_logprobs
@@ -51,8 +52,8 @@ class PolicyWithValue(nnx.Module):
 
 def vlm_config(model_cfg) -> ivl.InternVLConfig:
     """`config.model` → InternVLConfig of a random-init variant with its `llm.*` / `vit.*` overrides."""
-    return ivl.with_field_overrides(ivl.get_config(str(model_cfg.variant)), model_cfg.get("llm"),
-                                    model_cfg.get("vit"))
+    model_cfg = config_types.model_config(model_cfg)
+    return ivl.with_field_overrides(ivl.get_config(model_cfg.variant), model_cfg.llm, model_cfg.vit)
 
 
 def str_keys(tree):
@@ -66,8 +67,9 @@ def str_keys(tree):
 def policy_def(model_cfg, cfg: ivl.InternVLConfig | None = None) -> tuple[ModuleDef, ivl.InternVLConfig]:
     """The policy module definition over `cfg` (default: `vlm_config(model_cfg)`, a random-init variant)."""
     cfg = vlm_config(model_cfg) if cfg is None else cfg
-    dtype = _DTYPES[str(model_cfg.get("dtype", "float32"))]
-    hidden = tuple(int(h) for h in model_cfg.get("value_hidden", (1024, 512)))
+    model_cfg = config_types.nav_model_config(model_cfg)
+    dtype = _DTYPES[model_cfg.dtype]
+    hidden = model_cfg.value_hidden
     return ModuleDef(lambda rngs: PolicyWithValue(cfg, hidden, dtype=dtype, rngs=rngs)), cfg
 
 
@@ -123,7 +125,7 @@ class PPOHParams:
     """The `config.ppo` knobs the update needs (spec §2 table)."""
     epochs: int = 4
     num_minibatches: int = 2          # optimizer steps per epoch
-    grad_accum: int = 128             # micro-batches per optimizer step
+    grad_accum: int = 128             # micro-batches per optimizer step (config.ppo.minibatch_grad_accum)
     clip_param: float = 0.1
     value_clip: float = 0.1
     value_coef: float = 0.5
@@ -133,13 +135,13 @@ class PPOHParams:
     shuffle: bool = True
 
     @classmethod
-    def from_config(cls, ppo_cfg, grad_accum: int) -> "PPOHParams":
+    def from_config(cls, ppo_cfg) -> "PPOHParams":
+        """From the typed `config.ppo` block (config_types.PPOConfig)."""
         return cls(epochs=int(ppo_cfg.epochs), num_minibatches=int(ppo_cfg.num_minibatches),
-                   grad_accum=int(grad_accum), clip_param=float(ppo_cfg.clip_param),
+                   grad_accum=int(ppo_cfg.minibatch_grad_accum), clip_param=float(ppo_cfg.clip_param),
                    value_clip=float(ppo_cfg.value_clip), value_coef=float(ppo_cfg.value_coef),
-                   ratio_cap=float(ppo_cfg.ratio_cap),
-                   use_clipped_value_loss=bool(ppo_cfg.get("use_clipped_value_loss", True)),
-                   temperature=float(ppo_cfg.temperature), shuffle=bool(ppo_cfg.get("shuffle", True)))
+                   ratio_cap=float(ppo_cfg.ratio_cap), use_clipped_value_loss=bool(ppo_cfg.use_clipped_value_loss),
+                   temperature=float(ppo_cfg.temperature), shuffle=bool(ppo_cfg.shuffle))
 
     @property
     def optimizer_steps_per_update(self) -> int:
@@ -202,7 +204,7 @@ def make_ppo_update(mdef: ModuleDef, tx: optax.GradientTransformation, hp: PPOHP
         n = batch["input_ids"].shape[0]
         if n % (m * k):
             raise ValueError(f"PPO buffer of {n} samples is not divisible by ppo.num_minibatches × "
-                             f"optim.grad_accum = {m} × {k}")
+                             f"ppo.minibatch_grad_accum = {m} × {k}")
 
         def epoch(carry, key):
             perm = jax.random.permutation(key, n) if hp.shuffle else jnp.arange(n)

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from recogdrive_jax import configs, provenance, storage
+from recogdrive_jax import config_types, configs, provenance, storage
 from recogdrive_jax.data import navsim_data, planner_data
 from recogdrive_jax.data.hidden_cache import LAYOUTS, HiddenCache
 from recogdrive_jax.parallel import runtime as runtime_lib
@@ -39,24 +39,24 @@ from recogdrive_jax.vlm.tokenizer import load_or_build_tokenizer
 UPSTREAM_MAX_LEN = 2800
 
 
-def validate(config) -> None:
+def validate(config) -> config_types.RunConfig:
+    """The typed config (types, ranges and unknown keys: config_types.CacheConfig) + the checks needing the data
+    library."""
     def req(cond, key, msg):
         if not cond:
             raise configs.ConfigError(f"config.{key}: {msg}")
     for block in ("model", "data", "cache"):
         req(block in config, block, "missing (start from stage_configs.cache_stage_config())")
+    config = config_types.typed(config)
     c = config.cache
     req(c.layout in LAYOUTS, "cache.layout", f"unknown {c.layout!r}; allowed: {list(LAYOUTS)}")
     splits = [s for s in c.splits.split(",") if s]
     req(bool(splits), "cache.splits", "empty")
     for s in splits:
         req(s in planner_data.SPLITS, "cache.splits", f"unknown split {s!r}; allowed: {list(planner_data.SPLITS)}")
-    req(isinstance(c.batch_size, int) and c.batch_size >= 1, "cache.batch_size", f"must be an int >= 1, got {c.batch_size!r}")
-    req(isinstance(c.max_len, int) and c.max_len >= 0, "cache.max_len", f"must be an int >= 0, got {c.max_len!r}")
-    req(c.get("ego_status_text", "auto") in ("auto", "on", "off"), "cache.ego_status_text",
-        f"must be 'auto', 'on' or 'off', got {c.get('ego_status_text')!r}")
-    source = config.data.get("source", "synthetic")
+    source = config.data.source
     req(source in planner_data.SOURCES, "data.source", f"unknown {source!r}; allowed: {list(planner_data.SOURCES)}")
+    return config
 
 
 # --------------------------------------------------------------------------------------------------- stage
@@ -116,11 +116,10 @@ def cache_split(split: str, scenes, builder: PromptBuilder, forward, params, out
 
 
 def run(config, workdir: str) -> dict:
-    validate(config)
+    config = validate(config)
     workdir = storage.abspath(workdir)
     storage.makedirs(workdir)
-    provenance.write_config(config, workdir, extra={"model_source": provenance.checkpoint_ref(
-        config.model.get("init_from", "") or "")})
+    provenance.write_config(config, workdir, extra={"model_source": provenance.checkpoint_ref(config.model.init_from)})
     c = config.cache
     resolved = vlm_ckpt.resolve_model(config.model, None, workdir)
     cfg = resolved.cfg
@@ -130,8 +129,8 @@ def run(config, workdir: str) -> dict:
     rt = runtime_lib.from_config(config, devices=jax.local_devices())
     params = load_params(resolved, mdef, rt)
     forward = make_forward(mdef, rt)
-    navsim = config.data.get("source", "synthetic") == "navsim"
-    ego_status = c.get("ego_status_text", "auto") != "off"  # auto = on: the prompt the SFT trajectory QA asks
+    navsim = config.data.source == "navsim"
+    ego_status = c.ego_status_text != "off"  # auto = on: the prompt the SFT trajectory QA asks
     builder = PromptBuilder(cfg, tok, c, ego_status=ego_status)
     splits = [s for s in c.splits.split(",") if s]
     images, tokens = {s: None for s in splits}, {s: None for s in splits}

@@ -15,7 +15,7 @@ import json
 
 import jax
 
-from recogdrive_jax import provenance, storage
+from recogdrive_jax import config_types, provenance, storage
 from recogdrive_jax.configs import ConfigError
 from recogdrive_jax.data import planner_data
 from recogdrive_jax.eval import navsim_csv, planner_common, planner_eval
@@ -28,7 +28,7 @@ BASELINES = ("constant_velocity",)
 
 
 def load_planner_params(config, mdef: ModuleDef, rt: runtime_lib.Runtime):
-    path = config.eval.get("checkpoint", "") or ""
+    path = config.eval.checkpoint
     if not path:
         raise ConfigError("config.eval.checkpoint: required (a run workdir or a parameter checkpoint dir), or set "
                           "config.eval.baseline=constant_velocity")
@@ -39,8 +39,9 @@ def load_planner_params(config, mdef: ModuleDef, rt: runtime_lib.Runtime):
 
 
 def run(config, workdir: str) -> dict:
+    config = config_types.typed(config)
     ecfg = config.eval
-    baseline = ecfg.get("baseline", "") or ""
+    baseline = ecfg.baseline
     if baseline and baseline not in BASELINES:
         raise ConfigError(f"config.eval.baseline: unknown {baseline!r}; allowed: {list(BASELINES)} or ''")
     protocols = planner_eval.eval_protocols(ecfg)
@@ -49,12 +50,12 @@ def run(config, workdir: str) -> dict:
         raise ConfigError(f"config.eval.split: unknown {split_name!r}; allowed: {list(planner_data.SPLITS)}")
     # config.json first (a failing eval still says what it was asked to score); `scored` = the checkpoint and step
     scored = {"baseline": baseline} if baseline else {
-        "checkpoint": provenance.checkpoint_ref(ecfg.get("checkpoint", "") or ""), "use_ema": bool(ecfg.use_ema)}
+        "checkpoint": provenance.checkpoint_ref(ecfg.checkpoint), "use_ema": bool(ecfg.use_ema)}
     provenance.write_config(config, workdir, extra={"scored": scored})
     pcfg = planner_common.planner_config(config)
     split = planner_data.load_split(config.data, split_name, pcfg.vl_dim, need_pdm=True)
     cv_plans = planner_eval.constant_velocity_plans(split)
-    cv_per = planner_eval.score_plans(split, cv_plans)
+    cv_per = planner_eval.score_plans(split, cv_plans, **ecfg.pdm_kwargs)
     cv = planner_eval.summarize(cv_per)
     if baseline:
         name, plans, per, summary = baseline, cv_plans, cv_per, cv
@@ -62,12 +63,15 @@ def run(config, workdir: str) -> dict:
     else:
         mdef = ModuleDef(lambda rngs: build_planner(pcfg, rngs))
         params = load_planner_params(config, mdef, runtime_lib.from_config(config))
+        # the step really loaded (a corrupt newest step falls back to an older one): config.json says that one
+        scored["checkpoint"] = provenance.checkpoint_ref(ecfg.checkpoint)
+        provenance.write_config(config, workdir, extra={"scored": scored})
         name, rows, others = "planner", {}, {}
         for i, protocol in enumerate(protocols):  # the same seeded noise for each protocol: a paired comparison
             sampler = planner_eval.make_sampler(mdef, protocol)
             p_plans = planner_eval.plan_split(sampler, params, split, jax.random.key(int(config.seed) + 17),
                                               int(ecfg.batch_size))
-            p_per = planner_eval.score_plans(split, p_plans)
+            p_per = planner_eval.score_plans(split, p_plans, **ecfg.pdm_kwargs)
             rows[f"planner ({protocol})"] = planner_eval.summarize(p_per)
             if i == 0:
                 plans, per, summary = p_plans, p_per, rows[f"planner ({protocol})"]

@@ -22,7 +22,7 @@ from recogdrive_jax.vlm.nav_policy import NavModel, NavPolicy, load_vlm_params
 
 
 def run(config, workdir: str) -> dict:
-    configs.validate_common(config)
+    config = configs.validate_common(config)
     ckpt = str(config.eval_nav.checkpoint or "")
     if not ckpt:
         raise configs.ConfigError("config.eval_nav.checkpoint: set it to a run workdir (sft / ppo), an HF "

@@ -35,6 +35,7 @@ def _split_dirs(text: str) -> dict[str, str]:
 
 
 def run(config, workdir: str) -> dict:
+    config = configs.validate_common(config)
     n = config.navsim
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)

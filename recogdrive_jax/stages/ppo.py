@@ -20,7 +20,7 @@ import os
 import jax
 import numpy as np
 
-from recogdrive_jax import configs
+from recogdrive_jax import config_types, configs
 from recogdrive_jax.envs import navigation as nav
 from recogdrive_jax.parallel import runtime as runtime_lib
 from recogdrive_jax.rl import ppo as ppo_lib
@@ -31,17 +31,18 @@ from recogdrive_jax.vlm.generate import Generator
 from recogdrive_jax.vlm.nav_policy import NavModel, NavPolicy, load_vlm_params
 
 
-def validate(config) -> None:
-    configs.validate_common(config)
+def validate(config) -> config_types.RunConfig:
+    """The typed config (config_types.PPOConfig, NavModelConfig, ...) + the checks spanning blocks."""
+    config = configs.validate_common(config)
     req = configs._require
     p = config.prompt
     req(p.weight_mode in ("key", "reference_last5"), "prompt.weight_mode",
         f"unknown {p.weight_mode!r}; allowed: ['key', 'reference_last5']")
     for key in ("max_prompt_len", "max_new_tokens", "max_tiles"):
         req(int(p[key]) >= 1, f"prompt.{key}", f"must be >= 1, got {p[key]!r}")
-    req(config.env.get("train_split", "in_distribution") in nav.SPLITS, "env.train_split",
+    req(config.env.train_split in nav.SPLITS, "env.train_split",
         f"unknown split; allowed: {list(nav.SPLITS)}")
-    req(not (config.model.get("init_from") and config.train.get("init_from")), "model.init_from",
+    req(not (config.model.init_from and config.train.init_from), "model.init_from",
         "set either config.model.init_from (a VLM: HF dir / converted dir / sft run) or config.train.init_from "
         "(a whole ppo policy), not both")
     c = config.ppo
@@ -49,15 +50,14 @@ def validate(config) -> None:
     req(int(config.train.batch_size) == per_update, "train.batch_size",
         f"must equal ppo.num_envs × ppo.num_steps × processes = {per_update} (one rollout buffer), got "
         f"{config.train.batch_size}")
-    k = int(c.num_minibatches) * int(config.optim.grad_accum)
+    k = c.num_minibatches * c.minibatch_grad_accum
     req(per_update % k == 0, "ppo.num_minibatches",
-        f"num_minibatches × optim.grad_accum = {k} must divide the {per_update}-sample buffer")
-    req(int(c.epochs) >= 1, "ppo.epochs", f"must be >= 1, got {c.epochs!r}")
-    req(float(c.temperature) > 0, "ppo.temperature", f"must be > 0 (sampling), got {c.temperature!r}")
-    want = int(c.epochs) * int(c.num_minibatches)
-    req(int(config.optim.get("optimizer_steps_per_step", 1)) == want, "optim.optimizer_steps_per_step",
+        f"num_minibatches × ppo.minibatch_grad_accum = {k} must divide the {per_update}-sample buffer")
+    want = c.epochs * c.num_minibatches
+    req(config.optim.optimizer_steps_per_step == want, "optim.optimizer_steps_per_step",
         f"must be ppo.epochs × ppo.num_minibatches = {want} (the LR steps once per update), got "
-        f"{config.optim.get('optimizer_steps_per_step', 1)}")
+        f"{config.optim.optimizer_steps_per_step}")
+    return config
 
 
 # --------------------------------------------------------------------------------------------------- rollouts
@@ -75,7 +75,7 @@ class RolloutIterator:
         self.num_envs, self.num_steps = int(c.num_envs), int(c.num_steps)
         self.gamma, self.lam, self.cut = float(c.gamma), float(c.lam), bool(c.cut_at_truncation)
         self.seed = int(c.env_seed) + jax.process_index() * self.num_envs
-        split = str(config.env.get("train_split", "in_distribution"))
+        split = str(config.env.train_split)
         self.envs = [nav.make_env_from_config(split, config.env, seed=self.seed + e) for e in range(self.num_envs)]
         self.generate = Generator(policy.vlm_mdef, policy.encoder, temperature=float(c.temperature),
                                           top_p=float(c.top_p), runtime=self._rt_if_divisible())
@@ -175,11 +175,11 @@ class RolloutIterator:
 # ---------------------------------------------------------------------------------------------------- the run
 
 def run(config, workdir: str) -> dict:
-    validate(config)
+    config = validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     rt = runtime_lib.from_config(config)
-    model = NavModel(config, workdir, config.model.get("init_from") or config.train.get("init_from") or "")
+    model = NavModel(config, workdir, config.model.init_from or config.train.init_from)
     model.save(workdir)
     policy = NavPolicy(config, model.cfg, model.tokenizer)
     prompt_len = policy.layout.prompt_len
@@ -200,7 +200,7 @@ def run(config, workdir: str) -> dict:
                                 os.path.join(workdir, "eval_nav"), runtime=rt)
         return nav_eval.flat_metrics(res)
 
-    hp = ppo_lib.PPOHParams.from_config(config.ppo, int(config.optim.grad_accum))
+    hp = ppo_lib.PPOHParams.from_config(config.ppo)
     rollouts = RolloutIterator(config, policy, rt)
     schedule = optim.make_schedule(config.optim, int(config.train.num_steps))
     task = loop.Task(name="ppo", init_params=init_params, loss_fn=None, logical=logical, eval_fn=eval_fn,
@@ -208,7 +208,7 @@ def run(config, workdir: str) -> dict:
                      make_update=lambda tx: ppo_lib.make_ppo_update(policy.mdef, tx, hp, prompt_len,
                                                                     schedule=schedule),
                      on_state=lambda state: rollouts.set_params(state.params),
-                     load_init=trunk_and_fresh_head if config.model.get("init_from") else None)
+                     load_init=trunk_and_fresh_head if config.model.init_from else None)
     _, final = loop.train(config, workdir, task, runtime=rt)
     if jax.process_index() == 0 and final:
         print(f"[{task.name}] " + "  ".join(f"{k}={v:.3f}" for k, v in sorted(final.items())

@@ -12,7 +12,7 @@ import json
 import jax
 import numpy as np
 
-from recogdrive_jax import storage
+from recogdrive_jax import config_types, storage
 from recogdrive_jax.configs import ConfigError
 from recogdrive_jax.data import planner_data
 from recogdrive_jax.eval import planner_common, planner_eval
@@ -39,7 +39,7 @@ def validate(config, pcfg, rcfg: grpo.GRPOConfig) -> None:
     if pcfg.kind != "diffusion" or pcfg.sampling_method != "ddim":
         raise ConfigError(f"config.planner: the rl stage needs kind='diffusion' with sampling_method='ddim' (chain "
                           f"log-probs), got kind={pcfg.kind!r}, sampling_method={pcfg.sampling_method!r}")
-    if not (config.train.get("init_from", "") or ""):
+    if not config.train.init_from:
         raise ConfigError("config.train.init_from: required for the rl stage (an il workdir, whose EMA params are "
                           "used, or a parameter checkpoint converted from PyTorch)")
     n = int(config.train.batch_size) * rcfg.group_size
@@ -60,6 +60,7 @@ def reference_params(config, workdir: str, mdef: ModuleDef, rt: runtime_lib.Runt
 
 
 def run(config, workdir: str) -> dict:
+    config = config_types.typed(config)
     pcfg = planner_common.planner_config(config)
     rcfg = rl_config(config)
     validate(config, pcfg, rcfg)
@@ -72,11 +73,11 @@ def run(config, workdir: str) -> dict:
     sampler = planner_eval.make_sampler(mdef, planner_eval.eval_protocols(config.eval)[0])
     eval_rng = jax.random.key(int(config.seed) + 17)
     num_steps = int(config.train.num_steps)
-    ema_decay = float(config.train.get("ema_decay", 0.0))
+    ema_decay = config.train.ema_decay
 
     def evaluate(params) -> tuple[dict, np.ndarray, dict]:
         plans = planner_eval.plan_split(sampler, params, eval_split, eval_rng, int(config.eval.batch_size))
-        per = planner_eval.score_plans(eval_split, plans)
+        per = planner_eval.score_plans(eval_split, plans, **config.eval.pdm_kwargs)
         summary = planner_eval.summarize(per)
         summary["end_reverse_frac"] = float(np.mean(np.asarray(grpo.end_reverse(plans))))
         return summary, plans, per
@@ -99,13 +100,16 @@ def run(config, workdir: str) -> dict:
                                      int(config.eval.num_plots))
         return summary
 
+    # the reward is scored inside the jitted update: the regulariser applies, float64 does not (eval only)
+    reward_fn = grpo.pdm_reward_fn(rcfg, lqr_regulariser=config.eval.pdm_regulariser)
+
     def make_update(tx):
         inner_tx, schedule = tx, optim.make_schedule(config.optim, num_steps)
         if rcfg.updates_per_step > 1:  # one schedule step per minibatch update (same optimizer-state structure)
             total = num_steps * rcfg.updates_per_step
             inner_tx = optim.make_optimizer(config.optim, total, mdef.abstract_params())
             schedule = optim.make_schedule(config.optim, total)
-        return grpo.make_update(mdef.bind, rcfg, inner_tx, num_denoise_steps=pcfg.num_inference_steps,
+        return grpo.make_update(mdef.bind, rcfg, inner_tx, reward_fn=reward_fn, num_denoise_steps=pcfg.num_inference_steps,
                                 schedule=schedule, ema_decay=ema_decay)
 
     task = loop.Task(
@@ -114,7 +118,8 @@ def run(config, workdir: str) -> dict:
         ema_decay=ema_decay, make_update=make_update, extra=ref)
     _, final = loop.train(config, workdir, task, runtime=rt)
     baseline = planner_eval.summarize(planner_eval.score_plans(eval_split,
-                                                               planner_eval.constant_velocity_plans(eval_split)))
+                                                               planner_eval.constant_velocity_plans(eval_split),
+                                                               **config.eval.pdm_kwargs))
     planner_eval.write_report(storage.join(workdir, "eval", eval_split.name), final,
                               {"rl": final, "reference (il)": ref_summary, "constant_velocity": baseline})
     if jax.process_index() == 0:

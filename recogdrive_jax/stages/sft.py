@@ -17,10 +17,9 @@ from __future__ import annotations
 import os
 
 import jax
-import ml_collections
 import numpy as np
 
-from recogdrive_jax import configs
+from recogdrive_jax import config_types, configs
 from recogdrive_jax.envs import sft_data as virl_data
 from recogdrive_jax.parallel import runtime as runtime_lib
 from recogdrive_jax.train import loop
@@ -30,18 +29,16 @@ from recogdrive_jax.vlm import hf_export, lm_loss, nav_eval, qa_batches
 from recogdrive_jax.vlm.tokenizer import load_or_build_tokenizer
 
 
-def validate(config) -> None:
+def validate(config) -> config_types.RunConfig:
+    """The typed config (types and ranges: config_types.SFTDataConfig, ModelConfig, ExportConfig) + the checks that
+    need files or span blocks."""
     def req(cond, key, msg):
         if not cond:
             raise configs.ConfigError(f"config.{key}: {msg}")
     for block in ("model", "data"):
         req(block in config, block, "missing (start from stage_configs.sft_stage_config())")
+    config = config_types.typed(config)
     m, d = config.model, config.data
-    req(m.dtype in ("bfloat16", "float32"), "model.dtype", f"must be 'bfloat16' or 'float32', got {m.dtype!r}")
-    req(isinstance(d.max_seq_length, int) and d.max_seq_length >= 16, "data.max_seq_length",
-        f"must be an int >= 16, got {d.max_seq_length!r}")
-    req(1 <= d.min_dynamic_patch <= d.max_dynamic_patch, "data.max_dynamic_patch",
-        f"need 1 <= min_dynamic_patch <= max_dynamic_patch, got {d.min_dynamic_patch}, {d.max_dynamic_patch}")
     if config.stage == "sft":
         req(bool(d.meta_path) or d.synthetic_scenes > 0 or "virl_sft" in config, "data.meta_path",
             "empty and config.data.synthetic_scenes is 0: give a meta JSON or a number of synthetic scenes")
@@ -49,35 +46,18 @@ def validate(config) -> None:
             req(os.path.isfile(d.meta_path), "data.meta_path", f"{d.meta_path!r} is not a file")
         if d.eval_meta_path:
             req(os.path.isfile(d.eval_meta_path), "data.eval_meta_path", f"{d.eval_meta_path!r} is not a file")
-        buckets = tuple(d.length_buckets)
-        req(all(isinstance(b, int) and b > 0 for b in buckets), "data.length_buckets",
-            f"must be positive ints, got {buckets}")
-        req(not buckets or max(buckets) <= d.max_seq_length, "data.length_buckets",
-            f"largest bucket {max(buckets) if buckets else 0} exceeds data.max_seq_length={d.max_seq_length}")
         req(not (m.freeze_vision and m.freeze_llm and m.freeze_mlp), "model.freeze_*", "every part is frozen")
-        req(config.export.layout in ("native", "remote"), "export.layout",
-            f"must be 'native' or 'remote', got {config.export.layout!r}")
+    return config
 
 
-def derive_steps_and_accum(config, batches_per_epoch: int, num_devices: int) -> None:
-    """`data.num_epochs` → train.num_steps; `data.per_device_batch_size` → optim.grad_accum (upstream's
-    GRADIENT_ACC = BATCH_SIZE / PER_DEVICE_BATCH_SIZE / GPUS)."""
-    d = config.data
-    if d.get("num_epochs", 0):
-        config.train.num_steps = int(d.num_epochs) * int(batches_per_epoch)
-    pdb = int(d.get("per_device_batch_size", 0) or 0)
-    if pdb:
-        gbs, per_step = int(config.train.batch_size), pdb * num_devices
-        if gbs % per_step:
-            raise configs.ConfigError(
-                f"config.data.per_device_batch_size={pdb}: {pdb} x {num_devices} devices does not divide "
-                f"config.train.batch_size={gbs}")
-        config.optim.grad_accum = gbs // per_step
-    configs.validate_common(config)
+def derive_steps_and_accum(config, batches_per_epoch: int, num_devices: int) -> dict[str, int]:
+    """{'train.num_steps': ..., 'optim.grad_accum': ...} derived from `data.num_epochs` / `data.per_device_batch_size`
+    (config_types.derive_steps_and_accum; pure: the config is not changed, loop.train records them in config.json)."""
+    return config_types.derive_steps_and_accum(config_types.typed(config), batches_per_epoch, num_devices)
 
 
 def run(config, workdir: str) -> dict:
-    validate(config)
+    config = validate(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     resolved = vlm_ckpt.resolve_model(config.model, config.data, workdir)
@@ -99,13 +79,16 @@ def run(config, workdir: str) -> dict:
     eval_plan = qa_batches.build_batches(eval_meta, tok, cfg, data, global_batch=gbs, seed=int(config.seed) + 1,
                               for_eval=True) if eval_meta else None
 
-    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy: derived knobs below
-    derive_steps_and_accum(config, plan.batches_per_epoch, jax.device_count())
-    config.optim.freeze = tuple(config.optim.get("freeze", ()) or ()) + vlm_ckpt.freeze_patterns(config.model)
-    if resolved.params_path and not config.train.get("init_from"):
-        config.train.init_from = resolved.params_path
+    # Derived at run time (pure; recorded under `derived` in config.json, the config itself stays as given).
+    derived = derive_steps_and_accum(config, plan.batches_per_epoch, jax.device_count())
+    freeze = tuple(config.optim.freeze) + vlm_ckpt.freeze_patterns(config.model)
+    if freeze != tuple(config.optim.freeze):
+        derived["optim.freeze"] = freeze
+    if resolved.params_path and not config.train.init_from:
+        derived["train.init_from"] = resolved.params_path
+    run_config = config.with_values(derived)
     mdef = vlm_ckpt.module_def(cfg, config.model.dtype)
-    grad_accum = int(config.optim.grad_accum)
+    grad_accum = run_config.optim.grad_accum
     chunk = int(config.model.loss_chunk)
     drop_path = cfg.vision_config.drop_path_rate > 0
     loss_fn = lm_loss.make_loss_fn(mdef, chunk=chunk, drop_path=drop_path, grad_accum=grad_accum)
@@ -125,11 +108,11 @@ def run(config, workdir: str) -> dict:
         if eval_nav_splits:
             res = nav_eval.evaluate(state.params, config, cfg, tok, os.path.join(workdir, "eval_nav"), runtime=rt)
             out.update(nav_eval.flat_metrics(res))
-        if config.export.each_eval and step < int(config.train.num_steps):
+        if config.export.each_eval and step < run_config.train.num_steps:
             hf_export.export_hf(state.params, cfg, tok, os.path.join(workdir, f"hf_export_step_{step:07d}"), config.export)
         return out
 
-    eval_nav_splits = bool(virl and config.get("eval_nav") and config.eval_nav.splits)
+    eval_nav_splits = bool(virl and "eval_nav" in config and config.eval_nav.splits)
     task = loop.Task(name="sft", init_params=mdef.init, loss_fn=loss_fn, logical=mdef.logical,
                      train_iter=plan.iterator(int(data.num_workers), int(data.prefetch)),
                      eval_fn=eval_fn if (eval_plan is not None or config.export.each_eval or eval_nav_splits)
@@ -137,8 +120,8 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         print(f"[sft] {len(plan.rows)} rows, {plan.batches_per_epoch} batches/epoch of {gbs}; buckets "
               f"{plan.buckets} x tiles {plan.tile_buckets}; init "
-              f"{config.train.init_from or 'random ' + config.model.variant}", flush=True)
-    state, final = loop.train(config, workdir, task, runtime=rt)
+              f"{run_config.train.init_from or 'random ' + config.model.variant}", flush=True)
+    state, final = loop.train(config, workdir, task, runtime=rt, derived=derived)
     if config.export.at_end:
         hf_export.export_hf(state.params, cfg, tok, os.path.join(workdir, "hf_export"), config.export)
     summary = summarize(workdir)

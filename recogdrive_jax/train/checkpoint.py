@@ -293,6 +293,16 @@ def load_params(path: str, target=None, *, prefer_ema: bool = True):
                           "`convert ... --out` directory (params/) or an Orbax tree (_METADATA)")
 
 
+# run workdir (absolute) -> the step `load_params` last loaded from it in this process (after any fallback past
+# unreadable newer steps): what provenance.checkpoint_ref reports as scored.
+_LOADED_STEPS: dict[str, int] = {}
+
+
+def loaded_step(path: str) -> int | None:
+    """The step `load_params` last loaded from run workdir `path` in this process, or None."""
+    return _LOADED_STEPS.get(storage.abspath(path))
+
+
 def _load_run_params(path: str, ckpt_dir: str, target, prefer_ema: bool):
     """Another run's params: its newest readable step (older ones on failure, with a warning; nothing moved)."""
     bad = []
@@ -311,6 +321,7 @@ def _load_run_params(path: str, ckpt_dir: str, target, prefer_ema: bool):
         if _agree(reason is None):
             if bad:
                 logging.warning("%s; using step %d instead", "; ".join(bad), step)
+            _LOADED_STEPS[path] = step
             return params
         bad.append(reason or f"{what} is unreadable on another process")
     if bad:

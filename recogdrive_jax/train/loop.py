@@ -13,14 +13,14 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from recogdrive_jax import provenance, storage
+from recogdrive_jax import config_types, provenance, storage
 from recogdrive_jax.errors import UserError
 from recogdrive_jax.parallel import runtime as runtime_lib
 from recogdrive_jax.parallel import sharding as sh
@@ -94,28 +94,37 @@ def _all_finite(tree) -> jax.Array:
 
 
 def train(config, workdir: str, task: Task, mesh: Mesh | None = None,
-          runtime: runtime_lib.Runtime | None = None) -> tuple[TrainState, dict]:
+          runtime: runtime_lib.Runtime | None = None,
+          derived: Mapping[str, Any] | None = None) -> tuple[TrainState, dict]:
     """Runs (or resumes) `task` for `config.train.num_steps` steps on `runtime` (default: built from the config,
-    or over `mesh` when given). Returns the final state and last eval."""
-    tcfg = config.train
+    or over `mesh` when given). Returns the final state and last eval.
+
+    `derived`: values the stage computed at run time ({'train.num_steps': 3000, 'optim.grad_accum': 2, ...}, e.g.
+    sft's config_types.derive_steps_and_accum); they win over the config's and are recorded under `derived` in
+    config.json next to the config as given."""
+    tcfg = config_types.from_mapping(config_types.TrainConfig, config.train, "train")
+    ocfg = config_types.from_mapping(config_types.OptimConfig, config.optim, "optim")
+    if derived:
+        values = config_types.typed(config).with_values(derived)
+        tcfg, ocfg = values.train, values.optim
     if runtime is None:
         runtime = runtime_lib.from_config(config) if mesh is None else runtime_lib.from_mesh(mesh, config)
     mesh = runtime.mesh
     num_steps = int(tcfg.num_steps)
     storage.makedirs(workdir)  # nothing on gs:// (no directories there)
-    provenance.write_config(config, workdir)
+    provenance.write_config(config, workdir, extra={"derived": dict(derived)} if derived else None)
 
     rng = jax.random.key(int(config.seed))
     init_rng, step_rng = jax.random.split(rng)
     abstract_params = jax.eval_shape(task.init_params, init_rng)
-    tx = optim.make_optimizer(config.optim, num_steps, abstract_params)
-    schedule = optim.make_schedule(config.optim, num_steps)
+    tx = optim.make_optimizer(ocfg, num_steps, abstract_params)
+    schedule = optim.make_schedule(ocfg, num_steps)
     ema = float(task.ema_decay) > 0
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx, ema), abstract_params)
     shardings = state_shardings(abstract_state, task.logical, mesh, tx, runtime.zero1, runtime, what=task.name)
 
     ckpt = ckpt_lib.Checkpointer(workdir, keep=int(tcfg.keep_checkpoints),
-                                 async_save=bool(tcfg.get("async_checkpoint", True)))
+                                 async_save=tcfg.async_checkpoint)
     latest, state = ckpt.restore_latest(ckpt_lib.attach_shardings(abstract_state, shardings))
     if latest is not None:
         logging.info("resuming %s from %s step %d", task.name, ckpt.dir, latest)
@@ -125,7 +134,7 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None,
         elif hasattr(task.train_iter, "set_state"):
             logging.warning("checkpoint %d has no data-iterator state; data restarts from the beginning", latest)
     else:
-        init_from = tcfg.get("init_from", "") or ""
+        init_from = tcfg.init_from
         if init_from or task.load_init is not None:
             params = (load_init_params(init_from, abstract_params, shardings.params) if init_from
                       else task.load_init(abstract_params, shardings.params, init_rng))
@@ -141,7 +150,7 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None,
     elif task.update_fn is not None:
         step_fn = task.update_fn
     else:
-        inner = make_train_step(task.loss_fn, tx, grad_accum=int(config.optim.get("grad_accum", 1)),
+        inner = make_train_step(task.loss_fn, tx, grad_accum=ocfg.grad_accum,
                                 ema_decay=float(task.ema_decay), schedule=schedule)
         step_fn = lambda state, batch, rng, extra: inner(state, batch, rng)  # noqa: E731
 
@@ -159,12 +168,11 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None,
         extra = jax.device_put(extra, extra_sh)
     jitted = None
 
-    writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(tcfg.get("tensorboard", True)))
+    writer = metrics_lib.MetricWriter(workdir, tensorboard=tcfg.tensorboard)
     acc = metrics_lib.MetricAccumulator()
     start = int(jax.device_get(state.step))
     progress = metrics_lib.Progress(num_steps, start, task.name)
-    log_every, eval_every = int(tcfg.log_every), int(tcfg.get("eval_every", 0) or 0)
-    ckpt_every = int(tcfg.get("checkpoint_every", 0) or 0)
+    log_every, eval_every, ckpt_every = tcfg.log_every, tcfg.eval_every, tcfg.checkpoint_every
     last_eval: dict = {}
     t_last, steps_since = time.time(), 0
     pending = []

@@ -12,6 +12,13 @@ from typing import Sequence
 import jax
 import optax
 
+from recogdrive_jax import config_types
+
+
+def _typed(optim_cfg) -> config_types.OptimConfig:
+    """`config.optim` as the typed block (a mapping is typed here: unknown keys and wrong types raise)."""
+    return config_types.from_mapping(config_types.OptimConfig, optim_cfg, "optim")
+
 
 def make_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
     """Linear warmup over `warmup_ratio` (or `warmup_steps`) of the run, then cosine to `lr * min_lr_ratio`.
@@ -20,16 +27,17 @@ def make_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
     `optimizer_steps_per_step` > 1 holds the LR for that many optimizer updates, for updates that take several
     optimizer steps per loop step (PPO epochs × minibatches) but step the schedule once per loop step.
     """
-    per = int(optim_cfg.get("optimizer_steps_per_step", 1) or 1)
+    optim_cfg = _typed(optim_cfg)
+    per = optim_cfg.optimizer_steps_per_step
     base = _step_schedule(optim_cfg, num_steps)
     return base if per == 1 else (lambda count: base(count // per))
 
 
 def _step_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
-    lr = float(optim_cfg.lr)
-    warmup = int(optim_cfg.get("warmup_steps", 0) or round(float(optim_cfg.get("warmup_ratio", 0.0)) * num_steps))
-    kind = optim_cfg.get("schedule", "cosine")
-    end = lr * float(optim_cfg.get("min_lr_ratio", 0.0))
+    lr = optim_cfg.lr
+    warmup = optim_cfg.warmup_steps or round(optim_cfg.warmup_ratio * num_steps)
+    kind = optim_cfg.schedule
+    end = lr * optim_cfg.min_lr_ratio
     if kind == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
                                     [warmup]) if warmup else optax.constant_schedule(lr)
@@ -37,7 +45,7 @@ def _step_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
         raise ValueError(f"config.optim.schedule: unknown {kind!r}; allowed: ['cosine', 'constant']")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if warmup else lr, peak_value=lr, warmup_steps=warmup,
-        decay_steps=max(int(optim_cfg.get("cosine_steps", 0) or num_steps), warmup + 1), end_value=end)
+        decay_steps=max(optim_cfg.cosine_steps or num_steps, warmup + 1), end_value=end)
 
 
 def path_str(path) -> str:
@@ -62,15 +70,15 @@ def freeze_labels(params, freeze_patterns: Sequence[str]):
 
 def make_optimizer(optim_cfg, num_steps: int, params=None) -> optax.GradientTransformation:
     """AdamW with clip and schedule; parameters matching `optim_cfg.freeze` get no update and no moments."""
+    optim_cfg = _typed(optim_cfg)
     schedule = make_schedule(optim_cfg, num_steps)
     parts = []
-    if float(optim_cfg.get("clip_norm", 0.0) or 0.0) > 0:
-        parts.append(optax.clip_by_global_norm(float(optim_cfg.clip_norm)))
-    parts.append(optax.adamw(
-        learning_rate=schedule, b1=float(optim_cfg.get("b1", 0.9)), b2=float(optim_cfg.get("b2", 0.999)),
-        eps=float(optim_cfg.get("eps", 1e-8)), weight_decay=float(optim_cfg.get("weight_decay", 0.0))))
+    if optim_cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
+    parts.append(optax.adamw(learning_rate=schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                             weight_decay=optim_cfg.weight_decay))
     tx = optax.chain(*parts)
-    freeze = tuple(optim_cfg.get("freeze", ()) or ())
+    freeze = optim_cfg.freeze
     if freeze:
         if params is None:
             raise ValueError("make_optimizer: freeze patterns need the parameter tree")

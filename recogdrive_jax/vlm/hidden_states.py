@@ -26,7 +26,7 @@ class PromptBuilder:
         self.cfg, self.tok = cfg, tok
         self.max_num, self.min_num = int(cache_cfg.max_dynamic_patch), int(cache_cfg.min_dynamic_patch)
         self.use_thumbnail = bool(cache_cfg.use_thumbnail)
-        sm = cache_cfg.get("system_message", "__driving__")
+        sm = cache_cfg.system_message
         self.system = dp.DRIVING_SYSTEM if sm == "__driving__" else (sm or None)
 
     def tiles(self, image: np.ndarray) -> np.ndarray:

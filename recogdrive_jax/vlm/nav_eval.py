@@ -58,7 +58,7 @@ def run_split(policy, params, generator, split: str, config, out_dir: str, rng: 
     bs = int(e.batch_size)
     envs = [nav.make_env_from_config(split, config.env, seed=int(e.seed)) for _ in range(bs)]
     plan = list(envs[0].episode_plan)
-    if int(e.get("max_routes", 0) or 0):
+    if int(e.max_routes):
         plan = plan[:int(e.max_routes)]
     enc = generator.enc
     metrics = nav.NavMetrics()
@@ -168,5 +168,5 @@ def evaluate(vlm_params, config, cfg, tokenizer, out_dir: str, runtime: Runtime 
     for split in splits_of(e):
         results[split] = run_split(policy, vlm_params, generator, split, config, out_dir, rng)
     if jax.process_index() == 0:
-        write_table(results, os.path.join(out_dir, "results.md"), str(e.get("title", "") or ""))
+        write_table(results, os.path.join(out_dir, "results.md"), str(e.title))
     return results

@@ -2,12 +2,12 @@
 InternVL (+ tokenizer) it is, its module definitions and chat encoder, and loading its VLM weights."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
-import ml_collections
 
-from recogdrive_jax import configs
+from recogdrive_jax import config_types, configs
 from recogdrive_jax.data import template as tmpl
 from recogdrive_jax.envs.sft_data import tokenizer_corpus
 from recogdrive_jax.rl import ppo as ppo_lib
@@ -27,10 +27,10 @@ class NavModel:
     def __init__(self, config, workdir: str, source: str = ""):
         self.source = os.path.abspath(source) if source else ""
         self.policy_run = bool(source) and run_stage(self.source) == "ppo"
-        model_cfg = config.model.to_dict()
+        model_cfg = config_types.nav_model_config(config.model)
         if source:
-            model_cfg["init_from"] = self.source
-        resolved = resolve_model(ml_collections.ConfigDict(model_cfg), None, workdir)
+            model_cfg = dataclasses.replace(model_cfg, init_from=self.source)
+        resolved = resolve_model(model_cfg, None, workdir)
         self.cfg = resolved.cfg
         self.vlm_params_path = None if self.policy_run else resolved.params_path
         self.tokenizer = load_or_build_tokenizer(resolved, workdir, corpus=lambda: tokenizer_corpus(config.env))
@@ -56,7 +56,7 @@ class NavPolicy:
 
 
 def nav_system_message(model_cfg):
-    return tmpl.INTERNVL2_5_SYSTEM if bool(model_cfg.get("system_message", True)) else None
+    return tmpl.INTERNVL2_5_SYSTEM if config_types.nav_model_config(model_cfg).system_message else None
 
 
 def load_vlm_params(model: NavModel, policy: NavPolicy, shardings):

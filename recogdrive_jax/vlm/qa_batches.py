@@ -19,7 +19,7 @@ EVAL_QA_SEED = 5_000_011  # disjoint from the planner splits' scene seeds (scene
 
 
 def sample_cfg(model_cfg, data_cfg):
-    sysmsg = data_cfg.get("system_message", "__default__")
+    sysmsg = data_cfg.system_message
     return tpl.sample_config(model_cfg, max_seq_length=int(data_cfg.max_seq_length), pad_to_max_length=False,
                              system_message=tpl.INTERNVL2_5_SYSTEM if sysmsg == "__default__" else (sysmsg or None))
 
