@@ -31,20 +31,16 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
-# Stages whose every output goes through `storage` (so a gs:// workdir reaches the object store); the others still
-# write with local-only libraries and refuse a remote workdir at start-up rather than create a local `gs:` directory.
-REMOTE_WORKDIR_STAGES = ("cache", "il", "rl", "eval")
-
-
 def check_workdir(workdir: str | None, stage: str | None = None) -> str:
     """The absolute workdir (a URL stays a URL), after writing and deleting a marker there: an unwritable local
     directory or an unreachable `gs://`/`s3://` URL fails here, within seconds, naming it."""
     if not workdir:
         fail("--workdir is required")
     from recogdrive_jax import storage
-    if storage.is_remote(workdir) and stage is not None and stage not in REMOTE_WORKDIR_STAGES:
-        fail(f"--workdir={workdir}: stage {stage!r} writes local files only; a remote workdir works for the stages "
-             f"{', '.join(REMOTE_WORKDIR_STAGES)} (run {stage} on a local or mounted directory)")
+    from recogdrive_jax.stages import remote_workdir_error  # the stages that write through `storage`
+    refusal = remote_workdir_error(stage, workdir) if stage else None  # (a pipeline checks each of its steps)
+    if refusal:
+        fail(refusal)
     try:
         return storage.check_writable(workdir)
     except storage.StorageError as e:

@@ -281,19 +281,42 @@ def staged_file(dst) -> Iterator[str]:
             write_bytes(dst, f.read())
 
 
+def local_scratch(workdir, *parts, process: int) -> str:
+    """A local directory for files a run on a remote `workdir` regenerates rather than stores (synthetic training
+    data rendered from a seed): under the temp directory ($TMPDIR), keyed by the URL and the process index
+    (`jax.process_index()`: every host regenerates its own copy), so a rerun on the same machine reuses it and
+    processes sharing a machine do not collide. Not created here."""
+    import hashlib
+    key = hashlib.sha256(abspath(workdir).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "recogdrive_jax", key, *parts, f"process_{process}")
+
+
 @contextlib.contextmanager
-def local_copy(path) -> Iterator[str]:
+def local_copy(path, skip: tuple[str, ...] = ()) -> Iterator[str]:
     """A local path holding `path`'s content (a remote file or directory tree is downloaded to a temp dir), for
-    readers that only take local paths (transformers' from_pretrained)."""
+    readers that only take local paths (transformers' from_pretrained). `skip`: glob patterns of file names (and
+    sub-directory names) left out of a remote tree, e.g. the weights when only a checkpoint's tokenizer is read."""
     path = abspath(path)
     if not is_remote(path):
         yield path
         return
+    import fnmatch
+
     import fsspec
     with tempfile.TemporaryDirectory(prefix="recogdrive_fetch_") as tmp:
         fs, _ = fsspec.core.url_to_fs(path)
         local = os.path.join(tmp, basename(path))
-        fs.get(path, local, recursive=True)
+        if not skip or not fs.isdir(path):
+            fs.get(path, local, recursive=True)
+        else:
+            root = fs._strip_protocol(path).rstrip("/")
+            for f in fs.find(path):
+                rel = fs._strip_protocol(f)[len(root):].lstrip("/")
+                if any(fnmatch.fnmatch(part, pat) for part in rel.split("/") for pat in skip):
+                    continue
+                os.makedirs(os.path.dirname(os.path.join(local, rel)), exist_ok=True)
+                fs.get_file(f, os.path.join(local, rel))
+            os.makedirs(local, exist_ok=True)
         yield local
 
 

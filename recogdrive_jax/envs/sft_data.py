@@ -94,9 +94,9 @@ def tokenizer_corpus(env_cfg, num_routes: int = 24) -> list[str]:
     return texts
 
 
-def write_from_config(config, out_dir: str) -> str:
+def write_from_config(config, out_dir: str, each_process: bool = False) -> str:
     """The expert SFT set of a V-IRL config (`config.env` + `config.virl_sft`) in `out_dir`, written once
-    (data/generate_once.py); returns its meta JSON path."""
+    (data/generate_once.py; `each_process`: a per-process local copy, see there); returns its meta JSON path."""
     from recogdrive_jax.data.generate_once import generate_once
     s = config.virl_sft
 
@@ -108,5 +108,6 @@ def write_from_config(config, out_dir: str) -> str:
                                  route_indices=list(range(min(n, len(env.routes)))), seed=int(s.seed))
         return {"length": meta["virl_sft"]["length"]}
 
-    generate_once(out_dir, {"env": config.env.to_dict(), "virl_sft": s.to_dict()}, build, barrier="virl_sft_data")
+    generate_once(out_dir, {"env": config.env.to_dict(), "virl_sft": s.to_dict()}, build, barrier="virl_sft_data",
+                  each_process=each_process)
     return os.path.join(out_dir, "meta.json")

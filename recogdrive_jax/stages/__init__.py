@@ -11,8 +11,29 @@ from recogdrive_jax.errors import UserError
 STAGES = {name: f"recogdrive_jax.stages.{name}" for name in STAGE_NAMES}
 
 
+# Stages whose every output goes through `storage`, so a `gs://`/`s3://` workdir reaches the object store (a
+# pipeline runs each step in WORKDIR/<step> and checks its steps against this list before the first one runs); the
+# others still write with local-only libraries and refuse a remote workdir at start-up (`remote_workdir_error`)
+# rather than create a local `gs:` directory.
+REMOTE_WORKDIR_STAGES = ("sft", "cache", "il", "rl", "eval", "pipeline")
+
+
 class UnknownStageError(UserError):
     pass
+
+
+class RemoteWorkdirError(UserError):
+    pass
+
+
+def remote_workdir_error(stage: str, workdir: str) -> str | None:
+    """The one-line refusal of a remote `workdir` for `stage` (None when the stage supports it or it is local)."""
+    from recogdrive_jax import storage
+    if not storage.is_remote(workdir) or stage in REMOTE_WORKDIR_STAGES or stage not in STAGES:
+        return None
+    ok = ", ".join(REMOTE_WORKDIR_STAGES)
+    return (f"--workdir={workdir}: stage {stage!r} writes local files only; a remote workdir works for the stages "
+            f"{ok} (run {stage} on a local or mounted directory)")
 
 
 def get_stage(name: str):

@@ -3,7 +3,9 @@
 `config.pipeline.steps` lists `name` or `name:stage` entries; `config.pipeline.configs.<name>` holds each
 step's full config. String values may contain `{workdir}` (the pipeline's workdir), which is how a step points at
 an earlier one's output, e.g. `train.init_from = '{workdir}/il'`. Finished steps are skipped on a rerun because
-each stage resumes from its own checkpoints, so the pipeline as a whole resumes too.
+each stage resumes from its own checkpoints, so the pipeline as a whole resumes too. WORKDIR may be a `gs://` URL
+when every step's stage writes through `storage` (`stages.REMOTE_WORKDIR_STAGES`; checked before the first step);
+`{workdir}` then fills in the URL, e.g. `model.init_from = gs://.../sft` for the cache step.
 
 Overrides. A pipeline config is built with `configs.pipeline_config()` (configs.py holds the override machinery,
 so config files need no stage import): besides `stage` and `pipeline`, its top level
@@ -18,13 +20,12 @@ process-wide, so it is a real block whose values every step gets. Slots rather t
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 import jax
 
-from recogdrive_jax import configs, provenance
+from recogdrive_jax import configs, provenance, storage
 from recogdrive_jax.configs import (NOT_SLOTS, PROCESS_WIDE, overrides, pipeline_config, resolve,  # noqa: F401
                                     step_config, step_names)
 from recogdrive_jax import stages  # get_stage via the module: tests wrap it
@@ -54,17 +55,19 @@ def _write_summary(workdir: str, rows: list[dict], total_s: float, failed: str |
     summary = {"total_wall_s": round(total_s, 3), "completed": failed is None, "failed_step": failed,
                "steps": [{k: r[k] for k in ("name", "stage", "wall_s", "ok")}
                          | {"metrics": r.get("metrics", {})} for r in rows]}
-    with open(os.path.join(workdir, "pipeline_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    storage.write_text(storage.join(workdir, "pipeline_summary.json"), json.dumps(summary, indent=2))
     print(f"=== pipeline {'finished' if failed is None else f'stopped at step {failed!r}'} in {_fmt_s(total_s)}",
           flush=True)
     print(timing_table(rows, total_s), flush=True)
 
 
 def run(config, workdir: str) -> dict:
-    workdir = os.path.abspath(workdir)
+    workdir = storage.abspath(workdir)
     subs = resolve(config, workdir)  # every step validated (with its mesh) before the first runs
     for name, sub in subs:
+        refusal = stages.remote_workdir_error(sub.stage, storage.join(workdir, name))
+        if refusal:
+            raise stages.RemoteWorkdirError(f"pipeline step {name!r}: {refusal}")
         try:
             mesh_lib.resolve_mesh_shape([sub.mesh.data, sub.mesh.fsdp, sub.mesh.tensor], jax.device_count())
         except mesh_lib.MeshError as e:
@@ -75,12 +78,12 @@ def run(config, workdir: str) -> dict:
     failed = None
     try:
         for name, sub in subs:
-            print(f"=== pipeline step {name} (stage {sub.stage}) -> {os.path.join(workdir, name)}", flush=True)
+            print(f"=== pipeline step {name} (stage {sub.stage}) -> {storage.join(workdir, name)}", flush=True)
             t0 = time.time()
             row = {"name": name, "stage": sub.stage, "ok": False}
             rows.append(row)
             failed = name
-            results[name] = stages.get_stage(sub.stage)(sub, os.path.join(workdir, name)) or {}
+            results[name] = stages.get_stage(sub.stage)(sub, storage.join(workdir, name)) or {}
             failed = None
             row.update(ok=True, metrics={m: v for m, v in results[name].items() if isinstance(v, (int, float, str))})
             row["wall_s"] = round(time.time() - t0, 3)

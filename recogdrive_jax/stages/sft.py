@@ -19,7 +19,7 @@ import os
 import jax
 import numpy as np
 
-from recogdrive_jax import config_types, configs
+from recogdrive_jax import config_types, configs, storage
 from recogdrive_jax.envs import sft_data as virl_data
 from recogdrive_jax.parallel import runtime as runtime_lib
 from recogdrive_jax.train import loop
@@ -58,8 +58,8 @@ def derive_steps_and_accum(config, batches_per_epoch: int, num_devices: int) -> 
 
 def run(config, workdir: str) -> dict:
     config = validate(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.abspath(workdir)  # a gs:// URL stays one: every output goes through `storage`
+    storage.makedirs(workdir)
     resolved = vlm_ckpt.resolve_model(config.model, config.data, workdir)
     cfg = resolved.cfg
     virl = "virl_sft" in config and not config.data.meta_path      # V-IRL expert answers (configs/virl/sft.py)
@@ -69,7 +69,10 @@ def run(config, workdir: str) -> dict:
 
     data = config.data
     if virl:
-        meta = virl_data.write_from_config(config, os.path.join(workdir, "virl_sft"))
+        remote = storage.is_remote(workdir)  # regenerable expert data: local scratch there (see qa_batches)
+        out = storage.local_scratch(workdir, "virl_sft", process=jax.process_index()) if remote else \
+            os.path.join(workdir, "virl_sft")
+        meta = virl_data.write_from_config(config, out, each_process=remote)
     else:
         meta = data.meta_path or qa_batches.synthetic_qa(data, workdir, "train")
     eval_meta = data.eval_meta_path or (qa_batches.synthetic_qa(data, workdir, "eval")
@@ -106,10 +109,10 @@ def run(config, workdir: str) -> dict:
                 nll, correct, count = nll + float(s[0]), correct + float(s[1]), count + float(s[2])
             out = {"loss": nll / max(count, 1.0), "token_acc": correct / max(count, 1.0), "label_tokens": count}
         if eval_nav_splits:
-            res = nav_eval.evaluate(state.params, config, cfg, tok, os.path.join(workdir, "eval_nav"), runtime=rt)
+            res = nav_eval.evaluate(state.params, config, cfg, tok, storage.join(workdir, "eval_nav"), runtime=rt)
             out.update(nav_eval.flat_metrics(res))
         if config.export.each_eval and step < run_config.train.num_steps:
-            hf_export.export_hf(state.params, cfg, tok, os.path.join(workdir, f"hf_export_step_{step:07d}"), config.export)
+            hf_export.export_hf(state.params, cfg, tok, storage.join(workdir, f"hf_export_step_{step:07d}"), config.export)
         return out
 
     eval_nav_splits = bool(virl and "eval_nav" in config and config.eval_nav.splits)
@@ -123,7 +126,7 @@ def run(config, workdir: str) -> dict:
               f"{run_config.train.init_from or 'random ' + config.model.variant}", flush=True)
     state, final = loop.train(config, workdir, task, runtime=rt, derived=derived)
     if config.export.at_end:
-        hf_export.export_hf(state.params, cfg, tok, os.path.join(workdir, "hf_export"), config.export)
+        hf_export.export_hf(state.params, cfg, tok, storage.join(workdir, "hf_export"), config.export)
     summary = summarize(workdir)
     summary.update({f"eval_{k}": v for k, v in final.items()})
     summary["skipped_samples"] = plan.skipped

@@ -39,6 +39,9 @@ def export_hf(params, cfg, tok, out_dir: str, export_cfg) -> None:
             storage.rmtree(out_dir)
             names = sorted(os.listdir(tmp), key=lambda n: (n == "config.json", n))  # config.json last
             for name in names:
+                if os.path.isdir(os.path.join(tmp, name)):
+                    storage.upload_tree(os.path.join(tmp, name), storage.join(out_dir, name))
+                    continue
                 with open(os.path.join(tmp, name), "rb") as f, \
                         storage.open_file(storage.join(out_dir, name), "wb") as g:  # streamed: shards are GBs
                     shutil.copyfileobj(f, g, 16 << 20)

@@ -8,18 +8,18 @@ policy's raw text scored by the env (malformed output is a scored −1/−1.5 ou
 
 Writes `OUT/<split>/metrics.json` (`success_rate`, `per_step_accuracy`, `mean_reward`, `num_routes`, `steps`),
 `OUT/<split>/episodes.jsonl` (per route), `OUT/<split>/episodes/ep_<k>.png` (the first `num_render` episodes as
-strips of grid images with the gt action, the parsed output and the reward) and `OUT/results.md`.
+strips of grid images with the gt action, the parsed output and the reward) and `OUT/results.md`; OUT may be a
+`gs://` URL (through `storage`).
 """
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from recogdrive_jax import configs
+from recogdrive_jax import configs, storage
 from recogdrive_jax.envs import navigation as nav
 from recogdrive_jax.parallel.runtime import Runtime
 from recogdrive_jax.train.metrics import Progress
@@ -66,8 +66,8 @@ def run_split(policy, params, generator, split: str, config, out_dir: str, rng: 
     records, frames = [], {}
     queue = list(enumerate(plan))
     slots: list[dict | None] = [None] * bs
-    split_dir = os.path.join(out_dir, split)
-    os.makedirs(split_dir, exist_ok=True)
+    split_dir = storage.join(out_dir, split)
+    storage.makedirs(split_dir)
     n_render = int(e.num_render)
 
     def start(k: int) -> dict | None:
@@ -116,19 +116,16 @@ def run_split(policy, params, generator, split: str, config, out_dir: str, rng: 
         if key in summary:
             result[key] = summary[key]
     if jax.process_index() == 0:
-        with open(os.path.join(split_dir, "metrics.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        with open(os.path.join(split_dir, "episodes.jsonl"), "w") as f:
-            for rec in sorted(records, key=lambda x: x["episode"]):
-                f.write(json.dumps(rec) + "\n")
+        storage.write_text(storage.join(split_dir, "metrics.json"), json.dumps(result, indent=2))
+        storage.write_text(storage.join(split_dir, "episodes.jsonl"), "".join(
+            json.dumps(rec) + "\n" for rec in sorted(records, key=lambda x: x["episode"])))
         for ep, fr in frames.items():
-            render_strip(fr, os.path.join(split_dir, "episodes", f"ep_{ep:03d}.png"))
+            render_strip(fr, storage.join(split_dir, "episodes", f"ep_{ep:03d}.png"))
     return result
 
 
 def render_strip(frames: list, path: str, size: int = 160) -> None:
     """One PNG per episode: each step's grid image with gt action, parsed output action and reward below."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     cap = 40
     strip = Image.new("RGB", (size * len(frames), size + cap), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
@@ -139,7 +136,8 @@ def render_strip(frames: list, path: str, size: int = 160) -> None:
         draw.text((i * size + 2, size + 2), f"gt {gt}"[:30], fill=(0, 0, 0))
         draw.text((i * size + 2, size + 14), f"out {act}"[:30], fill=color)
         draw.text((i * size + 2, size + 26), f"r={r:+.1f}", fill=color)
-    strip.save(path)
+    with storage.staged_file(path) as local:
+        strip.save(local)
 
 
 def write_table(results: dict, path: str, title: str = "") -> None:
@@ -148,8 +146,7 @@ def write_table(results: dict, path: str, title: str = "") -> None:
     for split, m in results.items():
         lines.append(f"| {split} | {m['num_routes']} | {100 * m['success_rate']:.1f}% | "
                      f"{100 * m['per_step_accuracy']:.1f}% | {m['mean_reward']:+.3f} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines).lstrip() + "\n")
+    storage.write_text(path, "\n".join(lines).lstrip() + "\n")
 
 
 def evaluate(vlm_params, config, cfg, tokenizer, out_dir: str, runtime: Runtime | None = None) -> dict[str, dict]:
@@ -168,5 +165,5 @@ def evaluate(vlm_params, config, cfg, tokenizer, out_dir: str, runtime: Runtime 
     for split in splits_of(e):
         results[split] = run_split(policy, vlm_params, generator, split, config, out_dir, rng)
     if jax.process_index() == 0:
-        write_table(results, os.path.join(out_dir, "results.md"), str(e.title))
+        write_table(results, storage.join(out_dir, "results.md"), str(e.title))
     return results

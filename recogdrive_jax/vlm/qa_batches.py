@@ -8,6 +8,7 @@ import os
 import jax
 import numpy as np
 
+from recogdrive_jax import storage
 from recogdrive_jax.data import length_grouping as lg
 from recogdrive_jax.data import qa as qa_index
 from recogdrive_jax.data import qa_records as qa_lib
@@ -37,14 +38,19 @@ def synthetic_qa(data_cfg, workdir: str, split: str) -> str:
     """Generates the synthetic driving QA of `split` (sim/qa.py) into WORKDIR/qa/<split> once; returns its meta JSON.
 
     The train QA comes from the planner's train scenes (`synthetic_seed` = `data.scene_seed` of the planner
-    stages, like upstream's SFT on navtrain QA); the eval QA from scenes no planner split uses.
+    stages, like upstream's SFT on navtrain QA); the eval QA from scenes no planner split uses. On a remote
+    workdir (`gs://...`) the QA goes to a local scratch directory of each process instead (`storage.local_scratch`):
+    it is a pure function of (scenes, seed), so a rerun regenerates it, and the readers (PIL, the JSONL index) take
+    local paths.
     """
     n = int(data_cfg.synthetic_scenes if split == "train" else data_cfg.synthetic_eval_scenes)
     seed = int(data_cfg.synthetic_seed) + (0 if split == "train" else EVAL_QA_SEED)
-    out = os.path.join(workdir, "qa", split)
+    remote = storage.is_remote(workdir)
+    out = storage.local_scratch(workdir, "qa", split, process=jax.process_index()) if remote else \
+        os.path.join(workdir, "qa", split)
     done = generate_once(out, {"num_scenes": n, "seed": seed},
                          lambda: {"meta": os.path.abspath(sim_qa.write_qa_dataset(out, num_scenes=n, seed=seed))},
-                         barrier=f"sft_synthetic_qa_{split}")
+                         barrier=f"sft_synthetic_qa_{split}", each_process=remote)
     return done["meta"]
 
 

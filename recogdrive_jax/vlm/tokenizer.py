@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from recogdrive_jax.convert.hf_processor import NAMED_TOKENS
 from recogdrive_jax.data import tokenizer as tok_lib
-from recogdrive_jax.vlm.checkpoint import ResolvedModel
+from recogdrive_jax.vlm.checkpoint import ResolvedModel, local_dir
 
 
 def load_or_build_tokenizer(resolved: ResolvedModel, workdir: str, corpus=None):
@@ -12,7 +12,8 @@ def load_or_build_tokenizer(resolved: ResolvedModel, workdir: str, corpus=None):
     del workdir  # the run's own tokenizer dir is already in `resolved.tokenizer_dir` (resolve_model)
     cfg = resolved.cfg
     if resolved.tokenizer_dir:
-        tok = tok_lib.load_tokenizer(resolved.tokenizer_dir)
+        with local_dir(resolved.tokenizer_dir) as local:  # a gs:// tokenizer: its files, without any weights
+            tok = tok_lib.load_tokenizer(local)
     elif resolved.params_path is None and cfg.llm_config.vocab_size <= 4096:
         tok = tok_lib.build_tokenizer(vocab_size=cfg.llm_config.vocab_size, corpus=corpus() if corpus else None)
     else:
