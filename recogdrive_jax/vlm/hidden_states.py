@@ -19,9 +19,12 @@ def front_image(scene) -> np.ndarray:
 
 class PromptBuilder:
     """Scene → (input_ids [t], pixel_values [n, S, S, 3]) with the driving prompt, as the VLM is queried upstream.
-    `ego_status`: add the ego-status line (velocity, acceleration) to the prompt (NAVSIM data)."""
+    `ego_status`: add the ego-status line (velocity, acceleration) to the prompt; None = `cache_cfg.ego_status_text`
+    ('auto' / 'on': yes, as upstream's NAVSIM prompt and the synthetic SFT trajectory QA; 'off': no)."""
 
-    def __init__(self, cfg, tok, cache_cfg, ego_status: bool = False):
+    def __init__(self, cfg, tok, cache_cfg, ego_status: bool | None = None):
+        if ego_status is None:
+            ego_status = cache_cfg.get("ego_status_text", "auto") != "off"
         self.ego_status = bool(ego_status)
         self.cfg, self.tok = cfg, tok
         self.max_num, self.min_num = int(cache_cfg.max_dynamic_patch), int(cache_cfg.min_dynamic_patch)
