@@ -102,8 +102,8 @@ def test_tiny_run_checkpoint_feeds_cache_and_eval(tmp_path):
     from recogdrive_jax import configs
     from recogdrive_jax.stages import get_stage
     c = _config()
-    c.data.update(dict(num_train_scenes=4, num_eval_scenes=4))
-    c.train.update(dict(num_steps=2, log_every=1, checkpoint_every=2))
+    c.data.update(dict(num_train_scenes=8, num_eval_scenes=4))
+    c.train.update(dict(num_steps=2, batch_size=8, log_every=1, checkpoint_every=2))
     c.eval.update(dict(batch_size=4, num_plots=0))
     c.planner.use_vl_mask = True
     jw = str(tmp_path / "joint")
@@ -112,13 +112,13 @@ def test_tiny_run_checkpoint_feeds_cache_and_eval(tmp_path):
     assert os.path.isfile(os.path.join(jw, "hf_export", "config.json"))
     cc = stage_configs.cache_stage_config()
     cc.model.init_from, cc.model.dtype = jw, "float32"
-    cc.data.update(dict(num_train_scenes=4, num_eval_scenes=4))
+    cc.data.update(dict(num_train_scenes=8, num_eval_scenes=4))
     cc.cache.update(dict(batch_size=4, max_dynamic_patch=1, use_thumbnail=False, system_message=""))
     cw = str(tmp_path / "cache")
     get_stage("cache")(cc, cw)
     ec = configs.planner_stage_config("eval", variant="tiny")
     ec.planner.update(dict(vl_dim=64, use_vl_mask=True))
-    ec.data.update(dict(num_train_scenes=4, num_eval_scenes=4, cache_dir=cw))
+    ec.data.update(dict(num_train_scenes=8, num_eval_scenes=4, cache_dir=cw))
     ec.eval.update(dict(checkpoint=os.path.join(jw, "planner"), batch_size=4, num_plots=0))
     res = get_stage("eval")(ec, str(tmp_path / "eval"))
     metrics = json.load(open(tmp_path / "eval" / "eval" / "eval" / "metrics.json"))
