@@ -15,7 +15,7 @@ STAGES = {name: f"recogdrive_jax.stages.{name}" for name in STAGE_NAMES}
 # pipeline runs each step in WORKDIR/<step> and checks its steps against this list before the first one runs); the
 # others still write with local-only libraries and refuse a remote workdir at start-up (`remote_workdir_error`)
 # rather than create a local `gs:` directory.
-REMOTE_WORKDIR_STAGES = ("sft", "cache", "il", "rl", "eval", "pipeline")
+REMOTE_WORKDIR_STAGES = ("sft", "cache", "il", "rl", "eval", "ppo", "eval_nav", "pipeline")
 
 
 class UnknownStageError(UserError):

@@ -9,11 +9,10 @@ parameter directory).
 """
 from __future__ import annotations
 
-import os
 
 import jax
 
-from recogdrive_jax import configs, provenance
+from recogdrive_jax import configs, provenance, storage
 from recogdrive_jax.parallel import runtime as runtime_lib
 from recogdrive_jax.rl import ppo as ppo_lib
 from recogdrive_jax.vlm import nav_eval
@@ -27,17 +26,17 @@ def run(config, workdir: str) -> dict:
     if not ckpt:
         raise configs.ConfigError("config.eval_nav.checkpoint: set it to a run workdir (sft / ppo), an HF "
                                   "InternVL directory or a `convert internvl` output")
-    if not os.path.exists(ckpt):
+    if not storage.exists(ckpt):
         raise FileNotFoundError(f"config.eval_nav.checkpoint={ckpt!r} does not exist")
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.abspath(workdir)  # a gs:// URL stays one: every output goes through `storage`
+    storage.makedirs(workdir)
     provenance.write_config(config, workdir, extra={"scored": {"checkpoint": provenance.checkpoint_ref(ckpt)}})
     rt = runtime_lib.from_config(config)
     model = NavModel(config, workdir, source=ckpt)
     policy = NavPolicy(config, model.cfg, model.tokenizer)
     abstract = ppo_lib.str_keys(policy.vlm_mdef.abstract_params())
     params = load_vlm_params(model, policy, jax.tree.map(lambda _: rt.replicated(), abstract))
-    results = nav_eval.evaluate(params, config, model.cfg, model.tokenizer, os.path.join(workdir, "eval_nav"),
+    results = nav_eval.evaluate(params, config, model.cfg, model.tokenizer, storage.join(workdir, "eval_nav"),
                                 runtime=rt)
     if jax.process_index() == 0:
         for split, m in results.items():

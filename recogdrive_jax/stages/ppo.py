@@ -15,12 +15,11 @@ configs/virl/sft.py); the value head starts fresh. `config.train.init_from` inst
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
 
-from recogdrive_jax import config_types, configs
+from recogdrive_jax import config_types, configs, storage
 from recogdrive_jax.envs import navigation as nav
 from recogdrive_jax.parallel import runtime as runtime_lib
 from recogdrive_jax.rl import ppo as ppo_lib
@@ -176,8 +175,8 @@ class RolloutIterator:
 
 def run(config, workdir: str) -> dict:
     config = validate(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.abspath(workdir)  # a gs:// URL stays one: every output goes through `storage`
+    storage.makedirs(workdir)
     rt = runtime_lib.from_config(config)
     model = NavModel(config, workdir, config.model.init_from or config.train.init_from)
     model.save(workdir)
@@ -197,7 +196,7 @@ def run(config, workdir: str) -> dict:
         if not nav_eval.splits_of(config.eval_nav):
             return {}
         res = nav_eval.evaluate(state.params["vlm"], config, model.cfg, model.tokenizer,
-                                os.path.join(workdir, "eval_nav"), runtime=rt)
+                                storage.join(workdir, "eval_nav"), runtime=rt)
         return nav_eval.flat_metrics(res)
 
     hp = ppo_lib.PPOHParams.from_config(config.ppo)

@@ -43,9 +43,10 @@ def validate(config) -> config_types.RunConfig:
         req(bool(d.meta_path) or d.synthetic_scenes > 0 or "virl_sft" in config, "data.meta_path",
             "empty and config.data.synthetic_scenes is 0: give a meta JSON or a number of synthetic scenes")
         if d.meta_path:
-            req(os.path.isfile(d.meta_path), "data.meta_path", f"{d.meta_path!r} is not a file")
+            req(os.path.isfile(d.meta_path), "data.meta_path", f"{d.meta_path!r} is not a local file (a mixture "
+                "and its images are read from local or mounted paths, also for a gs:// workdir)")
         if d.eval_meta_path:
-            req(os.path.isfile(d.eval_meta_path), "data.eval_meta_path", f"{d.eval_meta_path!r} is not a file")
+            req(os.path.isfile(d.eval_meta_path), "data.eval_meta_path", f"{d.eval_meta_path!r} is not a local file")
         req(not (m.freeze_vision and m.freeze_llm and m.freeze_mlp), "model.freeze_*", "every part is frozen")
     return config
 

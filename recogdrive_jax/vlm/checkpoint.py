@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from recogdrive_jax import config_types, storage
@@ -94,13 +95,17 @@ def _converted(out: str) -> bool:
 def convert_hf_once(src: str, out: str) -> str:
     """The Orbax params of the HF checkpoint `src`, converted into `out` unless done before; returns
     `out/params`. Either may be remote: the weights are read from a local copy and written through a staging
-    directory, then CONVERTED marks a remote output complete."""
-    if not _converted(out):
+    directory, then CONVERTED marks a remote output complete. A remote output is shared by every host: process 0
+    converts and the others wait for it."""
+    remote = storage.is_remote(out)
+    if (not remote or jax.process_index() == 0) and not _converted(out):
         logging.info("converting %s to Orbax params in %s", src, out)
         with storage.local_copy(src) as local_src, storage.staged_dir(out) as local_out:
             conv.from_hf(local_src, local_out)
-        if storage.is_remote(out):
+        if remote:
             storage.write_text(storage.join(out, CONVERTED_MARKER), src + "\n")
+    if remote and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("vlm_convert_hf_once")
     return storage.join(out, conv.PARAMS_DIR)
 
 

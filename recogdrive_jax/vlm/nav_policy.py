@@ -3,11 +3,10 @@ InternVL (+ tokenizer) it is, its module definitions and chat encoder, and loadi
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 
-from recogdrive_jax import config_types, configs
+from recogdrive_jax import config_types, configs, storage
 from recogdrive_jax.data import template as tmpl
 from recogdrive_jax.envs.sft_data import tokenizer_corpus
 from recogdrive_jax.rl import ppo as ppo_lib
@@ -25,7 +24,7 @@ class NavModel:
     navigation text, saved to WORKDIR/tokenizer)."""
 
     def __init__(self, config, workdir: str, source: str = ""):
-        self.source = os.path.abspath(source) if source else ""
+        self.source = storage.abspath(source) if source else ""  # a gs:// URL stays one
         self.policy_run = bool(source) and run_stage(self.source) == "ppo"
         model_cfg = config_types.nav_model_config(config.model)
         if source:
