@@ -113,13 +113,13 @@ def test_pipeline_step_that_writes_local_files_refuses_gcs_before_any_step(gcs, 
     from recogdrive_jax import stages
     from recogdrive_jax.stages import pipeline
     monkeypatch.chdir(tmp_path)
-    virl = configs.load_config_file(os.path.join(os.path.dirname(TESTS), "configs", "virl", "eval_nav.py"))
-    c = configs.pipeline_config(["sft", "nav:eval_nav"], {"sft": _tiny_sft(2), "nav": virl.get_config("tiny")})
+    fake = configs.load_config_file(os.path.join(os.path.dirname(TESTS), "configs", "navsim_fake.py"))
+    c = fake.get_config("il,navsim")  # navsim_convert still writes its scene store with local-only writers
     ran = []
     monkeypatch.setattr(stages, "get_stage", lambda name: ran.append(name))
     url = f"gs://{BUCKET}/pipe"
-    with pytest.raises(stages.RemoteWorkdirError, match=rf"pipeline step 'nav': --workdir={url}/nav: stage "
-                                                        r"'eval_nav' writes local files only"):
+    with pytest.raises(stages.RemoteWorkdirError, match=rf"pipeline step 'navsim': --workdir={url}/navsim: stage "
+                                                        r"'navsim_convert' writes local files only"):
         pipeline.run(c, url)
     assert ran == []
     no_local_gs_dirs(tmp_path)
