@@ -123,3 +123,36 @@ def test_pipeline_step_that_writes_local_files_refuses_gcs_before_any_step(gcs, 
         pipeline.run(c, url)
     assert ran == []
     no_local_gs_dirs(tmp_path)
+
+
+@pytest.mark.slow  # a tiny ppo update and a one-route eval_nav, ~2-4 min on 2 cores
+def test_ppo_and_eval_nav_on_gcs(gcs, tmp_path, monkeypatch):
+    """`ppo` on a gs:// workdir (model files, checkpoint, metrics there) and `eval_nav` scoring that gs:// run into
+    another gs:// workdir (metrics.json, episodes, PNG strip, results table)."""
+    from test_ppo import _load_config, _tiny_stage_config
+
+    from recogdrive_jax.stages import eval_nav as eval_stage
+    from recogdrive_jax.stages import ppo as ppo_stage
+    monkeypatch.chdir(tmp_path)
+    run = f"gs://{BUCKET}/ppo"
+    ppo_stage.run(_tiny_stage_config(tmp_path), run)
+    got = objects(run)
+    for want in ("config.json", "metrics.jsonl", "checkpoints/1/commit_success.txt", "recogdrive_internvl.json",
+                 "tokenizer/tokenizer.json"):
+        assert f"ppo/{want}" in got, (want, got)
+
+    ev = _load_config("eval_nav")
+    ev.eval_nav.checkpoint = run
+    ev.eval_nav.splits = "in_distribution"
+    ev.eval_nav.max_routes, ev.eval_nav.max_new_tokens, ev.eval_nav.num_render = 1, 12, 1
+    ev.model.value_hidden = (16, 8)
+    ev.prompt.max_prompt_len = 1024
+    ev.env.n_train_routes, ev.env.n_eval_routes = 4, 2
+    out = f"gs://{BUCKET}/eval_nav"
+    res = eval_stage.run(ev, out)
+    assert res["in_distribution/num_routes"] == 1
+    got = objects(out)
+    for want in ("config.json", "eval_nav/in_distribution/metrics.json", "eval_nav/in_distribution/episodes.jsonl",
+                 "eval_nav/in_distribution/episodes/ep_000.png", "eval_nav/results.md"):
+        assert f"eval_nav/{want}" in got, (want, got)
+    no_local_gs_dirs(tmp_path)
