@@ -1,6 +1,17 @@
 """The demo's VLM steps: SFT of the tiny InternVL on synthetic driving QA (about a minute on 2 CPU cores, loss
 visibly falling), then the hidden-state cache of the planner's scenes, then IL on that cache.
 
+`il_vlm` is below the constant-velocity baseline, and cannot get above it inside the CI budget (measured
+2026-12-07, seed 0, 128 held-out scenes, CV 0.807; the prompt without the ego-status line):
+* each step on the cache costs ~7x a scene-token step (the memory is the whole ~390-token prompt, not ~40 scene
+  tokens: 0.58 vs 0.08 s per batch-128 step, loaded 2-core machine), so the budget affords 400 steps, and at 400
+  steps IL is below CV on scene tokens too (0.735 vs the cache's 0.679);
+* at 1,500 steps the cache reaches 0.795 (0.68 / 0.805 at 500 / 1,000) and the same planner with all-zero states
+  0.798 (0.709 / 0.774): the 30-step VLM (loss 6.0 -> 4.0) carries nothing the planner uses beyond the ego status
+  and history it gets anyway (a linear probe agrees: its states lower the ADE of ego + history by 0.06 m).
+What would make it see: a VLM that learned the trajectory QA (configs/see/cache_il.py, longer SFT, with the
+shuffled / zeroed controls, `data.vl_features`).
+
 Meant to be merged into configs/demo.py's pipeline (each step runs in WORKDIR/<name>; `{workdir}` is the
 pipeline's workdir):
 
