@@ -5,6 +5,7 @@ Modules are imported lazily so `--config.stage=il` does not import the VLM stack
 import importlib
 
 from recogdrive_jax.configs import STAGE_NAMES
+from recogdrive_jax import storage
 from recogdrive_jax.errors import UserError
 
 # name -> module defining `run(config, workdir)`; the names are configs.STAGE_NAMES (what validation accepts).
@@ -28,7 +29,6 @@ class RemoteWorkdirError(UserError):
 
 def remote_workdir_error(stage: str, workdir: str) -> str | None:
     """The one-line refusal of a remote `workdir` for `stage` (None when the stage supports it or it is local)."""
-    from recogdrive_jax import storage
     if not storage.is_remote(workdir) or stage in REMOTE_WORKDIR_STAGES or stage not in STAGES:
         return None
     ok = ", ".join(REMOTE_WORKDIR_STAGES)
