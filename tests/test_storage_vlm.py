@@ -2,6 +2,7 @@
 the model config, tokenizer and HF export written into the bucket, `init_from` read back from it (an HF export is
 converted once into the next run's gs:// workdir), a tiny `sft` run that writes everything there and resumes, and
 the one-line refusal of a pipeline step whose stage still writes local files only."""
+import json
 import os
 
 import jax
@@ -155,4 +156,29 @@ def test_ppo_and_eval_nav_on_gcs(gcs, tmp_path, monkeypatch):
     for want in ("config.json", "eval_nav/in_distribution/metrics.json", "eval_nav/in_distribution/episodes.jsonl",
                  "eval_nav/in_distribution/episodes/ep_000.png", "eval_nav/results.md"):
         assert f"eval_nav/{want}" in got, (want, got)
+    no_local_gs_dirs(tmp_path)
+
+
+@pytest.mark.slow  # a 2-step sft and a 9-scene cache, ~1-2 min on 2 cores
+def test_pipeline_sft_then_cache_on_gcs(gcs, tmp_path, monkeypatch):
+    """A pipeline on gs:// runs each step in WORKDIR/<step>; the cache step starts from `model.init_from =
+    {workdir}/sft`, i.e. gs://.../sft (its checkpoint, model config and tokenizer in the bucket)."""
+    from recogdrive_jax.data.hidden_cache import HiddenCache
+    from recogdrive_jax.stages import pipeline
+    monkeypatch.chdir(tmp_path)
+    cache = stage_configs.cache_stage_config()
+    cache.model.update(init_from="{workdir}/sft", dtype="float32", remat=False)
+    cache.data.update(num_train_scenes=6, num_eval_scenes=3)
+    cache.cache.update(batch_size=4, max_dynamic_patch=1, use_thumbnail=False, system_message="")
+    c = configs.pipeline_config(["sft", "cache"], {"sft": _tiny_sft(2), "cache": cache})
+    url = f"gs://{BUCKET}/pipe"
+    out = pipeline.run(c, url)
+    assert set(out) == {"sft", "cache"}
+    got = objects(url)
+    for want in ("pipeline_summary.json", "sft/checkpoints/2/commit_success.txt", "sft/tokenizer/tokenizer.json",
+                 "cache/config.json", "cache/train/meta.json", "cache/eval/meta.json"):
+        assert f"pipe/{want}" in got, (want, got)
+    assert json.loads(storage.read_text(f"{url}/cache/config.json"))["model"]["init_from"] == f"{url}/sft"
+    train = HiddenCache.open(f"{url}/cache/train")
+    assert list(train.pending(range(6))) == []
     no_local_gs_dirs(tmp_path)
