@@ -17,6 +17,7 @@ gcsfs's bucket-layout probe (a gRPC control-plane call no emulator serves), unle
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import posixpath
 import re
@@ -286,7 +287,6 @@ def local_scratch(workdir, *parts, process: int) -> str:
     data rendered from a seed): under the temp directory ($TMPDIR), keyed by the URL and the process index
     (`jax.process_index()`: every host regenerates its own copy), so a rerun on the same machine reuses it and
     processes sharing a machine do not collide. Not created here."""
-    import hashlib
     key = hashlib.sha256(abspath(workdir).encode()).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), "recogdrive_jax", key, *parts, f"process_{process}")
 
