@@ -13,7 +13,7 @@ import pytest
 
 from recogdrive_jax import configs
 from recogdrive_jax.data import planner_data
-from recogdrive_jax.models.planner import build_planner, planner_config
+from recogdrive_jax.models.planner import build_planner, planner_config, repeat_context
 from recogdrive_jax.rl import grpo
 from recogdrive_jax.train import optim
 from recogdrive_jax.train.module_def import ModuleDef
@@ -106,9 +106,9 @@ def tiny():
     def roll(p, rng):
         planner = mdef.bind(p)
         ctx = planner.encode(cond)
-        chain, lps = grpo.sample_chains(planner, grpo.repeat_ctx(ctx, G), rng)
-        ref_chain, _ = grpo.sample_chains(planner, ctx, jax.random.fold_in(rng, 1))
-        return chain, lps, ref_chain
+        out = planner.sample_with_chain(None, rng, ctx=repeat_context(ctx, G))
+        ref = planner.sample_with_chain(None, jax.random.fold_in(rng, 1), ctx=ctx)
+        return out["chain"], out["log_probs"], ref["chain"]
 
     chain, lps, ref_chain = roll(params, jax.random.key(2))
     return dict(pcfg=pcfg, mdef=mdef, params=params, cond=cond, chain=chain, lps=lps, ref_chain=ref_chain)
@@ -143,7 +143,7 @@ def test_chain_log_prob_matches_direct_gaussian(tiny):
     @jax.jit
     def lp(p):
         planner = mdef.bind(p)
-        return grpo.chain_log_prob(planner, grpo.repeat_ctx(planner.encode(cond), G), chain)
+        return planner.chain_log_prob(chain, None, ctx=repeat_context(planner.encode(cond), G))
 
     got = np.asarray(lp(params))
     assert got.shape == (B * G, 5, 8, 3)
@@ -169,7 +169,7 @@ def pg_grad(tiny):
     @jax.jit
     def ell(p, chain):
         planner = mdef.bind(p)
-        lp = grpo.chain_log_prob(planner, grpo.repeat_ctx(planner.encode(cond), G), chain)
+        lp = planner.chain_log_prob(chain, None, ctx=repeat_context(planner.encode(cond), G))
         return grpo.clamped_step_log_prob(lp)  # [N, K]
 
     return fn, ell, w

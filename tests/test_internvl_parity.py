@@ -13,7 +13,7 @@ from transformers import InternVLForConditionalGeneration
 from recogdrive_jax.convert import internvl as cv
 from recogdrive_jax.models import internvl as iv
 from recogdrive_jax.models.internvit import InternViTConfig
-from recogdrive_jax.models.qwen2 import token_logprobs
+from recogdrive_jax.models.layers import token_logprobs
 
 TOL = 1e-4
 IMG = 5  # <IMG_CONTEXT> id in the tiny config

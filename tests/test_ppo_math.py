@@ -7,9 +7,10 @@ from flax import nnx
 
 import recogdrive_jax  # noqa: F401  (turns off eager sharding)
 from recogdrive_jax.models.heads import ValueHead, last_prompt_index
+from recogdrive_jax.models.layers import token_logprobs
 from recogdrive_jax.rl.advantages import gae, normalize_advantages
 from recogdrive_jax.rl.ppo_loss import (action_split_index, answer_token_weights, offsets_from_pieces, ppo_loss,
-                                        sequence_logprob, token_logprobs)
+                                        sequence_logprob)
 
 
 def _gae_numpy(r, v, term, trunc, gamma, lam, proper):

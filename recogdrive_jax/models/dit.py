@@ -1,9 +1,11 @@
 """LightningDiT as used by the ReCogDrive planner (spec/planner.md §2 step 6-8).
 
 Blocks alternate self-attention (even index) and cross-attention to the VL memory (odd index) when
-`interleave` is on (upstream default; without it every block cross-attends); every block is adaLN-zero modulated by c = temb(t) + e (ego embedding), has per-head RMSNorm on
-q/k, RoPE at query positions 0..T-1 (keys rotated only in self-attention) and a SwiGLU FFN with hidden width D.
-Attribute names mirror the upstream torch modules so checkpoint conversion is a mechanical rename.
+`interleave` is on (upstream default; without it every block cross-attends); every block is adaLN-zero modulated by
+c = temb(t) + e (ego embedding), has per-head RMSNorm on q/k, RoPE at query positions 0..T-1 (keys rotated only in
+self-attention) and a SwiGLU FFN with hidden width D. Attribute names mirror the upstream torch modules so checkpoint
+conversion is a mechanical rename. Every RMSNorm casts before scaling, as upstream's blocks/rmsnorm.py does
+(`_norm(x.float()).type_as(x) * weight`).
 """
 from __future__ import annotations
 
@@ -38,10 +40,10 @@ class DiTBlock(nnx.Module):
                  param_dtype: Dtype = jnp.float32):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.cross_attention = cross_attention
-        self.norm1 = RMSNorm(dim, eps=1e-6, **kw)
+        self.norm1 = RMSNorm(dim, order="cast_then_scale", eps=1e-6, **kw)
         # cross_attention_dim = inner_dim upstream: the memory is already projected to D.
         self.attn = Attention(dim, num_heads, head_dim, context_dim=dim, use_bias=attention_bias, rngs=rngs, **kw)
-        self.norm2 = RMSNorm(dim, eps=1e-6, **kw)
+        self.norm2 = RMSNorm(dim, order="cast_then_scale", eps=1e-6, **kw)
         self.ffn = SwiGLU(dim, dim if ffn_hidden is None else ffn_hidden, rngs=rngs, **kw)
         self.adaLN_modulation = dense(dim, 6 * dim, ("embed", "mlp"), rngs=rngs,
                                       kernel_init=nnx.initializers.zeros_init(), **kw)
@@ -67,7 +69,7 @@ class FinalLayer(nnx.Module):
     def __init__(self, dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
                  param_dtype: Dtype = jnp.float32):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.norm_final = RMSNorm(dim, eps=1e-6, **kw)
+        self.norm_final = RMSNorm(dim, order="cast_then_scale", eps=1e-6, **kw)
         self.linear = dense(dim, out_dim, ("embed", "mlp"), rngs=rngs, **kw)
         self.modulation_proj = dense(dim, 2 * dim, ("embed", "mlp"), rngs=rngs,
                                      kernel_init=nnx.initializers.zeros_init(), **kw)

@@ -6,7 +6,7 @@ optional RMSNorm over the *whole* q/k width (`qk_normalization`, InternViT-6B), 
 stacked on a leading `layers` axis and run with `lax.scan` (one compiled block, optional remat).
 
 Images are NHWC: `pixel_values` [T, H, W, 3] (the PyTorch code uses NCHW; the converter transposes the patch
-conv OIHW → HWIO).
+conv OIHW → HWIO). Dense, RMSNorm and the attention kernel come from `models/layers.py`.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from recogdrive_jax.models.layers import RMSNorm, dense, dot_product_attention
 
 Dtype = Any
 
@@ -67,31 +69,19 @@ class InternViTConfig:
         return self.grid_size ** 2 + 1
 
 
-def dense(din: int, dout: int, axes: tuple, *, bias: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
-          std: float = 0.02) -> nnx.Linear:
-    """nnx.Linear whose kernel [din, dout] and bias [dout] carry logical axis names."""
-    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                      kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), axes),
-                      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)), rngs=rngs)
+def _normal(std: float = 0.02):
+    return nnx.initializers.normal(std)
 
 
-class RMSNorm(nnx.Module):
-    """Weight-only RMSNorm computed in fp32 (as HF/InternVL do), output cast back to the input dtype."""
-
-    def __init__(self, dim: int, eps: float, *, param_dtype: Dtype = jnp.float32):
-        self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(dtype) * x32.astype(dtype)
+def rms_norm(dim: int, eps: float, *, dtype: Dtype, param_dtype: Dtype) -> RMSNorm:
+    """InternViT's InternRMSNorm casts before scaling (`weight * hidden.to(input_dtype)`), as does transformers'
+    InternVLVisionRMSNorm."""
+    return RMSNorm(dim, order="cast_then_scale", eps=eps, dtype=dtype, param_dtype=param_dtype)
 
 
 def make_norm(kind: str, dim: int, eps: float, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
     if kind == "rms_norm":
-        return RMSNorm(dim, eps, param_dtype=param_dtype)
+        return rms_norm(dim, eps, dtype=dtype, param_dtype=param_dtype)
     return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
                          scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
                          bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)), rngs=rngs)
@@ -101,12 +91,12 @@ class VisionAttention(nnx.Module):
     def __init__(self, cfg: InternViTConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.cfg = cfg
-        self.qkv = dense(d, 3 * d, ("embed", "heads"), bias=cfg.qkv_bias, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
-        self.proj = dense(d, d, ("heads", "embed"), bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=_normal())
+        self.qkv = dense(d, 3 * d, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+        self.proj = dense(d, d, ("heads", "embed"), **kw)
         if cfg.qk_normalization:
-            self.q_norm = RMSNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
-            self.k_norm = RMSNorm(d, cfg.layer_norm_eps, param_dtype=param_dtype)
+            self.q_norm = rms_norm(d, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.k_norm = rms_norm(d, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
@@ -115,19 +105,15 @@ class VisionAttention(nnx.Module):
         if cfg.qk_normalization:  # over the whole width, before splitting heads (InternViT-6B)
             q, k = self.q_norm(q), self.k_norm(k)
         h, hd = cfg.num_attention_heads, cfg.head_dim
-        q, k, v = (a.reshape(t, n, h, hd) for a in (q, k, v))
-        scores = jnp.einsum("tqhd,tkhd->thqk", q, k, preferred_element_type=jnp.float32) * hd ** -0.5
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("thqk,tkhd->tqhd", probs, v).reshape(t, n, d)
-        return self.proj(out)
+        q, k, v = (a.reshape(t, n, h, hd) for a in (q, k, v))  # tiles are the batch: [T, N, H, hd]
+        return self.proj(dot_product_attention(q, k, v).reshape(t, n, d))  # bidirectional, scale hd^-0.5
 
 
 class VisionMlp(nnx.Module):
     def __init__(self, cfg: InternViTConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-        self.fc1 = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), bias=True, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), bias=True, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=_normal())
+        self.fc1 = dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+        self.fc2 = dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))

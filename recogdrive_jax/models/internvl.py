@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recogdrive_jax.models.internvit import InternViT, InternViTConfig, dense, pixel_shuffle_v2
-from recogdrive_jax.models.qwen2 import (NEG_INF, Qwen2Config, Qwen2ForCausalLM, attention_mask_2d_to_3d,
-                                        positions_from_mask, token_logprobs)
+from recogdrive_jax.models.internvit import InternViT, InternViTConfig, pixel_shuffle_v2
+from recogdrive_jax.models.layers import NEG_INF, dense, token_logprobs
+from recogdrive_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, attention_mask_2d_to_3d, positions_from_mask
 
 Dtype = Any
 IGNORE_INDEX = -100
@@ -297,9 +297,9 @@ class Projector(nnx.Module):
             din, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
             scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)), rngs=rngs)
-        self.linear_1 = dense(din, dout, ("mlp", "embed"), bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = dense(dout, dout, (None, "embed"), bias=True, dtype=dtype, param_dtype=param_dtype,
-                              rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=nnx.initializers.normal(0.02))
+        self.linear_1 = dense(din, dout, ("mlp", "embed"), **kw)
+        self.linear_2 = dense(dout, dout, (None, "embed"), **kw)
 
     def __call__(self, x):
         return self.linear_2(jax.nn.gelu(self.linear_1(self.layer_norm(x)), approximate=False))
@@ -417,10 +417,12 @@ def lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]
 
 
 def target_logprobs(model: InternVLModel, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                    pixel_values: jax.Array | None = None, image_flags: jax.Array | None = None) -> jax.Array:
-    """log p(input_ids[:, t] | input_ids[:, <t], images) for t ≥ 1 → [B, T-1] fp32 (PPO ratios; mask outside)."""
+                    pixel_values: jax.Array | None = None, image_flags: jax.Array | None = None, *,
+                    temperature: float = 1.0) -> jax.Array:
+    """log p(input_ids[:, t] | input_ids[:, <t], images) for t ≥ 1 → [B, T-1] fp32 (PPO ratios; mask outside):
+    the forward pass, then `layers.token_logprobs` on the shifted logits."""
     logits = model(input_ids, attention_mask, pixel_values, image_flags)["logits"]
-    return token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    return token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)
 
 
 # ------------------------------------------------------------------------------------------------ generation

@@ -1,9 +1,11 @@
-"""Generic Flax NNX layers shared by the planner and the VLM: dense with logical axes, RMSNorm, SwiGLU, timm Mlp,
-attention with RoPE and q/k-norm, sinusoidal embeddings.
+"""The one layer library of the planner DiT, InternViT and Qwen2: dense with logical axes, RMSNorm (with an explicit
+cast order), RoPE, the attention kernel, SwiGLU, timm Mlp, sinusoidal embeddings, `token_logprobs`.
 
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `norm`, `None`); the mapping to mesh axes
 lives in `parallel/sharding.py`. Compute runs in `dtype` (fp32 default, bf16 for training), params stay in
-`param_dtype`. Normalisations and softmax always run in fp32.
+`param_dtype`. Norm statistics and softmax always run in fp32; where their result returns to the compute dtype is
+each model's upstream's choice (RMSNorm `order`). `dot_product_attention` is the single attention kernel every model
+calls (the place a fused kernel would go).
 """
 from __future__ import annotations
 
@@ -31,19 +33,34 @@ def dense(in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs, dt
         bias_init=nnx.with_partitioning(bias_init, (axes[1],)), rngs=rngs)
 
 
-class RMSNorm(nnx.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32, weight only (no bias)."""
+RMS_ORDERS = ("cast_then_scale", "scale_then_cast")
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, dtype: Dtype = jnp.float32,
+
+class RMSNorm(nnx.Module):
+    """Weight-only RMSNorm: x / sqrt(mean(x^2) + eps) * weight, the statistics always in fp32.
+
+    `order` says where the result leaves fp32 (identical at fp32; in bf16 they differ by one rounding):
+      'cast_then_scale'  normalise in fp32, cast to the INPUT dtype, then multiply by the weight cast to that dtype;
+                         output in the input dtype. transformers' Qwen2RMSNorm / InternVLVisionRMSNorm, InternViT's
+                         remote-code InternRMSNorm (`weight * hidden.to(input_dtype)`) and ReCogDrive's DiT
+                         blocks/rmsnorm.py (`_norm(x.float()).type_as(x) * weight`).
+      'scale_then_cast'  multiply by the weight in fp32, cast once to `dtype` (one rounding).
+    No default: each model states its upstream's order where it builds the norm.
+    """
+
+    def __init__(self, dim: int, *, order: str, eps: float = 1e-6, dtype: Dtype = jnp.float32,
                  param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None):
         del rngs  # ones init needs no randomness; kept for a uniform constructor signature.
-        self.eps = eps
-        self.dtype = dtype
+        if order not in RMS_ORDERS:
+            raise ValueError(f"RMSNorm: order {order!r}; expected one of {RMS_ORDERS}")
+        self.eps, self.order, self.dtype = eps, order, dtype
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype), sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        if self.order == "cast_then_scale":
+            return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
         return (y * self.weight[...].astype(jnp.float32)).astype(self.dtype)
 
 
@@ -96,19 +113,20 @@ class SwiGLU(nnx.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rotary position embedding (rotate-half / NeoX layout).
+# Rotary position embedding (rotate-half / NeoX layout) and the attention kernel.
 
 def rope_inv_freq(head_dim: int, base: float = 1e4) -> np.ndarray:
-    """theta_j = base^(-2j/head_dim), j < head_dim/2, as fp32 (the `inv_freq` buffer of torch rotary embedders)."""
+    """theta_j = base^(-2j/head_dim), j < head_dim/2, as fp32 (the `inv_freq` buffer of torch rotary embedders).
+    Computed on the host, so every backend uses the same table."""
     return (1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))).astype(
         np.float32)
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, base: float = 1e4) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables [T, head_dim] for angles p * [theta || theta]."""
+    """positions [...] (e.g. [T] or [B, T]) -> fp32 cos/sin tables [..., head_dim] for angles p * [theta || theta]."""
     inv = jnp.asarray(rope_inv_freq(head_dim, base))
-    freqs = positions.astype(jnp.float32)[:, None] * inv[None, :]  # [T, hd/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, hd]
+    freqs = positions.astype(jnp.float32)[..., None] * inv  # [..., hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [..., hd]
     return jnp.cos(emb), jnp.sin(emb)
 
 
@@ -118,16 +136,59 @@ def rotate_half(x: jax.Array) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, H, T, hd]; cos/sin [T, hd]. Computed in fp32, returned in x.dtype."""
-    x32 = x.astype(jnp.float32)
-    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+    """x [..., hd]; cos/sin broadcastable to x (e.g. [T, 1, hd] or [B, T, 1, hd] for x [B, T, H, hd]).
+
+    cos/sin are cast to x.dtype and the rotation runs in x.dtype, as both upstreams do (transformers'
+    `apply_rotary_pos_emb` gets cos/sin `.to(x.dtype)`; so does ReCogDrive's blocks/rope.py RotaryEmbedding)."""
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# Finite mask fill: a fully masked row (a pad query) gives a uniform softmax instead of NaN; with at least one
+# visible key it underflows to exactly 0 like -inf would.
+NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+                          scale: float | None = None, divide_by: float | None = None) -> jax.Array:
+    """softmax(q k^T * scale + mask) v, the one attention kernel of the DiT, InternViT and Qwen2.
+
+    q [B, T, H, hd]; k, v [B, S, G, hd] with H a multiple of G (grouped-query: query head i reads kv head i // (H/G),
+    transformers' `repeat_kv`); mask bool, broadcastable to [B, T, S] (True = attend), or None. Logits and softmax
+    in fp32 (`preferred_element_type`), probabilities cast to v.dtype for the second product. The logits are scaled
+    by `scale` (default head_dim^-0.5: transformers' Qwen2 / InternViT), or divided by `divide_by` when given (the
+    DiT port's order, `/ sqrt(head_dim)`, kept so its numbers stay bitwise what they were; the two differ in the
+    last bit). Returns [B, T, H, hd].
+    """
+    b, t, h, hd = q.shape
+    g = k.shape[2]
+    if h % g:
+        raise ValueError(f"dot_product_attention: {h} query heads is not a multiple of {g} key/value heads")
+
+    def scaled(s):
+        return s / divide_by if divide_by is not None else s * (hd ** -0.5 if scale is None else scale)
+
+    if g == h:  # products on [B, H, T, hd] (XLA's CPU results depend on the layout: this is the DiT's)
+        qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+        scores = scaled(jnp.einsum("bhtd,bhsd->bhts", qh, kh, preferred_element_type=jnp.float32))  # [B, H, T, S]
+        if mask is not None:
+            scores = jnp.where(mask[:, None], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhts,bhsd->bhtd", probs, vh).transpose(0, 2, 1, 3)
+    qg = q.reshape(b, t, g, h // g, hd)  # grouped products (Qwen2's GQA form)
+    scores = scaled(jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32))  # [B, G, R, T, S]
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h, hd)
 
 
 class Attention(nnx.Module):
-    """Multi-head attention (diffusers naming: to_q/to_k/to_v/to_out) with per-head RMSNorm on q and k, then RoPE.
+    """The DiT's multi-head attention (diffusers naming: to_q/to_k/to_v/to_out) with per-head RMSNorm on q and k
+    (ReCogDrive's blocks/attention.py), then RoPE.
 
     RoPE is applied to q always and to k only in self-attention (`context is None`): cross-attention keys (the VL
-    memory) carry no positions. Scale 1/sqrt(head_dim); an optional key mask [B, S] (True = attend).
+    memory) carry no positions. Logits divided by sqrt(head_dim); an optional key mask [B, S] (True = attend).
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs, context_dim: int | None = None,
@@ -140,9 +201,9 @@ class Attention(nnx.Module):
         self.to_q = dense(dim, inner, ("embed", "heads"), **kw)
         self.to_k = dense(context_dim, inner, ("embed", "kv"), **kw)
         self.to_v = dense(context_dim, inner, ("embed", "kv"), **kw)
-        if qk_norm:
-            self.q_norm = RMSNorm(head_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype)
-            self.k_norm = RMSNorm(head_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype)
+        if qk_norm:  # upstream blocks/rmsnorm.py: `_norm(x.float()).type_as(x) * weight`
+            norm = dict(order="cast_then_scale", eps=norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.q_norm, self.k_norm = RMSNorm(head_dim, **norm), RMSNorm(head_dim, **norm)
         else:
             self.q_norm = self.k_norm = None
         self.to_out = dense(inner, dim, ("heads", "embed"), **kw)
@@ -153,9 +214,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
                  rope: tuple[jax.Array, jax.Array] | None = None, mask: jax.Array | None = None) -> jax.Array:
-        """x [B, T, dim]; context [B, S, context_dim] or None (self-attention); mask [B, S] bool or None."""
+        """x [B, T, dim]; context [B, S, context_dim] or None (self-attention); rope (cos, sin) [T, hd];
+        mask [B, S] bool or None."""
         is_self = context is None
         ctx = x if is_self else context
+        # q/k norm and RoPE on [B, H, T, hd], as this module always did (the layout fixes XLA's reduction order of
+        # the norm weights' gradients, so the planner's numbers stay bitwise what they were).
         q = self._split_heads(self.to_q(x))  # [B, H, T, hd]
         k = self._split_heads(self.to_k(ctx))  # [B, H, S, hd]
         v = self._split_heads(self.to_v(ctx))
@@ -166,14 +230,11 @@ class Attention(nnx.Module):
             q = apply_rope(q, cos, sin)
             if is_self:
                 k = apply_rope(k, cos, sin)
-        logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
-        logits = logits / math.sqrt(self.head_dim)
-        if mask is not None:
-            logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        o = jnp.einsum("bhts,bhsd->bhtd", probs, v)  # [B, H, T, hd]
-        b, _, t, _ = o.shape
-        return self.to_out(o.transpose(0, 2, 1, 3).reshape(b, t, self.num_heads * self.head_dim))
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, T|S, H, hd]
+        o = dot_product_attention(q, k, v, None if mask is None else mask[:, None, :],
+                                  divide_by=math.sqrt(self.head_dim))  # [B, T, H, hd]
+        b, t = o.shape[:2]
+        return self.to_out(o.reshape(b, t, self.num_heads * self.head_dim))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,6 +274,21 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """log softmax(logits / temperature)[targets]: logits [..., V] (aligned so logits[..., i, :] predicts
+    targets[..., i]), targets [...] int -> [...] fp32. The one token log-prob of the LM loss, PPO ratios and tests.
+
+    `jax.nn.log_softmax`'s arithmetic (shift by the max first, so a near-certain token keeps its small log-prob
+    exactly instead of losing it in max + log(sum)), gathering the target before the subtraction so no [..., V]
+    log-prob array is needed."""
+    logits = logits.astype(jnp.float32)
+    if not (isinstance(temperature, (int, float)) and temperature == 1.0):  # may be traced
+        logits = logits / temperature
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    picked = jnp.take_along_axis(shifted, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+
+
 def to_dtype(name: str | Dtype) -> Dtype:
     """'float32' | 'bfloat16' | 'float16' | a dtype -> jnp dtype; raises on anything else."""
     if not isinstance(name, str):
@@ -229,6 +305,7 @@ def count_params(tree: Any) -> int:
 
 
 __all__: Sequence[str] = [
-    "dense", "RMSNorm", "LayerNorm", "Mlp", "SwiGLU", "Attention", "rope_inv_freq", "rope_cos_sin", "rotate_half",
-    "apply_rope", "sinusoidal_embedding", "TimestepEmbedding", "modulate", "to_dtype", "count_params",
+    "dense", "RMSNorm", "RMS_ORDERS", "LayerNorm", "Mlp", "SwiGLU", "Attention", "dot_product_attention", "NEG_INF",
+    "rope_inv_freq", "rope_cos_sin", "rotate_half", "apply_rope", "sinusoidal_embedding", "TimestepEmbedding",
+    "modulate", "token_logprobs", "to_dtype", "count_params",
 ]

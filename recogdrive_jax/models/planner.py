@@ -4,9 +4,11 @@ regression head (DESIGN §8.4). Both expose the same interface so stages pick on
     planner = build_planner(cfg, nnx.Rngs(0))
     loss, metrics = planner.loss(batch, rng)          # batch = {'cond': cond, 'future': [B, 8, 3] (, 'future_mask')}
     traj = planner.sample(cond, rng, deterministic=False)   # [B, 8, 3] raw units (x, y, heading)
-    # diffusion only (DiffGRPO):
+    # diffusion only (DiffGRPO); the one sampling API of the rl stage, evaluation and tests:
     out = planner.sample_with_chain(cond, rng)        # {'chain' [B, K+1, 8, 3], 'log_probs' [B, K, 8, 3], 'trajectory'}
     lp = planner.chain_log_prob(out['chain'], cond)   # [B, K, 8, 3] under the current params
+    ctx = repeat_context(planner.encode(cond), G)     # encode once per scene for its G rollouts, then
+    out = planner.sample_with_chain(None, rng, ctx=ctx); lp = planner.chain_log_prob(out['chain'], None, ctx=ctx)
 
 cond = {'vl_states': [B, L, Hv], 'status': [B, 8], 'history': [B, 4, 3], optional 'vl_mask': [B, L] bool}.
 Upstream uses no VL mask (the padded sequence, pads included, is pooled and cross-attended); `use_vl_mask=True`
@@ -238,11 +240,13 @@ class DiffusionPlanner(nnx.Module):
         self.action_decoder = Mlp(cfg.output_dim, cfg.mlp_hidden, cfg.action_dim, in_axis="mlp", out_axis=None, **kw)
 
     @property
-    def _ddpm(self):
+    def ddpm_schedule(self):
+        """The DDPM training schedule (numpy constants, cached per (train steps, inference steps))."""
         return _schedules(self.cfg.num_train_timesteps, self.cfg.num_inference_steps)[0]
 
     @property
-    def _ddim(self):
+    def ddim_schedule(self):
+        """The K-step DDIM sampling schedule."""
         return _schedules(self.cfg.num_train_timesteps, self.cfg.num_inference_steps)[1]
 
     # -- network -----------------------------------------------------------------------------------------------
@@ -284,16 +288,6 @@ class DiffusionPlanner(nnx.Module):
             return nnx.merge(graphdef, state).predict(x, t, ctx)
         return eps_fn
 
-    _eps_fn = eps_fn  # (older callers)
-
-    @property
-    def ddpm_schedule(self):
-        return self._ddpm
-
-    @property
-    def ddim_schedule(self):
-        return self._ddim
-
     # -- training ----------------------------------------------------------------------------------------------
     def loss(self, batch: Mapping[str, Any], rng: jax.Array) -> tuple[jax.Array, dict]:
         """IL loss: epsilon MSE (ddim) or flow-matching MSE; batch = {'cond': cond, 'future': [B, H, 3] raw}."""
@@ -302,14 +296,12 @@ class DiffusionPlanner(nnx.Module):
         fn = lambda x, t: self.predict(x, t, ctx)
         if self.cfg.sampling_method == "flow":
             return flow_lib.flow_loss(fn, x0, rng)
-        return ddim_lib.epsilon_loss(fn, self._ddpm, x0, rng)
+        return ddim_lib.epsilon_loss(fn, self.ddpm_schedule, x0, rng)
 
     # -- sampling ----------------------------------------------------------------------------------------------
-    def draw_noise(self, rng: jax.Array, b: int, x_init=None, step_noise=None):
-        """(x_init [B, H, A], step_noise [K, B, H, A]) ~ N(0, I), unless given."""
-        return self._noises(rng, b, x_init, step_noise)
-
-    def _noises(self, rng: jax.Array, b: int, x_init, step_noise):
+    def draw_noise(self, rng: jax.Array, b: int, x_init: jax.Array | None = None,
+                   step_noise: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(x_init [B, H, A], step_noise [K, B, H, A]) ~ N(0, I) from `rng`, unless given."""
         shape = (b, self.cfg.horizon, self.cfg.action_dim)
         k0, k1 = jax.random.split(rng)
         if x_init is None:
@@ -344,8 +336,8 @@ class DiffusionPlanner(nnx.Module):
         cfg = self.cfg
         rl = mode == "rl"
         ctx = self.encode(cond) if ctx is None else ctx
-        x_init, step_noise = self._noises(rng, ctx["memory"].shape[0], x_init, step_noise)
-        eps_fn = self._eps_fn(ctx)
+        x_init, step_noise = self.draw_noise(rng, ctx["memory"].shape[0], x_init, step_noise)
+        eps_fn = self.eps_fn(ctx)
         if cfg.sampling_method == "flow":
             if rl:
                 raise NotImplementedError("planner: sampling_method='flow' has no chain log-probs (upstream raises "
@@ -357,7 +349,7 @@ class DiffusionPlanner(nnx.Module):
             noise_clip=cfg.sampling_noise_clip if rl else cfg.eval_noise_clip,
             denoised_clip=cfg.denoised_clip, eps_clip=cfg.eps_clip, final_clip=cfg.final_clip,
             deterministic=mode == "deterministic")
-        return ddim_lib.ddim_sample(eps_fn, x_init, step_noise, self._ddim, settings,
+        return ddim_lib.ddim_sample(eps_fn, x_init, step_noise, self.ddim_schedule, settings,
                                     logprob_min_std=cfg.logprob_min_std if rl else None)
 
     def sample_with_chain(self, cond: Mapping[str, jax.Array] | None, rng: jax.Array, *,
@@ -386,7 +378,7 @@ class DiffusionPlanner(nnx.Module):
             raise ValueError(f"chain_log_prob: chain has shape {chain.shape}, expected [B, {k + 1}, "
                              f"{cfg.horizon}, {cfg.action_dim}]")
         ctx = self.encode(cond) if ctx is None else ctx
-        lps = ddim_lib.chain_log_prob(self.eps_fn(ctx), jnp.moveaxis(chain, 1, 0), self._ddim,
+        lps = ddim_lib.chain_log_prob(self.eps_fn(ctx), jnp.moveaxis(chain, 1, 0), self.ddim_schedule,
                                       min_std=cfg.logprob_min_std, eta=1.0, denoised_clip=cfg.denoised_clip,
                                       eps_clip=cfg.eps_clip)
         return jnp.moveaxis(lps, 0, 1)

@@ -6,7 +6,8 @@ with θ from the config, untied `lm_head` (tie option). Layers are stacked on a 
 
 One attention path serves training, prefill and decode: keys live in "slots" 0..S-1 (S = T without a cache,
 the cache length with one); `mask` [B, T, S] says which slot each query may see. RoPE positions are separate
-(`positions` [B, T], cumsum of the padding mask), so left and right padding both work.
+(`positions` [B, T], cumsum of the padding mask), so left and right padding both work. Dense, RMSNorm, RoPE and the
+attention kernel come from `models/layers.py`.
 """
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recogdrive_jax.models.internvit import RMSNorm, dense
+from recogdrive_jax.models.layers import RMSNorm, apply_rope, dense, dot_product_attention, rope_cos_sin
 
 Dtype = Any
-NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully-masked rows (pads) give uniform, not NaN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,34 +63,31 @@ class Qwen2Config:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """positions [B, T] → cos, sin [B, T, head_dim] (fp32, HF `cat(freqs, freqs)` layout)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+def _linear(din: int, dout: int, axes: tuple, cfg: Qwen2Config, *, bias: bool, dtype: Dtype, param_dtype: Dtype,
+            rngs: nnx.Rngs) -> nnx.Linear:
+    return dense(din, dout, axes, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                 kernel_init=nnx.initializers.normal(cfg.initializer_range))
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, H, hd]; rotate_half convention."""
-    half = x.shape[-1] // 2
-    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rot * sin
+def _rms_norm(cfg: Qwen2Config, dtype: Dtype, param_dtype: Dtype) -> RMSNorm:
+    """transformers' Qwen2RMSNorm casts before scaling: `weight * hidden.to(input_dtype)`."""
+    return RMSNorm(cfg.hidden_size, order="cast_then_scale", eps=cfg.rms_norm_eps, dtype=dtype,
+                   param_dtype=param_dtype)
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         d, hd = cfg.hidden_size, cfg.head_dim
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
-        self.q_proj = dense(d, cfg.num_attention_heads * hd, ("embed", "heads"), bias=True, **kw)
-        self.k_proj = dense(d, cfg.num_key_value_heads * hd, ("embed", "kv"), bias=True, **kw)
-        self.v_proj = dense(d, cfg.num_key_value_heads * hd, ("embed", "kv"), bias=True, **kw)
-        self.o_proj = dense(cfg.num_attention_heads * hd, d, ("heads", "embed"), bias=False, **kw)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = _linear(d, cfg.num_attention_heads * hd, ("embed", "heads"), cfg, bias=True, **kw)
+        self.k_proj = _linear(d, cfg.num_key_value_heads * hd, ("embed", "kv"), cfg, bias=True, **kw)
+        self.v_proj = _linear(d, cfg.num_key_value_heads * hd, ("embed", "kv"), cfg, bias=True, **kw)
+        self.o_proj = _linear(cfg.num_attention_heads * hd, d, ("heads", "embed"), cfg, bias=False, **kw)
 
     def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
-        """x [B, T, D]; mask [B, T, S] bool. Returns out [B, T, D] and (k, v) [B, S, KV, hd]."""
+        """x [B, T, D]; cos/sin [B, T, 1, hd]; mask [B, T, S] bool. Returns out [B, T, D] and (k, v)
+        [B, S, KV, hd]."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, g, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -102,22 +99,17 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
         kv_out = (k, v)
-        k, v = k.astype(q.dtype), v.astype(q.dtype)
-        q = q.reshape(b, t, g, h // g, hd)  # query head i uses kv head i // rep, as HF repeat_kv
-        scores = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32) * hd ** -0.5
-        scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h * hd)
-        return self.o_proj(out), kv_out
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)  # GQA; scale hd^-0.5
+        return self.o_proj(out.reshape(b, t, h * hd)), kv_out
 
 
 class Mlp(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
-        self.gate_proj = dense(d, f, ("embed", "mlp"), **kw)
-        self.up_proj = dense(d, f, ("embed", "mlp"), **kw)
-        self.down_proj = dense(f, d, ("mlp", "embed"), **kw)
+        kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = _linear(d, f, ("embed", "mlp"), cfg, **kw)
+        self.up_proj = _linear(d, f, ("embed", "mlp"), cfg, **kw)
+        self.down_proj = _linear(f, d, ("mlp", "embed"), cfg, **kw)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -125,9 +117,9 @@ class Mlp(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: Qwen2Config, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.input_layernorm = _rms_norm(cfg, dtype, param_dtype)
         self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = _rms_norm(cfg, dtype, param_dtype)
         self.mlp = Mlp(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
@@ -155,14 +147,14 @@ class Qwen2Model(nnx.Module):
             return DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         self.layers = make_layers(rngs)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.norm = _rms_norm(cfg, dtype, param_dtype)
 
     def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, mask: jax.Array,
                  cache: dict | None = None, cache_index: jax.Array | None = None):
         """inputs_embeds [B, T, D], positions [B, T], mask [B, T, S] → (hidden after final norm [B, T, D],
         new cache {'k','v': [L, B, S, KV, hd]} or None)."""
         cfg = self.cfg
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = (a[:, :, None, :] for a in rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta))  # [B, T, 1, hd]
         graphdef, state = nnx.split(self.layers)
         x = inputs_embeds.astype(self.dtype)
 
@@ -188,8 +180,8 @@ class Qwen2ForCausalLM(nnx.Module):
         self.cfg = cfg
         self.model = Qwen2Model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
         if not cfg.tie_word_embeddings:
-            self.lm_head = dense(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, dtype=dtype,
-                                 param_dtype=param_dtype, rngs=rngs, std=cfg.initializer_range)
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, bias=False, dtype=dtype,
+                                   param_dtype=param_dtype, rngs=rngs)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] → fp32 logits [..., V]."""
@@ -211,11 +203,3 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """HF/ReCogDrive convention: cumsum(mask) - 1, pads set to 1 (their value does not matter)."""
     m = attention_mask.astype(jnp.int32)
     return jnp.where(m > 0, jnp.cumsum(m, axis=-1) - 1, 1)
-
-
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """log p(targets) under `logits`: logits [..., V], targets [...] int → [...] fp32 (for PPO ratios)."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - lse

@@ -29,9 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from recogdrive_jax.diffusion import ddim as ddim_lib
 from recogdrive_jax import config_types
-from recogdrive_jax.models.planner import DiffusionPlanner, denormalize_pose
+from recogdrive_jax.models.planner import DiffusionPlanner, denormalize_pose, repeat_context
 from recogdrive_jax.sim import pdm
 from recogdrive_jax.train.state import TrainState
 
@@ -159,42 +158,12 @@ def clamped_step_log_prob(log_probs: jax.Array, lo: float = -5.0, hi: float = 2.
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sampling and log-probs from a precomputed conditioning (encode once per scene, reuse for its G chains).
-
-def _rl_settings(planner: DiffusionPlanner) -> ddim_lib.SamplerSettings:
-    cfg = planner.cfg
-    return ddim_lib.SamplerSettings(eta=1.0, min_std=cfg.sampling_min_std, noise_clip=cfg.sampling_noise_clip,
-                                    denoised_clip=cfg.denoised_clip, eps_clip=cfg.eps_clip,
-                                    final_clip=cfg.final_clip, deterministic=False)
-
-
-def repeat_ctx(ctx: Mapping[str, jax.Array], g: int) -> dict:
-    """Each scene's conditioning repeated g times, scene-major (upstream `repeat_interleave`)."""
-    return {k: jnp.repeat(v, g, axis=0) for k, v in ctx.items()}
-
+# Sampling and log-probs go through the planner's public API on an encoded context (`encode` once per scene,
+# `repeat_context` for its G chains): `sample_with_chain(None, rng, ctx=)` and `chain_log_prob(chain, None, ctx=)`.
 
 def take_ctx(ctx: Mapping[str, jax.Array], idx: jax.Array) -> dict:
+    """Rows `idx` of an encoded context (a minibatch's scenes)."""
     return {k: v[idx] for k, v in ctx.items()}
-
-
-def sample_chains(planner: DiffusionPlanner, ctx: Mapping[str, jax.Array], rng: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
-    """`sample_with_chain` on an encoded ctx: (chain [N, K+1, H, A], log_probs [N, K, H, A]); identical draws to
-    `planner.sample_with_chain(cond, rng)` for the cond that `ctx` encodes."""
-    n = ctx["memory"].shape[0]
-    x_init, noise = planner._noises(rng, n, None, None)
-    chain, lps = ddim_lib.ddim_sample(planner._eps_fn(ctx), x_init, noise, planner._ddim, _rl_settings(planner),
-                                      logprob_min_std=planner.cfg.logprob_min_std)
-    return jnp.moveaxis(chain, 0, 1), jnp.moveaxis(lps, 0, 1)
-
-
-def chain_log_prob(planner: DiffusionPlanner, ctx: Mapping[str, jax.Array], chain: jax.Array) -> jax.Array:
-    """`planner.chain_log_prob` on an encoded ctx: chain [N, K+1, H, A] -> per-coordinate log-probs [N, K, H, A]."""
-    cfg = planner.cfg
-    lps = ddim_lib.chain_log_prob(planner._eps_fn(ctx), jnp.moveaxis(chain, 1, 0), planner._ddim,
-                                  min_std=cfg.logprob_min_std, eta=1.0, denoised_clip=cfg.denoised_clip,
-                                  eps_clip=cfg.eps_clip)
-    return jnp.moveaxis(lps, 0, 1)
 
 
 def pdm_reward_fn(cfg: GRPOConfig, lqr_regulariser: str = "navsim") -> RewardFn:
@@ -216,7 +185,8 @@ def _safe_mean(x, mask):
 def bc_loss(planner: DiffusionPlanner, ctx: Mapping[str, jax.Array], ref_chain: jax.Array, cfg: GRPOConfig,
             scene_mask: jax.Array | None = None) -> jax.Array:
     """-mean over scenes (in `scene_mask`), K, 8, 3 of clamp(log p_current(reference chain))."""
-    ell = jnp.mean(clamped_step_log_prob(chain_log_prob(planner, ctx, ref_chain), cfg.logp_min, cfg.logp_max), -1)
+    lp = planner.chain_log_prob(ref_chain, None, ctx=ctx)
+    ell = jnp.mean(clamped_step_log_prob(lp, cfg.logp_min, cfg.logp_max), -1)
     if scene_mask is None:
         return -jnp.mean(ell)
     return -_safe_mean(ell, scene_mask)
@@ -231,7 +201,8 @@ def reinforce_loss(params, bind: Callable, cond, chain: jax.Array, adv: jax.Arra
     planner = bind(params)
     ctx = planner.encode(cond)
     g = chain.shape[0] // ctx["memory"].shape[0]
-    ell = clamped_step_log_prob(chain_log_prob(planner, repeat_ctx(ctx, g), chain), cfg.logp_min, cfg.logp_max)
+    lp = planner.chain_log_prob(chain, None, ctx=repeat_context(ctx, g))
+    ell = clamped_step_log_prob(lp, cfg.logp_min, cfg.logp_max)
     k = ell.shape[-1]
     contrib = jnp.where(valid[:, None], ell * adv[:, None] * weights[None], 0.0)  # [N, K]
     pg = -jnp.sum(contrib) / (jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0) * k)
@@ -252,8 +223,8 @@ def clip_loss(params, bind: Callable, cond, chain_mb: jax.Array, scene_mb: jax.A
     planner = bind(params)
     ctx = planner.encode(cond)
     b = ctx["memory"].shape[0]
-    ell = clamped_step_log_prob(chain_log_prob(planner, take_ctx(ctx, scene_mb), chain_mb), cfg.logp_min,
-                                cfg.logp_max).mean(-1)  # [M]
+    lp = planner.chain_log_prob(chain_mb, None, ctx=take_ctx(ctx, scene_mb))
+    ell = clamped_step_log_prob(lp, cfg.logp_min, cfg.logp_max).mean(-1)  # [M]
     log_ratio = ell - old_mb
     ratio = jnp.exp(log_ratio)
     a = adv_mb * mean_weight
@@ -288,8 +259,8 @@ def rollout(params, ref_params, bind: Callable, cond, scene, rng: jax.Array, cfg
     planner = bind(jax.lax.stop_gradient(params))
     ctx = planner.encode(cond)
     b = ctx["memory"].shape[0]
-    chain, lps = sample_chains(planner, repeat_ctx(ctx, g), k_roll)
-    chain, lps = jax.lax.stop_gradient(chain), jax.lax.stop_gradient(lps)
+    out = planner.sample_with_chain(None, k_roll, ctx=repeat_context(ctx, g))
+    chain, lps = jax.lax.stop_gradient(out["chain"]), jax.lax.stop_gradient(out["log_probs"])
     traj = denormalize_pose(chain[:, -1]).reshape(b, g, *chain.shape[2:])  # [B, G, H, 3]
     scores = dict(reward_fn(scene, traj))
     if cfg.reward not in scores:
@@ -302,7 +273,7 @@ def rollout(params, ref_params, bind: Callable, cond, scene, rng: jax.Array, cfg
     chain = jnp.where(vflat[:, None, None, None], chain, 0.0)
     old_ell = jnp.where(vflat[:, None], clamped_step_log_prob(lps, cfg.logp_min, cfg.logp_max), 0.0)
     ref = bind(jax.lax.stop_gradient(ref_params))
-    ref_chain = jax.lax.stop_gradient(sample_chains(ref, ref.encode(cond), k_ref)[0])
+    ref_chain = jax.lax.stop_gradient(ref.sample_with_chain(None, k_ref, ctx=ref.encode(cond))["chain"])
     return dict(chain=chain, old_ell=old_ell, trajectory=traj, scores=scores, reward=reward, valid=valid, adv=adv,
                 ref_chain=ref_chain)
 

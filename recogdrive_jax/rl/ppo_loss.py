@@ -8,7 +8,7 @@ Sequence log-prob of a generated answer `out[0..L)`:
 decoded text) or, in `reference_last5` mode (what the official code does in practice), L−5. `out_0` and
 `out_1` get weight 0 (the official gather starts at out[1:] and the thought sum at index 1 of that), padding
 (token id 0) gets 0. Build the weights on the host with `answer_token_weights`, then everything here is pure
-and jittable.
+and jittable. Token log-probs come from `models.layers.token_logprobs` (with its temperature).
 
 Loss per sample (upstream `algo/ppo.py`, minibatch 1):
 
@@ -71,13 +71,6 @@ def offsets_from_pieces(pieces: Sequence[str]) -> list[tuple[int, int]]:
     return out
 
 
-def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1.0) -> jax.Array:
-    """logits [B, L, V] (already aligned so logits[:, i] predicts targets[:, i]), targets [B, L] →
-    [B, L] fp32 log-probs of the targets under softmax(logits / temperature)."""
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    return jnp.take_along_axis(lp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-
-
 def sequence_logprob(token_logp: jax.Array, weights: jax.Array) -> jax.Array:
     """[B, L] token log-probs × [B, L] weights → [B] weighted sequence log-prob."""
     return jnp.sum(jnp.where(weights != 0, token_logp * weights, 0.0), axis=-1)
@@ -120,5 +113,5 @@ def ppo_loss(new_logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, va
     return loss, metrics
 
 
-__all__ = ["action_split_index", "answer_token_weights", "offsets_from_pieces", "token_logprobs",
-           "sequence_logprob", "ppo_loss", "ACTION_KEY"]
+__all__ = ["action_split_index", "answer_token_weights", "offsets_from_pieces", "sequence_logprob", "ppo_loss",
+           "ACTION_KEY"]
