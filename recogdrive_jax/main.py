@@ -31,14 +31,15 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
-def check_workdir(workdir: str | None, stage: str | None = None) -> str:
+def check_workdir(workdir: str | None, stage: str | None = None, config=None) -> str:
     """The absolute workdir (a URL stays a URL), after writing and deleting a marker there: an unwritable local
-    directory or an unreachable `gs://`/`s3://` URL fails here, within seconds, naming it."""
+    directory, an unreachable `gs://`/`s3://` URL or a remote one for a stage (or pipeline step) that writes local
+    files only fails here, within seconds, naming it."""
     if not workdir:
         fail("--workdir is required")
     from recogdrive_jax import storage
     from recogdrive_jax.stages import remote_workdir_error  # the stages that write through `storage`
-    refusal = remote_workdir_error(stage, workdir) if stage else None  # (a pipeline checks each of its steps)
+    refusal = remote_workdir_error(stage, workdir, config) if stage else None  # (a pipeline: each of its steps)
     if refusal:
         fail(refusal)
     try:
@@ -63,7 +64,7 @@ def run(config, workdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; use --config.<key>=<value> to override config values")
-    workdir = check_workdir(_WORKDIR.value, _CONFIG.value.get("stage"))
+    workdir = check_workdir(_WORKDIR.value, _CONFIG.value.get("stage"), _CONFIG.value)
     logging.set_verbosity(logging.INFO if os.environ.get("RECOGDRIVE_VERBOSE") else logging.WARNING)
     try:
         run(_CONFIG.value, workdir)

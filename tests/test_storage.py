@@ -146,12 +146,11 @@ def test_unreachable_gcs_workdir_fails_at_start_up_naming_it(tmp_path):
     _no_local_gs_dirs(tmp_path)
 
 
-def test_stage_without_remote_outputs_refuses_a_gcs_workdir(emulator, tmp_path):
-    """A stage that still writes local files only (here `navsim_convert`, as a pipeline step; the pipeline checks
-    every step before the first runs) is one `error:` line naming the stage and the URL."""
+def test_stage_without_remote_outputs_refuses_a_gcs_workdir(tmp_path):
+    """A stage that still writes local files only (here `navsim_convert`, as a pipeline step: start-up checks every
+    step before anything runs or connects) is one `error:` line naming the stage and the URL."""
     url = f"gs://{BUCKET}/fake"
-    r = _cli([f"--config={ROOT}/configs/navsim_fake.py:navsim", f"--workdir={url}"], _emulator_env(emulator),
-             cwd=tmp_path, timeout=120)
+    r = _cli([f"--config={ROOT}/configs/navsim_fake.py:navsim", f"--workdir={url}"], {}, cwd=tmp_path, timeout=120)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and last.startswith("error: pipeline step 'navsim': --workdir=gs://"), r.stderr
     assert f"{url}/navsim" in last and "'navsim_convert'" in last

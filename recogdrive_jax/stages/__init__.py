@@ -4,7 +4,7 @@ Modules are imported lazily so `--config.stage=il` does not import the VLM stack
 """
 import importlib
 
-from recogdrive_jax.configs import STAGE_NAMES
+from recogdrive_jax.configs import STAGE_NAMES, step_names
 from recogdrive_jax import storage
 from recogdrive_jax.errors import UserError
 
@@ -27,8 +27,18 @@ class RemoteWorkdirError(UserError):
     pass
 
 
-def remote_workdir_error(stage: str, workdir: str) -> str | None:
-    """The one-line refusal of a remote `workdir` for `stage` (None when the stage supports it or it is local)."""
+def remote_workdir_error(stage: str, workdir: str, config=None) -> str | None:
+    """The one-line refusal of a remote `workdir` for `stage` (None when the stage supports it or it is local);
+    with the `config` of a pipeline, the first of its steps (`name` or `name:stage`) whose stage refuses it."""
+    if stage == "pipeline" and config is not None and storage.is_remote(workdir):
+        for entry in step_names(config):
+            name, _, step_stage = entry.partition(":")
+            if not step_stage and name in config.pipeline.configs:
+                step_stage = config.pipeline.configs[name].stage
+            refusal = remote_workdir_error(step_stage, storage.join(workdir, name))
+            if refusal:
+                return f"pipeline step {name!r}: {refusal}"
+        return None
     if not storage.is_remote(workdir) or stage in REMOTE_WORKDIR_STAGES or stage not in STAGES:
         return None
     ok = ", ".join(REMOTE_WORKDIR_STAGES)
