@@ -3,7 +3,7 @@
 Config files stay `ml_collections` files (the README commands and `--config.a.b=v` overrides read them); `typed()`
 turns one into a `RunConfig` of frozen dataclass blocks (`config.train` → `TrainConfig`, ...) before anything is
 built. `from_mapping` is the one conversion every block goes through: an unknown key, a wrong type or a value out of
-range is a `ConfigError` naming the full key (`config.optim.lr: expected a float > 0, got -1`), a missing key takes
+range is a `ConfigError` naming the full key (`config.optim.lr: expected a float >= 0 (0 keeps the weights), got -1`), a missing key takes
 the field's default. Code below the stages reads attributes of the typed blocks; an unknown attribute raises. The
 builders in configs.py / stage_configs.py take their defaults from these dataclasses (`defaults(...)`), so no
 default is written twice.
@@ -373,7 +373,7 @@ class OptimConfig(Block):
 
     def checks(self):
         return [
-            (self.lr > 0, "lr", f"expected a float > 0, got {self.lr!r}"),
+            (self.lr >= 0, "lr", f"expected a float >= 0 (0 keeps the weights), got {self.lr!r}"),
             (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"expected a float in [0, 1), got {self.warmup_ratio!r}"),
             (self.warmup_steps >= 0, "warmup_steps", f"expected an int >= 0, got {self.warmup_steps!r}"),
             (self.schedule in SCHEDULES, "schedule", f"unknown {self.schedule!r}; allowed: {list(SCHEDULES)}"),

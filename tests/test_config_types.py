@@ -35,7 +35,7 @@ def test_unknown_attribute_raises_and_blocks_are_frozen():
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("optim.lr", -1.0, r"config\.optim\.lr: expected a float > 0, got -1"),
+    ("optim.lr", -1.0, r"config\.optim\.lr: expected a float >= 0 \(0 keeps the weights\), got -1"),
     ("optim.lr", "fast", r"config\.optim\.lr: expected a float, got 'fast'"),
     ("train.num_steps", 2.5, r"config\.train\.num_steps: expected an int, got 2\.5"),
     ("train.tensorboard", 1, r"config\.train\.tensorboard: expected a bool"),

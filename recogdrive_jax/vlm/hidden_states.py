@@ -24,7 +24,7 @@ class PromptBuilder:
 
     def __init__(self, cfg, tok, cache_cfg, ego_status: bool | None = None):
         if ego_status is None:
-            ego_status = cache_cfg.get("ego_status_text", "auto") != "off"
+            ego_status = cache_cfg.ego_status_text != "off"
         self.ego_status = bool(ego_status)
         self.cfg, self.tok = cfg, tok
         self.max_num, self.min_num = int(cache_cfg.max_dynamic_patch), int(cache_cfg.min_dynamic_patch)
