@@ -4,7 +4,7 @@ laptop CPU in minutes. `make demo` runs it; every step is the real stage code wi
   sft     tiny InternVL SFT on synthetic driving QA (loss visibly falling)        configs/demo_vlm.py
   cache   its last hidden states over the planner's scenes, in TensorStore        configs/demo_vlm.py
   il_vlm  Stage 2 on that cache: shows the cache path, and does NOT beat the constant-velocity baseline inside the
-          CI budget (PDMS 0.68 vs 0.81; why in configs/demo_vlm.py; the evidence command is configs/see/cache_il.py)
+          CI budget (PDMS 0.65 vs 0.81; why in configs/demo_vlm.py; the evidence command is configs/see/cache_il.py)
   il      Stage 2 on the fixed scene-token encoder; prints held-out PDMS vs the constant-velocity baseline
   rl      Stage 3 DiffGRPO from `il`'s EMA params                                 configs/demo_rl.py
   eval    the RL policy on the held-out test split (metrics.json / metrics.md / BEV PNGs)

@@ -1,8 +1,9 @@
 """The demo's VLM steps: SFT of the tiny InternVL on synthetic driving QA (about a minute on 2 CPU cores, loss
 visibly falling), then the hidden-state cache of the planner's scenes, then IL on that cache.
 
-`il_vlm` is below the constant-velocity baseline, and cannot get above it inside the CI budget (measured
-2026-12-07, seed 0, 128 held-out scenes, CV 0.807; the prompt without the ego-status line):
+`il_vlm` is below the constant-velocity baseline, and cannot get above it inside the CI budget: PDMS 0.651 vs
+CV 0.807 (seed 0, 128 held-out scenes, 2026-12-07). Why (measured the same day with the prompt before it had the
+ego-status line, where il_vlm scored 0.679):
 * each step on the cache costs ~7x a scene-token step (the memory is the whole ~390-token prompt, not ~40 scene
   tokens: 0.58 vs 0.08 s per batch-128 step, loaded 2-core machine), so the budget affords 400 steps, and at 400
   steps IL is below CV on scene tokens too (0.735 vs the cache's 0.679);
