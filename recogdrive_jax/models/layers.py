@@ -154,8 +154,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     """softmax(q k^T * scale + mask) v, the one attention kernel of the DiT, InternViT and Qwen2.
 
     q [B, T, H, hd]; k, v [B, S, G, hd] with H a multiple of G (grouped-query: query head i reads kv head i // (H/G),
-    transformers' `repeat_kv`); mask bool, broadcastable to [B, T, S] (True = attend), or None. Logits and softmax
-    in fp32 (`preferred_element_type`), probabilities cast to v.dtype for the second product. The logits are scaled
+    transformers' `repeat_kv`); mask bool, broadcastable to [B, T, S] (True = attend), or None. Both products run
+    in the compute dtype (bf16 operands in forward and backward: with `preferred_element_type=f32` JAX's transpose
+    would feed the backward products fp32 operands), the logits are upcast to fp32 for the scale, mask and softmax,
+    as transformers' eager attention does, and the probabilities cast back to v.dtype. fp32: unchanged. The logits are scaled
     by `scale` (default head_dim^-0.5: transformers' Qwen2 / InternViT), or divided by `divide_by` when given (the
     DiT port's order, `/ sqrt(head_dim)`, kept so its numbers stay bitwise what they were; the two differ in the
     last bit). Returns [B, T, H, hd].
@@ -170,13 +172,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 
     if g == h:  # products on [B, H, T, hd] (XLA's CPU results depend on the layout: this is the DiT's)
         qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-        scores = scaled(jnp.einsum("bhtd,bhsd->bhts", qh, kh, preferred_element_type=jnp.float32))  # [B, H, T, S]
+        scores = scaled(jnp.einsum("bhtd,bhsd->bhts", qh, kh).astype(jnp.float32))  # [B, H, T, S]
         if mask is not None:
             scores = jnp.where(mask[:, None], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bhts,bhsd->bhtd", probs, vh).transpose(0, 2, 1, 3)
     qg = q.reshape(b, t, g, h // g, hd)  # grouped products (Qwen2's GQA form)
-    scores = scaled(jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32))  # [B, G, R, T, S]
+    scores = scaled(jnp.einsum("btgrd,bsgd->bgrts", qg, k).astype(jnp.float32))  # [B, G, R, T, S]
     if mask is not None:
         scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
