@@ -606,6 +606,71 @@ class CacheConfig(Block):
         ]
 
 
+JOINT_HEADS = ("dit", "opentrackvla")
+JOINT_TRAIN_LLM = ("all", "last_n", "none")
+PROMPT_EGO_STATUS = ("on", "off")
+
+
+def _square(v: int) -> bool:
+    return v >= 1 and int(v ** 0.5 + 0.5) ** 2 == v
+
+
+@dataclasses.dataclass(frozen=True)
+class JointConfig(Block):
+    """`config.joint` of the il_joint stage (vlm/joint.py): which head, what of the VLM trains, the OpenTrackVLA
+    frame tokens. `history_frames`' upper bound (the world's past poses) is checked by joint.validate."""
+    KEY: ClassVar[str] = "joint"
+    head: str = "dit"  # 'dit': config.planner on the prompt's hidden states | 'opentrackvla': seed 002's recipe
+    train_llm: str = "all"  # 'all' | 'last_n' (the last joint.last_n decoder layers + final norm) | 'none'
+    last_n: int = 2
+    train_vision: bool = False  # the InternViT (the seed's frame features are precomputed: frozen)
+    train_projector: bool = True  # mlp1 (the seed's CrossModalityProjector)
+    lm_loss_weight: float = 0.0  # > 0: + weight x next-token CE on the trajectory answer (driving QA), dit head only
+    history_frames: int = 3  # opentrackvla: past front-camera frames (world.past_scene at -1.5, -1.0, -0.5 s)
+    coarse_tokens: int = 4  # opentrackvla: pooled tokens per history frame
+    fine_tokens: int = 64  # opentrackvla: pooled tokens of the current frame
+    alpha_xy: float = -1.0  # opentrackvla head: tanh x alpha_xy; -1 = the training futures' 95th percentile
+    memo_mb: float = 1024.0  # rendered/tiled samples kept in memory (later epochs skip rendering)
+
+    def checks(self):
+        return [
+            (self.head in JOINT_HEADS, "head", f"unknown {self.head!r}; allowed: {list(JOINT_HEADS)}"),
+            (self.train_llm in JOINT_TRAIN_LLM, "train_llm",
+             f"unknown {self.train_llm!r}; allowed: {list(JOINT_TRAIN_LLM)}"),
+            (self.last_n >= 1, "last_n", f"must be an int >= 1, got {self.last_n!r}"),
+            (self.lm_loss_weight >= 0, "lm_loss_weight", f"must be a number >= 0, got {self.lm_loss_weight!r}"),
+            (not (self.head == "opentrackvla" and self.lm_loss_weight > 0), "lm_loss_weight",
+             "the OpenTrackVLA head has no LM loss (its LLM reads continuous embeddings); use 0"),
+            (self.history_frames >= 0, "history_frames", f"must be an int >= 0, got {self.history_frames!r}"),
+            (_square(self.coarse_tokens), "coarse_tokens", f"must be a square int >= 1, got {self.coarse_tokens!r}"),
+            (_square(self.fine_tokens), "fine_tokens", f"must be a square int >= 1, got {self.fine_tokens!r}"),
+            (self.alpha_xy == -1 or self.alpha_xy > 0, "alpha_xy",
+             f"must be > 0, or -1 for the training futures' 95th percentile, got {self.alpha_xy!r}"),
+            (self.memo_mb >= 0, "memo_mb", f"must be a number >= 0, got {self.memo_mb!r}"),
+        ]
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig(Block):
+    """`config.prompt` of the il_joint stage: the driving prompt (the cache block's prompt keys: run `cache` with
+    the same values to read the joint VLM's states)."""
+    KEY: ClassVar[str] = "prompt"
+    max_dynamic_patch: int = 12
+    min_dynamic_patch: int = 1
+    use_thumbnail: bool = True
+    system_message: str = "__driving__"  # '__driving__' = data/driving_prompt.DRIVING_SYSTEM, '' = none
+    ego_status_text: str = "on"  # the ego-status line (the SFT trajectory QA and the cache's 'auto' ask it)
+
+    def checks(self):
+        return [
+            (1 <= self.min_dynamic_patch <= self.max_dynamic_patch, "max_dynamic_patch",
+             f"need 1 <= min_dynamic_patch <= max_dynamic_patch, got {self.min_dynamic_patch}, "
+             f"{self.max_dynamic_patch}"),
+            (self.ego_status_text in PROMPT_EGO_STATUS, "ego_status_text",
+             f"must be 'on' or 'off', got {self.ego_status_text!r}"),
+        ]
+
+
 @dataclasses.dataclass(frozen=True)
 class PPOConfig(Block):
     """`config.ppo` (stage `ppo`, rl/ppo.py)."""
@@ -653,7 +718,8 @@ STAGE_BLOCKS: dict[str, dict[str, Any]] = {
     "il": _PLANNER,
     "eval": _PLANNER,
     "rl": {**_PLANNER, "rl": None},
-    "il_joint": {**_PLANNER, "model": ModelConfig, "prompt": None, "joint": None, "export": ExportConfig},
+    "il_joint": {**_PLANNER, "model": ModelConfig, "prompt": PromptConfig, "joint": JointConfig,
+                 "export": ExportConfig},
     "sft": {"model": ModelConfig, "data": SFTDataConfig, "eval": SFTEvalConfig, "export": ExportConfig,
             **_VIRL, "virl_sft": None},
     "cache": {"model": ModelConfig, "data": PlannerDataConfig, "cache": CacheConfig},
@@ -670,6 +736,17 @@ UNSUPPORTED: dict[str, dict[str, tuple[Any, str]]] = {
     "ppo": {"optim.grad_accum": (1, "ppo accumulates micro-batches per minibatch: set config.ppo.minibatch_grad_accum"),
             "train.ema_decay": (0.0, "the ppo stage keeps no EMA")},
     "sft": {"train.ema_decay": (0.0, "the sft stage keeps no EMA")},
+    "il_joint": {
+        "data.source": ("synthetic", "il_joint renders the synthetic world's cameras"),
+        "data.cache_dir": ("", "il_joint computes the VLM's states itself (no cache)"),
+        "data.vl_features": ("real", "il_joint has no cached features to shuffle or zero"),
+        "eval.protocol": ("deterministic", "il_joint evaluates with deterministic sampling only"),
+        "model.freeze_vision": (False, "il_joint's trainable parts are config.joint.train_vision / train_projector "
+                                       "/ train_llm"),
+        "model.freeze_llm": (False, "il_joint's trainable parts are config.joint.train_llm"),
+        "model.freeze_mlp": (False, "il_joint's trainable parts are config.joint.train_projector"),
+        "export.each_eval": (False, "il_joint exports once, at the end (export.at_end)"),
+    },
 }
 
 

@@ -55,24 +55,8 @@ def il_joint_stage_config(variant: str = "tiny", planner_variant: str = "tiny") 
     c.planner.vl_dim = 0  # 0 = the VLM's hidden size
     c.train.ema_decay = 0.0  # an EMA would copy the whole VLM
     c.model = model_block(variant=variant)
-    c.prompt = ml_collections.ConfigDict(dict(
-        max_dynamic_patch=12, min_dynamic_patch=1, use_thumbnail=True,
-        system_message="__driving__",  # '__driving__' = data/driving_prompt.DRIVING_SYSTEM, '' = none
-        ego_status_text="on",  # the ego-status line (the SFT trajectory QA and the cache's 'auto' ask it)
-    ))
-    c.joint = ml_collections.ConfigDict(dict(
-        head="dit",  # 'dit': config.planner on the prompt's hidden states | 'opentrackvla': seed 002's recipe
-        train_llm="all",  # 'all' | 'last_n' (the last joint.last_n decoder layers + final norm) | 'none'
-        last_n=2,
-        train_vision=False,  # the InternViT (the seed's frame features are precomputed: frozen)
-        train_projector=True,  # mlp1 (the seed's CrossModalityProjector)
-        lm_loss_weight=0.0,  # > 0: + weight x next-token CE on the trajectory answer (driving QA), dit head only
-        history_frames=3,  # opentrackvla: past front-camera frames (world.past_scene at -1.5, -1.0, -0.5 s)
-        coarse_tokens=4,  # opentrackvla: pooled tokens per history frame
-        fine_tokens=64,  # opentrackvla: pooled tokens of the current frame
-        alpha_xy=-1.0,  # opentrackvla head: tanh x alpha_xy; -1 = the training futures' 95th percentile
-        memo_mb=1024,  # rendered/tiled samples kept in memory (later epochs skip rendering)
-    ))
+    c.prompt = ml_collections.ConfigDict(ct.defaults(ct.PromptConfig))  # keys: config_types.PromptConfig
+    c.joint = ml_collections.ConfigDict(ct.defaults(ct.JointConfig))  # keys: config_types.JointConfig
     c.export = ml_collections.ConfigDict(dict(at_end=True, layout="native", dtype="bfloat16", max_shard_size="5GB"))
     return c
 

@@ -5,7 +5,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -31,8 +30,7 @@ def _config(**joint_kw):
 
 @pytest.fixture(scope="module")
 def setup():
-    c = _config(train_llm="last_n", last_n=1, lm_loss_weight=0.1)
-    joint.validate(c)
+    c = joint.validate(_config(train_llm="last_n", last_n=1, lm_loss_weight=0.1))
     resolved = vlm_ckpt.resolve_model(c.model, None, "/nonexistent")
     cfg = resolved.cfg
     tok = load_or_build_tokenizer(resolved, "")
@@ -52,11 +50,11 @@ def test_planner_loss_reaches_the_llm_and_last_n_masks_the_rest(setup):
     inputs = joint.JointInputs(c, cfg, tok, [split])
     batch = jax.tree.map(jnp.asarray, inputs.batch(split, np.arange(2)))
     assert inputs.t_pad > inputs.t_vl  # prompt + trajectory answer (the LM auxiliary)
-    config = ml_collections.ConfigDict(c.to_dict())
-    config.optim.freeze = joint.freeze_patterns(config, cfg)
+    frozen = joint.freeze_patterns(c, cfg)
+    config = c.with_values({"optim.freeze": frozen})
     params = mdef.init(jax.random.key(0))
     tx = optim.make_optimizer(config.optim, 10, params)
-    step = joint.make_update(config, joint.make_loss_fn(config, mdef), cfg, 0.0, None)(tx)
+    step = joint.make_update(config, joint.make_loss_fn(config, mdef, frozen), cfg, 0.0, None)(tx)
     state = init_train_state(params, tx)
     new, metrics = jax.jit(step)(state, batch, jax.random.key(1), None)
     assert np.isfinite(float(metrics["lm_loss"])) and float(metrics["lm_loss"]) > 0
@@ -75,7 +73,7 @@ def test_planner_loss_reaches_the_llm_and_last_n_masks_the_rest(setup):
                    for k, v in _leaf(params, prefix).items()), prefix
 
     # the answer after the prompt does not change the planner's (causal) prompt states
-    plain = joint.JointInputs(_config(), cfg, tok, [split])
+    plain = joint.JointInputs(joint.validate(_config()), cfg, tok, [split])
     pb = jax.tree.map(jnp.asarray, plain.batch(split, np.arange(2)))
     cond_fn = jax.jit(lambda p, b: mdef.bind(p).cond(b)["vl_states"])
     np.testing.assert_allclose(np.asarray(cond_fn(params, batch)), np.asarray(cond_fn(params, pb)), atol=2e-5)
@@ -84,8 +82,8 @@ def test_planner_loss_reaches_the_llm_and_last_n_masks_the_rest(setup):
 @pytest.mark.parametrize("train_llm,llm_moves", [("all", True), ("none", False)])
 def test_train_llm_all_updates_the_llm_and_none_freezes_it(setup, train_llm, llm_moves):
     c, cfg, _, _, mdef = setup
-    config = _config(train_llm=train_llm)
-    config.optim.freeze = joint.freeze_patterns(config, cfg)
+    config = joint.validate(_config(train_llm=train_llm))
+    config = config.with_values({"optim.freeze": joint.freeze_patterns(config, cfg)})
     params = mdef.abstract_params()
     params = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), params)
     grads = jax.tree.map(jnp.ones_like, params)  # what any loss would send back

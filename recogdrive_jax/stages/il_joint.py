@@ -13,7 +13,6 @@ made from WORKDIR: the VLM then stays frozen, its states computed once per scene
 from __future__ import annotations
 
 import jax
-import ml_collections
 
 from recogdrive_jax import storage
 from recogdrive_jax.data import planner_data
@@ -27,7 +26,7 @@ from recogdrive_jax.vlm.tokenizer import load_or_build_tokenizer
 
 
 def run(config, workdir: str) -> dict:
-    joint.validate(config)
+    config = joint.validate(config)  # typed (config_types.RunConfig)
     workdir = storage.abspath(workdir)
     storage.makedirs(workdir)
     resolved = vlm_ckpt.resolve_model(config.model, None, workdir)
@@ -39,12 +38,15 @@ def run(config, workdir: str) -> dict:
     pcfg = joint.head_config(config, cfg, train_split.scenes)
     mdef = joint.module_def(config, cfg, pcfg)
     inputs = joint.JointInputs(config, cfg, tok, [train_split, eval_split])
-    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy: the derived freeze patterns below
-    config.optim.freeze = tuple(config.optim.get("freeze", ()) or ()) + joint.freeze_patterns(config, cfg)
+    # Derived at run time (pure; recorded under `derived` in config.json, the config itself stays as given).
+    freeze = tuple(config.optim.freeze) + joint.freeze_patterns(config, cfg)
+    derived = {"optim.freeze": freeze} if freeze != tuple(config.optim.freeze) else {}
+    run_config = config.with_values(derived)
     rt = runtime_lib.from_config(config)
     sampler = joint.make_sampler(mdef)
     eval_rng = jax.random.key(int(config.seed) + 17)
-    ema_decay = float(config.train.get("ema_decay", 0.0))
+    ema_decay = config.train.ema_decay
+    pdm_kwargs = config.eval.pdm_kwargs
 
     def load_init(abstract, shardings, rng):
         """The VLM from config.model (random init when it has no weights), the planner / head freshly initialised."""
@@ -57,25 +59,26 @@ def run(config, workdir: str) -> dict:
     def eval_fn(state, step):
         params = state.ema_params if (config.eval.use_ema and state.ema_params is not None) else state.params
         plans = joint.plan_split(sampler, params, inputs, eval_split, eval_rng, int(config.eval.batch_size))
-        per = planner_eval.score_plans(eval_split, plans)
+        per = planner_eval.score_plans(eval_split, plans, **pdm_kwargs)
         planner_common.plot_examples(storage.join(workdir, "plots", f"step_{step:06d}"), eval_split, plans, per,
                                      int(config.eval.num_plots))
         return planner_eval.summarize(per)
 
-    loss_fn = joint.make_loss_fn(config, mdef)
+    loss_fn = joint.make_loss_fn(config, mdef, frozen=freeze)
     task = loop.Task(
         name="il_joint", init_params=mdef.init, loss_fn=None, logical=mdef.logical, eval_fn=eval_fn,
         train_iter=inputs.train_iterator(train_split, loop.local_batch_size(config), int(config.seed)),
         ema_decay=ema_decay, load_init=load_init,
-        make_update=joint.make_update(config, loss_fn, cfg, ema_decay,
-                                      optim.make_schedule(config.optim, int(config.train.num_steps))))
+        make_update=joint.make_update(run_config, loss_fn, cfg, ema_decay,
+                                      optim.make_schedule(run_config.optim, int(config.train.num_steps))))
     if jax.process_index() == 0:
-        print(f"[il_joint] head {config.joint.head}, LLM {config.joint.train_llm}, frozen {list(config.optim.freeze)}; "
+        print(f"[il_joint] head {config.joint.head}, LLM {config.joint.train_llm}, frozen {list(freeze)}; "
               f"prompt {inputs.t_vl} tokens (row {inputs.t_pad}); init "
               f"{resolved.params_path or 'random ' + config.model.variant}", flush=True)
-    state, final = loop.train(config, workdir, task, runtime=rt)
+    state, final = loop.train(config, workdir, task, runtime=rt, derived=derived)
     exported = joint.export_parts(state, config, cfg, tok, workdir)
-    baseline = planner_eval.summarize(planner_eval.score_plans(eval_split, planner_eval.constant_velocity_plans(eval_split)))
+    baseline = planner_eval.summarize(planner_eval.score_plans(eval_split, planner_eval.constant_velocity_plans(eval_split),
+                                                               **pdm_kwargs))
     planner_eval.write_report(storage.join(workdir, "eval", eval_split.name), final,
                               {"il_joint": final, "constant_velocity": baseline})
     if jax.process_index() == 0:

@@ -18,7 +18,6 @@ Frozen parts get neither updates nor weight decay (`config.optim.freeze` pattern
 """
 from __future__ import annotations
 
-import math
 import os
 import types
 
@@ -28,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from recogdrive_jax import config_types
 from recogdrive_jax.configs import ConfigError
 from recogdrive_jax.convert import internvl as conv
 from recogdrive_jax.data import driving_prompt as dp
@@ -40,46 +40,29 @@ from recogdrive_jax.models.planner import PlannerConfig, build_planner, normaliz
 from recogdrive_jax.sim import render, world
 from recogdrive_jax.train import checkpoint as ckpt_lib
 from recogdrive_jax.train.module_def import ModuleDef
-from recogdrive_jax.train.optim import path_str
+from recogdrive_jax.train.optim import freeze_labels, path_str
 from recogdrive_jax.train.state import make_train_step
 from recogdrive_jax.vlm import hf_export, lm_loss
 from recogdrive_jax.vlm.checkpoint import DTYPES, JOINT_VLM_DIR
 from recogdrive_jax.vlm.hidden_states import PromptBuilder, collate, front_image
 
-HEADS = ("dit", "opentrackvla")
-TRAIN_LLM = ("all", "last_n", "none")
+HEADS, TRAIN_LLM = config_types.JOINT_HEADS, config_types.JOINT_TRAIN_LLM
 LAYERS = "vlm/language_model/model/layers/"
 PLANNER_KEY = {"dit": "planner", "opentrackvla": "head"}  # the head's subtree in the joint params
 
 
-def validate(config) -> None:
-    """The `joint` / `prompt` blocks; errors name the key."""
-    def req(cond, key, msg):
-        if not cond:
-            raise ConfigError(f"config.{key}: {msg}")
+def validate(config) -> config_types.RunConfig:
+    """The typed config (`joint` / `prompt`: config_types.JointConfig / PromptConfig; keys il_joint does not honour
+    are rejected there) + the check that needs the world; errors name the key."""
     for block in ("model", "joint", "prompt", "planner", "data", "eval"):
-        req(block in config, block, "missing (start from stage_configs.il_joint_stage_config())")
-    j = config.joint
-    req(j.head in HEADS, "joint.head", f"unknown {j.head!r}; allowed: {list(HEADS)}")
-    req(j.train_llm in TRAIN_LLM, "joint.train_llm", f"unknown {j.train_llm!r}; allowed: {list(TRAIN_LLM)}")
-    req(isinstance(j.last_n, int) and j.last_n >= 1, "joint.last_n", f"must be an int >= 1, got {j.last_n!r}")
-    req(isinstance(j.lm_loss_weight, (int, float)) and j.lm_loss_weight >= 0, "joint.lm_loss_weight",
-        f"must be a number >= 0, got {j.lm_loss_weight!r}")
-    req(not (j.head == "opentrackvla" and j.lm_loss_weight > 0), "joint.lm_loss_weight",
-        "the OpenTrackVLA head has no LM loss (its LLM reads continuous embeddings); use 0")
-    req(isinstance(j.history_frames, int) and 0 <= j.history_frames < world.NUM_HISTORY, "joint.history_frames",
-        f"must be an int in [0, {world.NUM_HISTORY - 1}] (the world keeps {world.NUM_HISTORY - 1} past poses), got "
-        f"{j.history_frames!r}")
-    for key in ("coarse_tokens", "fine_tokens"):
-        v = j.get(key)
-        req(isinstance(v, int) and v >= 1 and math.isqrt(v) ** 2 == v, f"joint.{key}", f"must be a square int >= 1, got {v!r}")
-    req(isinstance(j.alpha_xy, (int, float)) and (j.alpha_xy == -1 or j.alpha_xy > 0), "joint.alpha_xy",
-        f"must be > 0, or -1 for the training futures' 95th percentile, got {j.alpha_xy!r}")
-    req(config.model.dtype in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
-    req(config.prompt.ego_status_text in ("on", "off"), "prompt.ego_status_text",
-        f"must be 'on' or 'off', got {config.prompt.ego_status_text!r}")
-    req((config.data.get("source", "synthetic") or "synthetic") == "synthetic" and not config.data.get("cache_dir"),
-        "data.source", "il_joint renders the synthetic world's cameras: use source='synthetic' and no cache_dir")
+        if block not in config:
+            raise ConfigError(f"config.{block}: missing (start from stage_configs.il_joint_stage_config())")
+    config = config_types.typed(config)
+    h = config.joint.history_frames
+    if h >= world.NUM_HISTORY:
+        raise ConfigError(f"config.joint.history_frames: must be an int in [0, {world.NUM_HISTORY - 1}] (the world "
+                          f"keeps {world.NUM_HISTORY - 1} past poses), got {h!r}")
+    return config
 
 
 def head_config(config, vlm_cfg, train_scenes) -> PlannerConfig:
@@ -144,12 +127,23 @@ def module_def(config, vlm_cfg, pcfg: PlannerConfig) -> ModuleDef:
     return ModuleDef(lambda rngs: VLMPlanner(vlm_cfg, pcfg, dtype=dtype, rngs=rngs))
 
 
-def make_loss_fn(config, mdef: ModuleDef):
-    """(params, batch, rng) -> (loss, metrics): the planner's (or head's) loss + lm_loss_weight x answer CE."""
-    w, chunk = float(config.joint.lm_loss_weight), int(config.model.get("loss_chunk", 2048))
+def detach_frozen(params, frozen: tuple[str, ...]):
+    """`params` with the leaves matching the `frozen` regexes (config.optim.freeze) under stop_gradient: no weight
+    gradient is formed for them and no part of the graph that only they feed is differentiated — with the ViT frozen
+    its forward keeps no activations for a backward pass (the optimizer masks them as well)."""
+    if not frozen:
+        return params
+    labels = freeze_labels(params, frozen)
+    return jax.tree.map(lambda lab, x: jax.lax.stop_gradient(x) if lab == "frozen" else x, labels, params)
+
+
+def make_loss_fn(config, mdef: ModuleDef, frozen: tuple[str, ...] = ()):
+    """(params, batch, rng) -> (loss, metrics): the planner's (or head's) loss + lm_loss_weight x answer CE.
+    `frozen`: the run's freeze patterns (config.optim.freeze + freeze_patterns), detached (`detach_frozen`)."""
+    w, chunk = float(config.joint.lm_loss_weight), int(config.model.loss_chunk)
 
     def loss_fn(params, batch, rng):
-        model = mdef.bind(params)
+        model = mdef.bind(detach_frozen(params, tuple(frozen)))
         if isinstance(model, OpenTrackVLA):
             return model.loss(batch, rng)
         hidden = model.hidden(batch)
@@ -212,7 +206,7 @@ def make_update(config, loss_fn, vlm_cfg, ema_decay: float, schedule):
             if j.last_n > n:
                 raise ConfigError(f"config.joint.last_n={j.last_n}: the LLM has {n} layers")
             tx = layer_masked(tx, n, int(j.last_n))
-        step = make_train_step(loss_fn, tx, grad_accum=int(config.optim.get("grad_accum", 1)), ema_decay=ema_decay,
+        step = make_train_step(loss_fn, tx, grad_accum=int(config.optim.grad_accum), ema_decay=ema_decay,
                                schedule=schedule)
         return lambda state, batch, rng, extra: step(state, batch, rng)
     return build
