@@ -631,6 +631,7 @@ class JointConfig(Block):
     fine_tokens: int = 64  # opentrackvla: pooled tokens of the current frame
     alpha_xy: float = -1.0  # opentrackvla head: tanh x alpha_xy; -1 = the training futures' 95th percentile
     memo_mb: float = 1024.0  # rendered/tiled samples kept in memory (later epochs skip rendering)
+    prefetch: int = 4  # training batches made ahead on host threads (each holds its camera frames in fp32)
 
     def checks(self):
         return [
@@ -647,6 +648,7 @@ class JointConfig(Block):
             (self.alpha_xy == -1 or self.alpha_xy > 0, "alpha_xy",
              f"must be > 0, or -1 for the training futures' 95th percentile, got {self.alpha_xy!r}"),
             (self.memo_mb >= 0, "memo_mb", f"must be a number >= 0, got {self.memo_mb!r}"),
+            (self.prefetch >= 1, "prefetch", f"must be an int >= 1, got {self.prefetch!r}"),
         ]
 
 

@@ -28,8 +28,21 @@ def _config(**joint_kw):
     return c
 
 
+def _random_params(mdef, seed=0):
+    """Random numpy params of the module's shapes (norm scales 1, the rest N(0, 0.02)): no init compilation."""
+    rng = np.random.default_rng(seed)
+
+    def one(path, a):
+        name = path_str(path)
+        if "norm" in name and name.endswith(("scale", "weight")):
+            return jnp.ones(a.shape, a.dtype)
+        return jnp.asarray(rng.normal(0.0, 0.02, a.shape), a.dtype)
+    return jax.tree_util.tree_map_with_path(one, mdef.abstract_params())
+
+
 @pytest.fixture(scope="module")
 def setup():
+    """One tiny config / tokenizer / 2-scene split / module shared by every test of the file."""
     c = joint.validate(_config(train_llm="last_n", last_n=1, lm_loss_weight=0.1))
     resolved = vlm_ckpt.resolve_model(c.model, None, "/nonexistent")
     cfg = resolved.cfg
@@ -41,25 +54,31 @@ def setup():
     return c, cfg, tok, split, mdef
 
 
+@pytest.fixture(scope="module")
+def stepped(setup):
+    """One compiled joint step (last_n=1 + LM auxiliary), run once; its before/after params serve every assertion."""
+    c, cfg, tok, split, mdef = setup
+    inputs = joint.JointInputs(c, cfg, tok, [split])
+    batch = jax.tree.map(jnp.asarray, inputs.batch(split, np.arange(2)))
+    frozen = joint.freeze_patterns(c, cfg)
+    config = c.with_values({"optim.freeze": frozen})
+    params = _random_params(mdef)
+    tx = optim.make_optimizer(config.optim, 10, params)
+    step = joint.make_update(config, joint.make_loss_fn(config, mdef, frozen), cfg, 0.0, None)(tx)
+    new, metrics = jax.jit(step)(init_train_state(params, tx), batch, jax.random.key(1), None)
+    return inputs, batch, params, new.params, metrics
+
+
 def _leaf(tree, prefix):
     return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree) if path_str(p).startswith(prefix)}
 
 
-def test_planner_loss_reaches_the_llm_and_last_n_masks_the_rest(setup):
-    c, cfg, tok, split, mdef = setup
-    inputs = joint.JointInputs(c, cfg, tok, [split])
-    batch = jax.tree.map(jnp.asarray, inputs.batch(split, np.arange(2)))
+def test_planner_loss_reaches_the_llm_and_last_n_masks_the_rest(stepped):
+    inputs, _, params, new_params, metrics = stepped
     assert inputs.t_pad > inputs.t_vl  # prompt + trajectory answer (the LM auxiliary)
-    frozen = joint.freeze_patterns(c, cfg)
-    config = c.with_values({"optim.freeze": frozen})
-    params = mdef.init(jax.random.key(0))
-    tx = optim.make_optimizer(config.optim, 10, params)
-    step = joint.make_update(config, joint.make_loss_fn(config, mdef, frozen), cfg, 0.0, None)(tx)
-    state = init_train_state(params, tx)
-    new, metrics = jax.jit(step)(state, batch, jax.random.key(1), None)
     assert np.isfinite(float(metrics["lm_loss"])) and float(metrics["lm_loss"]) > 0
     layers = _leaf(params, joint.LAYERS)
-    new_layers = _leaf(new.params, joint.LAYERS)
+    new_layers = _leaf(new_params, joint.LAYERS)
     assert layers
     for k, v in layers.items():  # 2 stacked layers: only the last trains
         np.testing.assert_array_equal(np.asarray(new_layers[k][0]), np.asarray(v[0]), err_msg=k)
@@ -67,15 +86,26 @@ def test_planner_loss_reaches_the_llm_and_last_n_masks_the_rest(setup):
     assert len(moved) > len(layers) // 2, moved  # the planner's gradient reached the LLM's last layer
     for prefix in ("vlm/vision_model/", "vlm/language_model/model/embed_tokens/"):  # frozen
         for k, v in _leaf(params, prefix).items():
-            np.testing.assert_array_equal(np.asarray(_leaf(new.params, prefix)[k]), np.asarray(v), err_msg=k)
+            np.testing.assert_array_equal(np.asarray(_leaf(new_params, prefix)[k]), np.asarray(v), err_msg=k)
     for prefix in ("planner/", "vlm/mlp1/", "vlm/language_model/model/norm/"):  # trained
-        assert any(not np.array_equal(np.asarray(_leaf(new.params, prefix)[k]), np.asarray(v))
+        assert any(not np.array_equal(np.asarray(_leaf(new_params, prefix)[k]), np.asarray(v))
                    for k, v in _leaf(params, prefix).items()), prefix
 
-    # the answer after the prompt does not change the planner's (causal) prompt states
+
+def test_lm_answer_after_the_prompt_leaves_the_prompt_states_unchanged(setup, stepped):
+    """The causal LM's prompt states do not see the answer: the prompt-only row (right-padded to the same width,
+    so one compiled forward serves both) gives the planner the same states."""
+    c, cfg, tok, split, mdef = setup
+    _, batch, params, _, _ = stepped
     plain = joint.JointInputs(joint.validate(_config()), cfg, tok, [split])
-    pb = jax.tree.map(jnp.asarray, plain.batch(split, np.arange(2)))
+    pb = plain.batch(split, np.arange(2))
+    assert plain.t_pad == plain.t_vl < batch["input_ids"].shape[1]
+    width = batch["input_ids"].shape[1] - pb["input_ids"].shape[1]
+    pb["input_ids"] = np.pad(pb["input_ids"], ((0, 0), (0, width)), constant_values=tok.pad_token_id)
+    pb["attention_mask"] = np.pad(pb["attention_mask"], ((0, 0), (0, width)))
+    assert not (np.asarray(pb["input_ids"]) == np.asarray(batch["input_ids"])).all()  # the answer tokens differ
     cond_fn = jax.jit(lambda p, b: mdef.bind(p).cond(b)["vl_states"])
+    pb = {k: jnp.asarray(v) for k, v in pb.items() if k in batch}
     np.testing.assert_allclose(np.asarray(cond_fn(params, batch)), np.asarray(cond_fn(params, pb)), atol=2e-5)
 
 
@@ -92,6 +122,21 @@ def test_train_llm_all_updates_the_llm_and_none_freezes_it(setup, train_llm, llm
     llm = _leaf(updates, "vlm/language_model/model/layers/")
     assert llm and all(bool(jnp.any(u != 0)) == llm_moves for u in llm.values())
     assert all(bool(jnp.any(u != 0)) for u in _leaf(updates, "planner/").values())
+
+
+def test_frozen_parts_get_no_gradient_in_the_loss(setup, stepped):
+    """joint.detach_frozen: the frozen ViT / embeddings / lm_head get exactly zero gradient (no backward through
+    them); the trained parts get theirs."""
+    c, cfg, _, _, _ = setup
+    params = stepped[2]
+    frozen = joint.freeze_patterns(c, cfg)
+    g = jax.grad(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(joint.detach_frozen(p, frozen))))(params)
+    labels = optim.freeze_labels(params, frozen)
+    flat = {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(g)}
+    lab = {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(labels)}
+    assert {k for k, v in lab.items() if v == "frozen"} >= set(_leaf(params, "vlm/vision_model/"))
+    for k, x in flat.items():
+        assert bool(np.asarray(x).any()) == (lab[k] == "train"), k
 
 
 @pytest.mark.slow

@@ -179,10 +179,11 @@ def _navsim_cached_split(data_cfg, split: str, vl_dim: int, need_pdm: bool) -> P
     return PlannerSplit(split, nd.scenes, None, None, cache=cache, pad_to=int(pad), rows=rows, tokens=nd.tokens)
 
 
-def _index_batches(split: PlannerSplit, local_batch_size: int, seed: int, make_batch):
+def _index_batches(split: PlannerSplit, local_batch_size: int, seed: int, make_batch, prefetch: int = 0):
     """Endless shuffled index batches of this process's share, mapped by `make_batch(idx)`; a checkpointable Grain
     iterator (get_state/set_state). Batches gather from the split's arrays in one indexing op (the per-sample
-    `data/trajectory.py` pipeline stacks row dicts, which costs more per step for in-memory splits)."""
+    `data/trajectory.py` pipeline stacks row dicts, which costs more per step for in-memory splits). `prefetch` > 0
+    bounds the batches made ahead (Grain's default read-ahead is 500: too many for batches of camera frames)."""
     if len(split) < local_batch_size * jax.process_count():
         source = (f"the cache {split.cache.path}" if split.cache is not None
                   else f"config.data.num_{'train' if split.name == 'train' else 'eval'}_scenes")
@@ -192,7 +193,10 @@ def _index_batches(split: PlannerSplit, local_batch_size: int, seed: int, make_b
             "config.train.batch_size")
     ds = grain.MapDataset.range(len(split)).shuffle(seed=seed).repeat(None)
     ds = ds[jax.process_index()::jax.process_count()]
-    return iter(ds.batch(local_batch_size, drop_remainder=True).map(make_batch))
+    ds = ds.batch(local_batch_size, drop_remainder=True).map(make_batch)
+    if prefetch > 0:
+        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)))
+    return iter(ds)
 
 
 def train_iterator(split: PlannerSplit, local_batch_size: int, seed: int):

@@ -225,6 +225,7 @@ class JointInputs:
         self.history_frames = int(j.history_frames)
         self.builder = PromptBuilder(vlm_cfg, tok, config.prompt, ego_status=config.prompt.ego_status_text == "on")
         self.memo, self.memo_bytes, self.memo_cap = {}, 0, float(j.memo_mb) * 2 ** 20
+        self.prefetch = int(j.prefetch)
         probe = world.index_scene(splits[0].scenes, 0)
         if self.head == "dit":
             self.m_pad = len(self.builder.tiles(front_image(probe)))
@@ -289,8 +290,9 @@ class JointInputs:
         return out
 
     def train_iterator(self, split, local_batch_size: int, seed: int):
-        """Shuffled, checkpointable (Grain) batches, as the `il` stage's."""
-        return planner_data._index_batches(split, local_batch_size, seed, lambda idx: self.batch(split, idx))
+        """Shuffled, checkpointable (Grain) batches, as the `il` stage's; at most `joint.prefetch` made ahead."""
+        return planner_data._index_batches(split, local_batch_size, seed, lambda idx: self.batch(split, idx),
+                                           prefetch=self.prefetch)
 
 
 def make_sampler(mdef: ModuleDef):
