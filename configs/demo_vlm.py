@@ -9,7 +9,8 @@ ego-status line, where il_vlm scored 0.679):
   steps IL is below CV on scene tokens too (0.735 vs the cache's 0.679);
 * at 1,500 steps the cache reaches 0.795 (0.68 / 0.805 at 500 / 1,000) and the same planner with all-zero states
   0.798 (0.709 / 0.774), with another scene's states 0.792 (0.681 / 0.798): the 30-step VLM (loss 6.0 -> 4.0)
-  carries nothing the planner uses beyond the ego status and history it gets anyway (a linear probe agrees: its states lower the ADE of ego + history by 0.06 m).
+  carries nothing the planner uses beyond the ego status and history it gets anyway (a linear probe agrees: its
+  states lower the ADE of ego + history by 0.06 m).
 What would make it see: a VLM that learned the trajectory QA (configs/see/cache_il.py, longer SFT, with the
 shuffled / zeroed controls, `data.vl_features`).
 
