@@ -593,7 +593,7 @@ class CacheConfig(Block):
     use_thumbnail: bool = True
     system_message: str = "__driving__"  # '__driving__' = data/driving_prompt.DRIVING_SYSTEM
     # the ego-status line in the prompt: 'auto' = on (the upstream NAVSIM prompt; the synthetic SFT trajectory QA
-    # asks it too, sim/qa.py); 'off' for a VLM fine-tuned without it
+    # asks it too, data/scene_qa.py); 'off' for a VLM fine-tuned without it
     ego_status_text: str = "auto"
 
     def checks(self):

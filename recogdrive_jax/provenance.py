@@ -63,27 +63,6 @@ def provenance() -> dict[str, Any]:
             "python": sys.version.split()[0], "argv": list(sys.argv)}
 
 
-def checkpoint_ref(path: str) -> dict[str, Any]:
-    """{'path': absolute path, 'step': the step of a run workdir that was loaded from it in this process (after a
-    fallback past unreadable newer steps), else its latest checkpoint's (None for a bare parameter or HF
-    directory)}: what an evaluation scored."""
-    if not path:
-        return {"path": "", "step": None}
-    path = storage.abspath(path)
-    step = None
-    if storage.isdir(storage.join(path, "checkpoints")):
-        from recogdrive_jax.train import checkpoint as ckpt_lib
-        step = ckpt_lib.loaded_step(path)
-        if step is not None:
-            return {"path": path, "step": int(step)}
-        ckptr = ckpt_lib.Checkpointer(path, async_save=False)
-        try:
-            step = ckptr.latest_step()
-        finally:
-            ckptr.close()
-    return {"path": path, "step": None if step is None else int(step)}
-
-
 def write_config(config, workdir: str, extra: Mapping[str, Any] | None = None) -> str:
     """Writes WORKDIR/config.json: the resolved config, `provenance`, and `extra` keys (e.g. the checkpoint an eval
     scored). Process 0 only; returns the path."""

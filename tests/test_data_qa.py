@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from recogdrive_jax.data import qa
-from recogdrive_jax.sim import qa as sim_qa
+from recogdrive_jax.data import scene_qa as sim_qa
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import pytest
 from conftest import subprocess_env
 from recogdrive_jax.convert import navsim_logs
 from recogdrive_jax.eval import navsim_csv
-from recogdrive_jax.sim import navsim_fake_split, scene_store, world
+from recogdrive_jax.convert import navsim_fake_split
+from recogdrive_jax.sim import scene_store, world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -42,8 +42,8 @@ def test_checkpoint_ref_names_the_latest_step(tmp_path):
     for step in (3, 5):
         ckptr.save(step, {"w": np.full((2,), step, np.float32)}, force=True)
     ckptr.close()
-    assert provenance.checkpoint_ref(str(tmp_path)) == {"path": str(tmp_path), "step": 5}
-    assert provenance.checkpoint_ref(str(tmp_path / "params_only")) == {"path": str(tmp_path / "params_only"),
+    assert ckpt_lib.checkpoint_ref(str(tmp_path)) == {"path": str(tmp_path), "step": 5}
+    assert ckpt_lib.checkpoint_ref(str(tmp_path / "params_only")) == {"path": str(tmp_path / "params_only"),
                                                                          "step": None}
 
 

@@ -247,7 +247,7 @@ def _make_inputs(tmp: str):
     from recogdrive_jax.convert import internvl as conv
     from recogdrive_jax.data.tokenizer import build_tokenizer
     from recogdrive_jax.models import internvl as iv
-    from recogdrive_jax.sim import qa
+    from recogdrive_jax.data import scene_qa as qa
     hf = os.path.join(tmp, PATHS["/ckpt/InternVL3-8B"])
     cfg = iv.get_config("tiny")
     conv.save_hf(jax.tree.map(np.asarray, conv.model_params(iv.init_model(cfg, seed=3))), cfg, hf, dtype="float32")

@@ -30,6 +30,7 @@ from recogdrive_jax.data import navsim_data, planner_data
 from recogdrive_jax.data.hidden_cache import LAYOUTS, HiddenCache
 from recogdrive_jax.parallel import runtime as runtime_lib
 from recogdrive_jax.sim import scene_store, world
+from recogdrive_jax.train import checkpoint as ckpt_lib
 from recogdrive_jax.train.metrics import Progress, track
 from recogdrive_jax.vlm import checkpoint as vlm_ckpt
 from recogdrive_jax.vlm.checkpoint import load_params
@@ -119,7 +120,7 @@ def run(config, workdir: str) -> dict:
     config = validate(config)
     workdir = storage.abspath(workdir)
     storage.makedirs(workdir)
-    provenance.write_config(config, workdir, extra={"model_source": provenance.checkpoint_ref(config.model.init_from)})
+    provenance.write_config(config, workdir, extra={"model_source": ckpt_lib.checkpoint_ref(config.model.init_from)})
     c = config.cache
     resolved = vlm_ckpt.resolve_model(config.model, None, workdir)
     cfg = resolved.cfg

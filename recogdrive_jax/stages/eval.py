@@ -50,7 +50,7 @@ def run(config, workdir: str) -> dict:
         raise ConfigError(f"config.eval.split: unknown {split_name!r}; allowed: {list(planner_data.SPLITS)}")
     # config.json first (a failing eval still says what it was asked to score); `scored` = the checkpoint and step
     scored = {"baseline": baseline} if baseline else {
-        "checkpoint": provenance.checkpoint_ref(ecfg.checkpoint), "use_ema": bool(ecfg.use_ema)}
+        "checkpoint": ckpt_lib.checkpoint_ref(ecfg.checkpoint), "use_ema": bool(ecfg.use_ema)}
     provenance.write_config(config, workdir, extra={"scored": scored})
     pcfg = planner_common.planner_config(config)
     split = planner_data.load_split(config.data, split_name, pcfg.vl_dim, need_pdm=True)
@@ -64,7 +64,7 @@ def run(config, workdir: str) -> dict:
         mdef = ModuleDef(lambda rngs: build_planner(pcfg, rngs))
         params = load_planner_params(config, mdef, runtime_lib.from_config(config))
         # the step really loaded (a corrupt newest step falls back to an older one): config.json says that one
-        scored["checkpoint"] = provenance.checkpoint_ref(ecfg.checkpoint)
+        scored["checkpoint"] = ckpt_lib.checkpoint_ref(ecfg.checkpoint)
         provenance.write_config(config, workdir, extra={"scored": scored})
         name, rows, others = "planner", {}, {}
         for i, protocol in enumerate(protocols):  # the same seeded noise for each protocol: a paired comparison

@@ -15,6 +15,7 @@ import jax
 from recogdrive_jax import configs, provenance, storage
 from recogdrive_jax.parallel import runtime as runtime_lib
 from recogdrive_jax.rl import ppo as ppo_lib
+from recogdrive_jax.train import checkpoint as ckpt_lib
 from recogdrive_jax.vlm import nav_eval
 from recogdrive_jax.vlm.nav_eval import METRIC_KEYS, flat_metrics, splits_of  # noqa: F401  (the stage's outputs)
 from recogdrive_jax.vlm.nav_policy import NavModel, NavPolicy, load_vlm_params
@@ -30,7 +31,7 @@ def run(config, workdir: str) -> dict:
         raise FileNotFoundError(f"config.eval_nav.checkpoint={ckpt!r} does not exist")
     workdir = storage.abspath(workdir)  # a gs:// URL stays one: every output goes through `storage`
     storage.makedirs(workdir)
-    provenance.write_config(config, workdir, extra={"scored": {"checkpoint": provenance.checkpoint_ref(ckpt)}})
+    provenance.write_config(config, workdir, extra={"scored": {"checkpoint": ckpt_lib.checkpoint_ref(ckpt)}})
     rt = runtime_lib.from_config(config)
     model = NavModel(config, workdir, source=ckpt)
     policy = NavPolicy(config, model.cfg, model.tokenizer)

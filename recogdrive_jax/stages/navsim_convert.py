@@ -6,7 +6,7 @@ pipeline (configs/navsim_fake.py) runs convert -> cache -> il -> rl -> eval in o
 `navsim.logs_dir` / `navsim.sensor_blobs_dir` are NAVSIM's `navsim_logs` / `sensor_blobs` roots and
 `navsim.split_dirs` maps each project split to NAVSIM's folder (e.g. 'train:trainval,eval:test,test:test');
 `navsim.metric_cache` (a `convert navsim-metric-cache` .npz or folder of <split>.npz) adds the PDM inputs.
-`navsim.fake=True` first writes a tiny fake split (sim/navsim_fake_split.py) under WORKDIR/fake and converts that.
+`navsim.fake=True` first writes a tiny fake split (convert/navsim_fake_split.py) under WORKDIR/fake and converts that.
 Writes WORKDIR/<split>/samples.npz (+ pdm_scenes.npz); a rerun overwrites them (conversion is cheap).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from recogdrive_jax import configs, provenance
 from recogdrive_jax.convert import navsim_logs
 from recogdrive_jax.data import planner_data
-from recogdrive_jax.sim import navsim_fake_split
+from recogdrive_jax.convert import navsim_fake_split
 
 
 def _split_dirs(text: str) -> dict[str, str]:

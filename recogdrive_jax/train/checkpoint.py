@@ -294,7 +294,7 @@ def load_params(path: str, target=None, *, prefer_ema: bool = True):
 
 
 # run workdir (absolute) -> the step `load_params` last loaded from it in this process (after any fallback past
-# unreadable newer steps): what provenance.checkpoint_ref reports as scored.
+# unreadable newer steps): what `checkpoint_ref` reports as scored.
 _LOADED_STEPS: dict[str, int] = {}
 
 
@@ -327,3 +327,23 @@ def _load_run_params(path: str, ckpt_dir: str, target, prefer_ema: bool):
     if bad:
         raise CheckpointError(f"no checkpoint of {path} can be read: " + "; ".join(bad))
     raise CheckpointError(f"{path}: the run has no checkpoint yet")
+
+
+def checkpoint_ref(path: str) -> dict:
+    """{'path': absolute path, 'step': the step of a run workdir that was loaded from it in this process (after a
+    fallback past unreadable newer steps), else its latest checkpoint's (None for a bare parameter or HF
+    directory)}: what an evaluation scored."""
+    if not path:
+        return {"path": "", "step": None}
+    path = storage.abspath(path)
+    step = None
+    if storage.isdir(storage.join(path, "checkpoints")):
+        step = loaded_step(path)
+        if step is not None:
+            return {"path": path, "step": int(step)}
+        ckptr = Checkpointer(path, async_save=False)
+        try:
+            step = ckptr.latest_step()
+        finally:
+            ckptr.close()
+    return {"path": path, "step": None if step is None else int(step)}

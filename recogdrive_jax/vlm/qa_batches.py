@@ -14,7 +14,7 @@ from recogdrive_jax.data import qa as qa_index
 from recogdrive_jax.data import qa_records as qa_lib
 from recogdrive_jax.data import template as tpl
 from recogdrive_jax.data.generate_once import generate_once
-from recogdrive_jax.sim import qa as sim_qa
+from recogdrive_jax.data import scene_qa as sim_qa
 
 EVAL_QA_SEED = 5_000_011  # disjoint from the planner splits' scene seeds (scene_seed + k * 1_000_003, k < 3)
 
@@ -35,7 +35,7 @@ def default_tile_buckets(cfg) -> tuple[int, ...]:
 
 
 def synthetic_qa(data_cfg, workdir: str, split: str) -> str:
-    """Generates the synthetic driving QA of `split` (sim/qa.py) into WORKDIR/qa/<split> once; returns its meta JSON.
+    """Generates the synthetic driving QA of `split` (data/scene_qa.py) into WORKDIR/qa/<split> once; returns its meta JSON.
 
     The train QA comes from the planner's train scenes (`synthetic_seed` = `data.scene_seed` of the planner
     stages, like upstream's SFT on navtrain QA); the eval QA from scenes no planner split uses. On a remote

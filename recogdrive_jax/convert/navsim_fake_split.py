@@ -1,7 +1,7 @@
 """A tiny fake NAVSIM split from the synthetic world, in NAVSIM's on-disk layout, so the real data path
 (`convert navsim-logs` -> cache -> il -> rl -> eval -> NAVSIM CSV) runs in CI without NAVSIM data.
 
-    python -m recogdrive_jax.sim.navsim_fake_split OUT [--logs 2 --scenes_per_log 3 --splits train,eval,test]
+    python -m recogdrive_jax.convert.navsim_fake_split OUT [--logs 2 --scenes_per_log 3 --splits train,eval,test]
 
 Writes, per split (NAVSIM's folder names in brackets):
   OUT/navsim_logs/<split>/<log>.pkl      [navsim_logs/<split>/]  a list of plain frame dicts, as NAVSIM v1.1's
@@ -126,7 +126,7 @@ def write_fake_split(out: str, splits=("train", "eval", "test"), num_logs: int =
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m recogdrive_jax.sim.navsim_fake_split", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m recogdrive_jax.convert.navsim_fake_split", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
     ap.add_argument("--splits", default="train,eval,test")
