@@ -28,8 +28,9 @@ venv: $(BIN)/.installed-test
 demo: $(BIN)/.installed
 	$(BIN)/python -m recogdrive_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
 
+# --timeout: a test that hangs (e.g. a network read that never returns) fails with its stack instead of stalling CI.
 test: $(BIN)/.installed-test
-	$(TEST_ENV) $(BIN)/python -m pytest -q --durations=15 tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q --durations=15 --timeout=900 tests
 
 test-slow: $(BIN)/.installed-test
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m slow tests
