@@ -21,6 +21,8 @@ import types
 import typing
 from typing import Any, ClassVar, Mapping
 
+import ml_collections
+
 from recogdrive_jax.errors import UserError
 
 
@@ -155,6 +157,13 @@ def defaults(cls, exclude: tuple[str, ...] = ()) -> dict:
         v = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         out[f.name] = v.to_dict() if isinstance(v, Block) else dict(v) if isinstance(v, Mapping) else v
     return out
+
+
+def default_block(cls, exclude: tuple[str, ...] = (), **overrides):
+    """A block's defaults (minus `exclude`) with `overrides`, as the `ml_collections.ConfigDict` a config file edits."""
+    d = defaults(cls, exclude)
+    d.update(overrides)
+    return ml_collections.ConfigDict(d)
 
 
 class Namespace:

@@ -29,11 +29,11 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = "il"
     c.seed = 0
-    c.mesh = ml_collections.ConfigDict(ct.defaults(ct.MeshConfig))
-    c.parallel = ml_collections.ConfigDict(ct.defaults(ct.ParallelConfig))
-    c.distributed = ml_collections.ConfigDict(ct.defaults(ct.DistributedConfig))
-    c.train = ml_collections.ConfigDict(ct.defaults(ct.TrainConfig, exclude=("ema_decay",)))  # planner stages add it
-    c.optim = ml_collections.ConfigDict(ct.defaults(ct.OptimConfig, exclude=("cosine_steps", "optimizer_steps_per_step")))
+    c.mesh = ct.default_block(ct.MeshConfig)
+    c.parallel = ct.default_block(ct.ParallelConfig)
+    c.distributed = ct.default_block(ct.DistributedConfig)
+    c.train = ct.default_block(ct.TrainConfig, exclude=("ema_decay",))  # planner stages add it
+    c.optim = ct.default_block(ct.OptimConfig, exclude=("cosine_steps", "optimizer_steps_per_step"))
     return c
 
 
@@ -59,16 +59,12 @@ def planner_block(variant: str = "small", vlm_size: str = "large", **overrides) 
 
 def planner_data_block(**overrides) -> ml_collections.ConfigDict:
     """`config.data` of the planner stages (data/planner_data.py); keys: config_types.PlannerDataConfig."""
-    d = ct.defaults(ct.PlannerDataConfig)
-    d.update(overrides)
-    return ml_collections.ConfigDict(d)
+    return ct.default_block(ct.PlannerDataConfig, **overrides)
 
 
 def planner_eval_block(**overrides) -> ml_collections.ConfigDict:
     """`config.eval` of the planner stages; keys: config_types.PlannerEvalConfig."""
-    d = ct.defaults(ct.PlannerEvalConfig)
-    d.update(overrides)
-    return ml_collections.ConfigDict(d)
+    return ct.default_block(ct.PlannerEvalConfig, **overrides)
 
 
 def planner_stage_config(stage: str, variant: str = "small", vlm_size: str = "large") -> ml_collections.ConfigDict:

@@ -12,16 +12,12 @@ from recogdrive_jax import configs
 def model_block(**overrides) -> ml_collections.ConfigDict:
     """`config.model`: which InternVL and how it is computed (shared by `sft`, `cache`, `il_joint`, `ppo`,
     `eval_nav`); keys: config_types.ModelConfig (`llm`/`vit` field overrides only where a config gives them)."""
-    d = ct.defaults(ct.ModelConfig, exclude=("llm", "vit"))
-    d.update(overrides)
-    return ml_collections.ConfigDict(d)
+    return ct.default_block(ct.ModelConfig, exclude=("llm", "vit"), **overrides)
 
 
 def data_block(**overrides) -> ml_collections.ConfigDict:
     """`config.data` of the sft stage; keys: config_types.SFTDataConfig."""
-    d = ct.defaults(ct.SFTDataConfig)
-    d.update(overrides)
-    return ml_collections.ConfigDict(d)
+    return ct.default_block(ct.SFTDataConfig, **overrides)
 
 
 def sft_stage_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -30,8 +26,8 @@ def sft_stage_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.stage = "sft"
     c.model = model_block(variant=variant)
     c.data = data_block()
-    c.export = ml_collections.ConfigDict(ct.defaults(ct.ExportConfig))
-    c.eval = ml_collections.ConfigDict(ct.defaults(ct.SFTEvalConfig))
+    c.export = ct.default_block(ct.ExportConfig)
+    c.eval = ct.default_block(ct.SFTEvalConfig)
     c.optim.update(dict(lr=4e-5, warmup_ratio=0.1, schedule="cosine", weight_decay=0.05, b1=0.9, b2=0.999,
                         eps=1e-8, clip_norm=1.0))
     return c
@@ -44,7 +40,7 @@ def cache_stage_config() -> ml_collections.ConfigDict:
         del c[key]
     c.model = model_block(init_from="", remat=False)
     c.data = configs.planner_data_block()  # which scenes: the same keys the planner stages read
-    c.cache = ml_collections.ConfigDict(ct.defaults(ct.CacheConfig))
+    c.cache = ct.default_block(ct.CacheConfig)
     return c
 
 
@@ -55,8 +51,8 @@ def il_joint_stage_config(variant: str = "tiny", planner_variant: str = "tiny") 
     c.planner.vl_dim = 0  # 0 = the VLM's hidden size
     c.train.ema_decay = 0.0  # an EMA would copy the whole VLM
     c.model = model_block(variant=variant)
-    c.prompt = ml_collections.ConfigDict(ct.defaults(ct.PromptConfig))  # keys: config_types.PromptConfig
-    c.joint = ml_collections.ConfigDict(ct.defaults(ct.JointConfig))  # keys: config_types.JointConfig
+    c.prompt = ct.default_block(ct.PromptConfig)  # keys: config_types.PromptConfig
+    c.joint = ct.default_block(ct.JointConfig)  # keys: config_types.JointConfig
     c.export = ml_collections.ConfigDict(dict(at_end=True, layout="native", dtype="bfloat16", max_shard_size="5GB"))
     return c
 
