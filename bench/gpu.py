@@ -86,7 +86,9 @@ def sft_mfu(a) -> None:
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_sft", os.path.join(ROOT, "bench", "sft.py"))
     bsft = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bsft)  # its batch maker and optimizer settings: one definition of the SFT batch
+    # bench/sft.py's batch maker and optimizer settings (one definition of the SFT batch), loaded only here, after
+    # jax chose its backend: that module sets JAX_PLATFORMS=cpu on import, which at the top would hide the GPU.
+    spec.loader.exec_module(bsft)
     cfg = dataclasses.replace(iv.get_config("tiny" if a.smoke else "internvl3_2b"), remat=not a.smoke)
     rows, seq, tiles = (2, 64, 2) if a.smoke else (a.rows, a.seq, a.tiles)
     mdef = vlm_ckpt.module_def(cfg, "bfloat16")
