@@ -28,7 +28,7 @@ from recogdrive_jax import configs
 
 NUM_TRAIN_SCENES, NUM_EVAL_SCENES = 1500, 256
 SFT_STEPS, SFT_SCENES = 600, 300
-IL_STEPS = 1500
+IL_STEPS = 600  # sized to 3 seeds x every row on a loaded 2-core CPU in ~90 min (configs/see/evidence.sh)
 STEPS = ("sft", "cache", "cv", "il_tokens", "il_real", "il_shuffled", "il_zeros")
 
 
@@ -58,7 +58,7 @@ def il_config(demo, vlm, features: str | None) -> ml_collections.ConfigDict:
     c = _scenes(c)
     c.train.num_steps = IL_STEPS
     c.train.eval_every = 0
-    c.train.checkpoint_every = 500
+    c.train.checkpoint_every = 300
     c.eval.num_plots = 4
     if features is not None:
         c.data.vl_features = features

@@ -19,7 +19,7 @@ per scene). Use the same `prompt` values for the cache (here: 1 tile, no system 
 from recogdrive_jax.stage_configs import il_joint_stage_config
 
 NUM_TRAIN_SCENES, NUM_EVAL_SCENES = 1500, 256
-STEPS = 1500
+STEPS = 100  # batch 32: about the wall-clock of cache + 600 cache-IL steps on a loaded 2-core CPU
 
 
 def get_config():
@@ -29,7 +29,7 @@ def get_config():
     c.planner.use_vl_mask = True  # prompt lengths vary: pool / attend over real tokens only (a cache pads differently)
     c.prompt.update(dict(max_dynamic_patch=1, use_thumbnail=False, system_message=""))  # one 56 px tile, short rows
     c.data.update(dict(num_train_scenes=NUM_TRAIN_SCENES, num_eval_scenes=NUM_EVAL_SCENES, scene_seed=0))
-    c.train.update(dict(num_steps=STEPS, batch_size=32, log_every=50, eval_every=0, checkpoint_every=500))
+    c.train.update(dict(num_steps=STEPS, batch_size=32, log_every=10, eval_every=0, checkpoint_every=50))
     c.optim.update(dict(lr=1e-3, warmup_ratio=0.05))
     c.eval.update(dict(batch_size=64, num_plots=4))
     return c
