@@ -37,16 +37,31 @@ def _machine_busy_s() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _own_busy_s() -> float:
+def _pid_busy_s(pid: int) -> float:
+    """CPU-seconds (user + system) a live process has used, from /proc/<pid>/stat; 0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (float(fields[11]) + float(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+def _own_busy_s(helper_pids: tuple[int, ...] = ()) -> float:
+    """CPU-seconds of this process, its waited-for children and `helper_pids` (live subprocesses the benchmark
+    itself drives, e.g. a baseline running in another venv: their CPU is the benchmark's, not other users')."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    return t.user + t.system + t.children_user + t.children_system + sum(_pid_busy_s(p) for p in helper_pids)
 
 
 class LoadMonitor:
     """Context manager measuring the CPU share other processes took while it was open (0..1 of all cores)."""
 
+    def __init__(self, helper_pids: tuple[int, ...] = ()):
+        self.helper_pids = tuple(helper_pids)
+
     def __enter__(self):
-        self._t0, self._m0, self._o0 = time.perf_counter(), _machine_busy_s(), _own_busy_s()
+        self._t0, self._m0, self._o0 = time.perf_counter(), _machine_busy_s(), _own_busy_s(self.helper_pids)
         self.other_share = None
         return self
 
@@ -54,7 +69,7 @@ class LoadMonitor:
         m1 = _machine_busy_s()
         if self._m0 is not None and m1 is not None:
             wall = max(time.perf_counter() - self._t0, 1e-9)
-            other = (m1 - self._m0) - (_own_busy_s() - self._o0)
+            other = (m1 - self._m0) - (_own_busy_s(self.helper_pids) - self._o0)
             self.other_share = max(0.0, other) / (wall * (os.cpu_count() or 1))
         return False
 
@@ -71,6 +86,8 @@ class Timing:
     jax_s: list[float]
     compile_s: float
     other_share: float | None
+    baseline_cpu_s: list[float] | None = None  # this process's CPU seconds per call (cpu/wall ≈ threads used)
+    jax_cpu_s: list[float] | None = None
 
     @property
     def speedup_min(self) -> float:
@@ -84,22 +101,32 @@ class Timing:
     def quiet(self) -> bool:
         return self.other_share is not None and self.other_share <= QUIET_OTHER_SHARE
 
+    def cpu_per_wall(self) -> tuple[float, float] | None:
+        """(baseline, jax) process CPU time over wall time: ≈ 1.0 when a side really ran single-threaded."""
+        if not self.baseline_cpu_s or not self.jax_cpu_s:
+            return None
+        return (sum(self.baseline_cpu_s) / max(sum(self.baseline_s), 1e-12),
+                sum(self.jax_cpu_s) / max(sum(self.jax_s), 1e-12))
+
     def print(self, unit: str = "ms", scale: float = 1e3) -> None:
         """`# …` detail line, then the ratio line `name: 1.23x` (> 1: JAX faster; min over repeats)."""
         load = "n/a" if self.other_share is None else f"{100 * self.other_share:.0f}%"
+        cpu = self.cpu_per_wall()
+        threads = "" if cpu is None else f"; cpu/wall baseline {cpu[0]:.2f} jax {cpu[1]:.2f}"
         print(f"# {self.name}: baseline min {min(self.baseline_s) * scale:.2f} / median "
               f"{np.median(self.baseline_s) * scale:.2f} {unit}; jax min {min(self.jax_s) * scale:.2f} / median "
               f"{np.median(self.jax_s) * scale:.2f} {unit}; jax compile {self.compile_s:.1f} s; "
-              f"median ratio {self.speedup_median:.2f}x; others' CPU share {load}"
+              f"median ratio {self.speedup_median:.2f}x; others' CPU share {load}{threads}"
               + ("" if self.quiet else "  [LOADED: not recordable]"))
         print(f"{self.name}: {self.speedup_min:.2f}x")
 
 
 def interleaved(name: str, baseline: Callable[[], object], jax_fn: Callable[[], object], reps: int = 5,
-                warmup: int = 1) -> Timing:
+                warmup: int = 1, helper_pids: tuple[int, ...] = ()) -> Timing:
     """Time `baseline` and `jax_fn` (each must block until done) alternately, `reps` times each, after warm-up.
 
     The first JAX call is timed on its own as compile time; warm-up calls of both sides are not counted.
+    `helper_pids`: subprocesses a side runs in (their CPU counts as this benchmark's, not as other users' load).
     """
     if reps < 5:
         raise ValueError(f"interleaved: reps={reps}; the method needs ≥ 5 repeats per side")
@@ -109,14 +136,15 @@ def interleaved(name: str, baseline: Callable[[], object], jax_fn: Callable[[], 
     for _ in range(warmup):
         baseline()
         jax_fn()
-    bs, js = [], []
-    with LoadMonitor() as mon:
+    bs, js, bc, jc = [], [], [], []
+    with LoadMonitor(helper_pids) as mon:
         for _ in range(reps):
-            for fn, out in ((baseline, bs), (jax_fn, js)):
-                t = time.perf_counter()
+            for fn, out, cpu in ((baseline, bs, bc), (jax_fn, js, jc)):
+                c, t = _own_busy_s(helper_pids), time.perf_counter()
                 fn()
                 out.append(time.perf_counter() - t)
-    return Timing(name, bs, js, compile_s, mon.other_share)
+                cpu.append(_own_busy_s(helper_pids) - c)
+    return Timing(name, bs, js, compile_s, mon.other_share, bc, jc)
 
 
 def load_average() -> str:
@@ -157,3 +185,40 @@ def small_internvl_config():
                                       intermediate_size=512, image_size=112, patch_size=14),
         llm_config=Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
                                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096))
+
+
+def anchor_internvl_config(vit_layers: int = 2, llm_layers: int = 2):
+    """The VLM benches' anchor shape (issue 17): InternVL3-1B widths — InternViT-300M (1024 wide, 448 px, 256
+    tokens a tile after pixel shuffle), Qwen2.5-0.5B-style LLM 896 wide, 14/2 heads, vocab 151,674, dynamic RoPE —
+    with few layers so one step fits a CPU benchmark. Every width, the vocabulary and the token ids are the real
+    model's; only the depth is cut."""
+    from recogdrive_jax.models import internvl as iv
+    cfg = iv.get_config("internvl3_1b")
+    return dataclasses.replace(
+        cfg, vision_config=dataclasses.replace(cfg.vision_config, num_hidden_layers=vit_layers),
+        llm_config=dataclasses.replace(cfg.llm_config, num_hidden_layers=llm_layers))
+
+
+def hf_internvl(cfg, train: bool = False):
+    """transformers' `InternVLForConditionalGeneration` of `cfg` (random init, seed 0) with its default attention
+    implementation, `sdpa`, in both towers: the baseline of the VLM benches."""
+    import torch
+    from transformers import InternVLConfig as HFConfig
+    from transformers import InternVLForConditionalGeneration
+
+    from recogdrive_jax.models import internvl as iv
+    d = iv.config_to_hf(cfg, "native")
+    hc = HFConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+    hc._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(hc)
+    return model.train() if train else model.eval()
+
+
+def print_results_row(timings: list[Timing], command: str) -> None:
+    """The RESULTS.md row of a quiet run (date and device filled in), or the refusal line of a loaded one."""
+    import jax
+    row = results_line(timings, command, time.strftime("%Y-%m-%d"),
+                       f"{jax.devices()[0].platform}, {os.cpu_count()} cores")
+    if row:
+        print("# RESULTS.md row:\n" + row)

@@ -114,7 +114,8 @@ def main(argv=None) -> int:
         try:
             for n in (1, args.scenes):
                 real.per_scene_s.clear()
-                t = common.interleaved(f"pdm_closed_jax_vs_navsim_b{n}", real, jax_fn(n), reps=args.reps)
+                t = common.interleaved(f"pdm_closed_jax_vs_navsim_b{n}", real, jax_fn(n), reps=args.reps,
+                                       helper_pids=(real.proc.pid,))
                 # per scene on both sides: the planner's own seconds per scene vs the JAX call / batch size
                 t.baseline_s = list(real.per_scene_s[-args.reps:])
                 t.jax_s = [s / n for s in t.jax_s]

@@ -35,3 +35,20 @@ def test_load_monitor_share_is_a_fraction():
     with common.LoadMonitor() as m:
         sum(i * i for i in range(200_000))
     assert m.other_share is None or 0.0 <= m.other_share <= 1.0
+
+
+def test_a_driven_subprocess_counts_as_the_benchmarks_own_cpu():
+    """A baseline that runs in another process (bench/pdm_closed.py's navsim-real planner) is not other users' load."""
+    import subprocess
+    import sys
+    spin = "import time\nwhile time.process_time() < 0.3: pass\nprint('spun', flush=True)\ntime.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "spun"
+        used = common._pid_busy_s(proc.pid)
+        assert 0.25 <= used < 5.0  # /proc counts whole clock ticks (10 ms)
+        assert common._own_busy_s((proc.pid,)) - common._own_busy_s() >= 0.25
+    finally:
+        proc.kill()
+        proc.wait()
+    assert common._pid_busy_s(proc.pid) == 0.0  # gone: unreadable counts nothing
