@@ -1,17 +1,22 @@
-"""SFT training throughput of this stack vs transformers + PyTorch, and hidden-cache bytes vs upstream's layout.
+"""SFT step throughput of this stack vs transformers + PyTorch (interleaved, one process), and hidden-cache bytes.
+
+    python bench/sft.py                  # anchor: InternVL3-1B widths, 2+2 layers, 2 rows x 532 tokens, tiles 2,1
+    python bench/sft.py --quick          # tiny config smoke path (what tests/test_bench_vlm.py runs)
 
 1. SFT tokens/s: one full training step (ViT + mlp1 + LLM forward, assistant-token CE, backward, clip, AdamW) on
-   the same small InternVL config, the same weights and the same batch, in this process. JAX runs the `sft` stage's
-   own loss (`stages/lm_loss.make_loss_fn`: chunked CE, segment mask) through the loop's jitted train step
-   (`train/state.make_train_step`, `train/optim.make_optimizer`) with donated state; PyTorch runs
-   `InternVLForConditionalGeneration(..., labels=...)` + `clip_grad_norm_` + `torch.optim.AdamW`. Both fp32 by
-   default (`--dtype bfloat16`: JAX bf16 compute, torch CPU/GPU autocast bf16). Prints
-   `sft_tokens_per_s_jax_vs_torch: 1.9x` (> 1 = JAX faster).
+   the same config, the same weights and the same batch. JAX runs the `sft` stage's own loss
+   (`vlm/lm_loss.make_loss_fn`: chunked CE at the stage's default `model.loss_chunk`, segment mask) through the
+   loop's jitted train step (`train/state.make_train_step`, `train/optim.make_optimizer`) with donated state;
+   PyTorch runs `InternVLForConditionalGeneration(..., labels=...)` (default `sdpa` attention, full-vocab fp32 CE as
+   transformers computes it) + `clip_grad_norm_` + `torch.optim.AdamW`. Same padded token count, loss mask (labels
+   on the last 40 % of each row), remat off on both sides; the JAX batch pads each row's tiles to the longest row
+   (the `sft` collator's layout, data/length_grouping.py), torch gets the real tiles only. fp32 by default
+   (`--dtype bfloat16`: JAX bf16 compute, torch CPU autocast bf16). Method: bench/common.py (ABAB repeats, ≥ 5,
+   min/median, compile apart, single-threaded both sides by default, the quiet gate on the RESULTS row).
+   Prints `sft_tokens_per_s: 1.23x` (real tokens/s ratio, > 1 = JAX faster; min over repeats).
 2. Cache bytes per sample: a compact `HiddenCache` (bf16, only real tokens, zstd) of a ReCogDrive-2B-shaped sample
    (hidden 1536, 9 tiles x 256 image tokens + the driving prompt's text) vs upstream's 2800 x hidden x 4 bytes.
    Prints `cache_bytes_upstream_vs_compact: 2.3x`.
-
-Usage: python bench/sft.py [--batch 4] [--seq 512] [--steps 5] [--dtype float32|bfloat16]
 """
 from __future__ import annotations
 
@@ -20,48 +25,104 @@ import os
 import sys
 import tempfile
 import time
+from typing import Sequence
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+
+
+def _parse(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=532)
+    ap.add_argument("--tiles", default="2,1", help="real tiles of each row (comma list, or one count for all rows)")
+    ap.add_argument("--vit-layers", type=int, default=2)
+    ap.add_argument("--llm-layers", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=2048, help="CE chunk (the sft stage's default model.loss_chunk)")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved repeats per side (>= 5)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--threads", type=int, default=1, help="1 = single-threaded XLA and torch (recordable); 0 = "
+                                                           "defaults")
+    ap.add_argument("--quick", action="store_true", help="tiny config, 2 x 64 tokens: a smoke run, not a figure")
+    ap.add_argument("--skip-sft", action="store_true")
+    ap.add_argument("--skip-cache", action="store_true")
+    ap.add_argument("--profile", metavar="DIR", help="instead of timing: per-op profile of both steps (jax.profiler "
+                                                     "trace with per-thunk events, torch.profiler), tables printed")
+    ap.add_argument("--profile-steps", type=int, default=1)
+    ap.add_argument("--ab", metavar="OPT=VAL[,OPT=VAL]", help="instead of the torch comparison: the JAX step "
+                    "compiled with these XLA options vs without, interleaved, and whether both give bitwise the same "
+                    "loss and parameters after one step (e.g. xla_cpu_experimental_xnn_fusion_type=dot)")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.batch, a.seq, a.skip_cache = 2, 64, True
+    return a
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.threads == 1:
+    common.single_thread()  # before jax and torch initialise
+if ARGS is not None and ARGS.profile:  # one trace event per XLA CPU thunk (fusion, dot, ...)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from recogdrive_jax.convert import internvl as cv  # noqa: E402
 from recogdrive_jax.models import internvl as iv  # noqa: E402
-from bench.common import small_internvl_config as bench_config  # noqa: E402
 from recogdrive_jax.train import optim  # noqa: E402
 from recogdrive_jax.train.state import init_train_state, make_train_step  # noqa: E402
 from recogdrive_jax.vlm import checkpoint as vlm_ckpt  # noqa: E402
 from recogdrive_jax.vlm import lm_loss  # noqa: E402
 
 
+def row_tiles(tiles: int | str | Sequence[int], b: int) -> list[int]:
+    """'2,1' / [2, 1] / 2 → real tiles of each of the b rows."""
+    if isinstance(tiles, str):
+        tiles = [int(x) for x in tiles.split(",") if x]
+    if isinstance(tiles, int):
+        return [tiles] * b
+    tiles = list(tiles)
+    if len(tiles) == 1:
+        return tiles * b
+    if len(tiles) != b or min(tiles) < 1:
+        raise ValueError(f"tiles {tiles}: expected one count >= 1 per row of a batch of {b}")
+    return tiles
 
 
-def make_batch(cfg, b: int, t: int, tiles: int, seed: int = 0) -> dict:
-    """Right-padded rows (lengths 75-100% of t), `tiles` real tiles each; labels on the last 40% of each row."""
+def make_batch(cfg, b: int, t: int, tiles, seed: int = 0) -> dict:
+    """Right-padded rows (lengths 75-100% of t, row 0 full), row r with tiles[r] real tiles (padded to the longest
+    row, flag 0, as the sft collator does); labels on the last 40% of each row."""
     rng = np.random.default_rng(seed)
-    k = cfg.num_image_token * tiles
+    per_row = row_tiles(tiles, b)
+    m = max(per_row)
     ids = rng.integers(20, cfg.llm_config.vocab_size, (b, t)).astype(np.int32)
     lens = rng.integers(int(0.75 * t), t + 1, b)
     lens[0] = t
+    ks = [cfg.num_image_token * n for n in per_row]
+    if max(ks) + 4 > t:
+        raise ValueError(f"seq {t} is too short for {max(per_row)} tiles of {cfg.num_image_token} tokens")
+    lens = np.maximum(lens, np.asarray(ks) + 4)  # every image token inside the row
     mask = (np.arange(t)[None] < lens[:, None]).astype(np.int32)
-    ids[:, 1] = cfg.img_start_token_id
-    ids[:, 2:2 + k] = cfg.image_token_id
-    ids[:, 2 + k] = cfg.img_end_token_id
+    for r, k in enumerate(ks):
+        ids[r, 1] = cfg.img_start_token_id
+        ids[r, 2:2 + k] = cfg.image_token_id
+        ids[r, 2 + k] = cfg.img_end_token_id
     ids = np.where(mask > 0, ids, cfg.pad_token_id)
     labels = np.full((b, t), -100, np.int32)
     for r, n in enumerate(lens):
         s = int(0.6 * n)
         labels[r, s:n] = ids[r, s:n]
     s = cfg.vision_config.image_size
-    pv = rng.standard_normal((b, tiles, s, s, 3)).astype(np.float32)
+    pv = rng.standard_normal((b, m, s, s, 3)).astype(np.float32)
+    flags = (np.arange(m)[None] < np.asarray(per_row)[:, None]).astype(np.int32)
+    pv = pv * flags[:, :, None, None, None]
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "segment_ids": mask.copy(),
             "positions": np.where(mask > 0, np.arange(t)[None], 0).astype(np.int32), "pixel_values": pv,
-            "image_flags": np.ones((b, tiles), np.int32)}
+            "image_flags": flags}
 
 
 def optim_cfg():
@@ -70,45 +131,41 @@ def optim_cfg():
                                           clip_norm=1.0, freeze=()))
 
 
-def bench_sft(a) -> float:
-    from transformers import InternVLConfig as HFConfig
-    from transformers import InternVLForConditionalGeneration
+def bench_config(a):
+    if a.quick:
+        return iv.get_config("tiny")
+    return common.anchor_internvl_config(vit_layers=a.vit_layers, llm_layers=a.llm_layers)
 
-    cfg = bench_config()
-    d = iv.config_to_hf(cfg, "native")
-    hc = HFConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
-    hc._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    tm = InternVLForConditionalGeneration(hc).train()
+
+def setup(a):
+    """(cfg, torch model, jax step fn, torch step fn, batch): both sides ready, same weights and batch."""
+    import torch
+    cfg = bench_config(a)
+    tm = common.hf_internvl(cfg, train=True)
     params = cv.hf_to_params(cv.TensorSource({k: v.detach().numpy() for k, v in tm.state_dict().items()},
                                              "native"), cfg)
     batch = make_batch(cfg, a.batch, a.seq, a.tiles)
-    tokens = int(batch["attention_mask"].sum())
 
     # ---- JAX: the stage's loss through the loop's train step
     mdef = vlm_ckpt.module_def(cfg, a.dtype)
     tx = optim.make_optimizer(optim_cfg(), 1000, params)
-    step = jax.jit(make_train_step(lm_loss.make_loss_fn(mdef, chunk=512, drop_path=False, grad_accum=1), tx,
+    step = jax.jit(make_train_step(lm_loss.make_loss_fn(mdef, chunk=a.chunk, drop_path=False, grad_accum=1), tx,
                                    schedule=optim.make_schedule(optim_cfg(), 1000)), donate_argnums=(0,))
-    state = init_train_state(jax.tree.map(jnp.asarray, params), tx)
+    box = {"state": init_train_state(jax.tree.map(jnp.asarray, params), tx), "i": 0}
     jb = jax.tree.map(jnp.asarray, batch)
-    rng = jax.random.key(0)
-    state, m = step(state, jb, rng)  # compile
-    jax.block_until_ready(m)
-    first_loss_jax = float(m["loss"])
-    t0 = time.perf_counter()
-    for i in range(a.steps):
-        state, m = step(state, jb, jax.random.fold_in(rng, i))
-    jax.block_until_ready(m)
-    tj = (time.perf_counter() - t0) / a.steps
 
-    # ---- PyTorch
+    def jax_step():
+        box["i"] += 1
+        box["state"], m = step(box["state"], jb, jax.random.key(box["i"]))
+        return float(m["loss"])  # blocks
+
+    # ---- PyTorch: the real tiles only, NCHW
     opt = torch.optim.AdamW(tm.parameters(), lr=4e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
-    b, nt = batch["image_flags"].shape
-    s = cfg.vision_config.image_size
+    real = batch["image_flags"].reshape(-1) > 0
+    pv = batch["pixel_values"].reshape(-1, *batch["pixel_values"].shape[2:])[real]
+    t_pv = torch.tensor(pv.transpose(0, 3, 1, 2).copy())
     t_ids, t_mask = torch.tensor(batch["input_ids"]).long(), torch.tensor(batch["attention_mask"]).long()
     t_labels = torch.tensor(batch["labels"]).long()
-    t_pv = torch.tensor(batch["pixel_values"].reshape(b * nt, s, s, 3).transpose(0, 3, 1, 2).copy())
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bfloat16")
 
     def torch_step():
@@ -120,21 +177,28 @@ def bench_sft(a) -> float:
         opt.step()
         return float(loss.detach())
 
-    first_loss_torch = torch_step()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        torch_step()
-    tt = (time.perf_counter() - t0) / a.steps
-    print(f"config: vit {cfg.vision_config.hidden_size}x{cfg.vision_config.num_hidden_layers} @"
+    return cfg, tm, jax_step, torch_step, batch, step, box, jb
+
+
+def bench_sft(a) -> common.Timing:
+    import torch
+    cfg, tm, jax_step, torch_step, batch, *_ = setup(a)
+    tokens = int(batch["attention_mask"].sum())
+    print(f"# sft bench: vit {cfg.vision_config.hidden_size}x{cfg.vision_config.num_hidden_layers} @"
           f"{cfg.vision_config.image_size}px, llm {cfg.llm_config.hidden_size}x{cfg.llm_config.num_hidden_layers} "
-          f"vocab {cfg.llm_config.vocab_size}; batch {a.batch} x {a.seq} tokens ({tokens} real, {a.tiles} tiles a "
-          f"row), {a.dtype}; jax {jax.default_backend()} ({jax.device_count()} device(s)), torch "
-          f"{torch.get_num_threads()} threads")
-    print(f"first-step loss: jax {first_loss_jax:.5f}  torch {first_loss_torch:.5f} (same weights and batch)")
-    print(f"sft step: jax {tj * 1e3:.1f} ms  torch {tt * 1e3:.1f} ms")
-    print(f"sft tokens/s: jax {tokens / tj:,.0f}  torch {tokens / tt:,.0f}")
-    print(f"sft_tokens_per_s_jax_vs_torch: {tt / tj:.2f}x")
-    return tt / tj
+          f"vocab {cfg.llm_config.vocab_size}; batch {a.batch} x {a.seq} tokens ({tokens} real, tiles "
+          f"{row_tiles(a.tiles, a.batch)}, {int((batch['labels'] != -100).sum())} label tokens), {a.dtype}; jax "
+          f"{jax.default_backend()}, torch threads {torch.get_num_threads()}, {common.load_average()}")
+    t0 = time.perf_counter()
+    first_jax = jax_step()  # compiles
+    compile_s = time.perf_counter() - t0
+    first_torch = torch_step()
+    print(f"# first-step loss: jax {first_jax:.5f}  torch {first_torch:.5f} (same weights and batch)")
+    t = common.interleaved("sft_tokens_per_s", torch_step, jax_step, reps=a.reps)
+    t.compile_s = compile_s  # the call above; interleaved's own first call was a steady-state one
+    t.print()
+    print(f"# sft tokens/s (min time): jax {tokens / min(t.jax_s):,.0f}  torch {tokens / min(t.baseline_s):,.0f}")
+    return t
 
 
 def bench_cache_bytes(hidden: int = 1536, tiles: int = 9, text_tokens: int = 330, n: int = 4) -> float:
@@ -150,25 +214,208 @@ def bench_cache_bytes(hidden: int = 1536, tiles: int = 9, text_tokens: int = 330
         total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(os.path.join(d, "c", "hidden"))
                     for f in fs)
     per = total / n
-    print(f"cache bytes/sample: upstream 2800 x {hidden} x 4 = {upstream / 1e6:.2f} MB, compact bf16 "
+    print(f"# cache bytes/sample: upstream 2800 x {hidden} x 4 = {upstream / 1e6:.2f} MB, compact bf16 "
           f"{length} real tokens = {per / 1e6:.2f} MB")
     print(f"cache_bytes_upstream_vs_compact: {upstream / per:.2f}x")
     return upstream / per
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--tiles", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--skip-sft", action="store_true")
-    a = ap.parse_args(argv)
+# ------------------------------------------------------------------------------------------------- profiling
+
+def _hlo_kinds(hlo_text: str) -> dict[str, str]:
+    """instruction name → what it computes, from the optimised HLO: a fusion is named by the heaviest op kinds it
+    contains (dot/convolution first, then exp/log, reduce, scatter/gather), e.g. 'fusion[dot]' or 'fusion[exp,reduce]';
+    other instructions by their opcode, with the result shape."""
+    import re
+    comps: dict[str, list[str]] = {}
+    cur = None
+    for line in hlo_text.splitlines():
+        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if m and not line.startswith(" "):
+            cur = m[1]
+            comps[cur] = []
+        elif cur is not None and line.startswith(" ") and " = " in line:
+            comps[cur].append(line.strip())
+    inst = re.compile(r"^(?:ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\(")
+    keys = ("dot", "convolution", "exponential", "log", "reduce", "scatter", "gather", "sort",
+            "dynamic-update-slice", "transpose", "reduce-window", "select-and-scatter")
+
+    def ops_of(comp: str, depth: int = 0) -> set[str]:
+        out = set()
+        for line in comps.get(comp, []):
+            m = inst.match(line)
+            if not m:
+                continue
+            out.add(m[3])
+            for c in re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line):
+                if depth < 4:
+                    out |= ops_of(c, depth + 1)
+        return out
+
+    kinds = {}
+    for lines in comps.values():
+        for line in lines:
+            m = inst.match(line)
+            if not m:
+                continue
+            name, shape, op = m[1], m[2], m[3]
+            if op == "fusion":
+                called = re.search(r"calls=%?([\w.\-]+)", line)
+                inner = ops_of(called[1]) if called else set()
+                tag = ",".join(k for k in keys if k in inner) or "elementwise"
+                kinds[name] = f"fusion[{tag}] {shape}"
+            else:
+                kinds[name] = f"{op} {shape}"
+    return kinds
+
+
+def _perfetto_events(log_dir: str) -> list[dict]:
+    import glob
+    import gzip
+    import json
+    files = sorted(glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"{log_dir}: no *.trace.json.gz written by jax.profiler")
+    with gzip.open(files[-1]) as f:
+        data = json.load(f)
+    return [e for e in (data["traceEvents"] if isinstance(data, dict) else data) if e.get("ph") == "X"]
+
+
+def _self_times(events: list[dict]) -> list[tuple[str, float]]:
+    """(name, exclusive seconds) per event: a `while` thunk's event spans its body's thunks on the same thread,
+    so each event's time minus that of the events nested in it."""
+    out = []
+    by_thread: dict = {}
+    for e in events:
+        by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+    for evs in by_thread.values():
+        evs.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[list] = []  # [end, name, child time, dur]
+        for e in evs:
+            while stack and e["ts"] >= stack[-1][0]:
+                end, name, child, dur = stack.pop()
+                out.append((name, (dur - child) * 1e-6))
+            if stack:
+                stack[-1][2] += e["dur"]
+            stack.append([e["ts"] + e["dur"], e["name"], 0.0, e["dur"]])
+        out += [(name, (dur - child) * 1e-6) for _, name, child, dur in stack]
+    return out
+
+
+def _table(rows: list[tuple[str, float, int]], total: float, top: int, title: str) -> None:
+    print(f"# {title}: {total * 1e3:.1f} ms a step")
+    print("# | op | kind | ms/step | share | calls/step |")
+    for name, dur, calls, kind in rows[:top]:
+        print(f"# | {name[:48]} | {kind[:70]} | {dur * 1e3:.1f} | {100 * dur / total:.1f}% | {calls:g} |")
+
+
+def _categories(rows, total, title: str) -> None:
+    cats: dict[str, float] = {}
+    for _, dur, _, kind in rows:
+        k = kind.lower()
+        c = ("matmul" if any(x in k for x in ("dot", "convolution", "mm", "linear", "matmul", "addmm", "bmm",
+                                                "conv"))
+             else "attention" if "attention" in k or "sdpa" in k
+             else "softmax/exp/log" if any(x in k for x in ("exp", "log", "softmax", "cross_entropy", "nll"))
+             else "reduce" if "reduce" in k or "sum" in k or "norm" in k or "max" in k
+             else "gather/scatter" if any(x in k for x in ("gather", "scatter", "index", "embedding"))
+             else "copy/transpose" if any(x in k for x in ("copy", "transpose", "clone", "contiguous", "cat",
+                                                           "dynamic-update-slice", "slice"))
+             else "elementwise/other")
+        cats[c] = cats.get(c, 0.0) + dur
+    print(f"# {title} by kind: " + ", ".join(f"{c} {100 * v / total:.0f}% ({v * 1e3:.0f} ms)"
+                                             for c, v in sorted(cats.items(), key=lambda kv: -kv[1])))
+
+
+def profile_sft(a, top: int = 25) -> None:
+    """Per-op time of one SFT step on each side (shares within one process: meaningful even on a loaded machine)."""
+    import torch
+    cfg, tm, jax_step, torch_step, batch, step, box, jb = setup(a)
+    compiled = step.lower(box["state"], jb, jax.random.key(0)).compile()
+    hlo = compiled.as_text()
+    kinds = _hlo_kinds(hlo)
+
+    def jax_step():
+        box["state"], m = compiled(box["state"], jb, jax.random.key(1))
+        return float(m["loss"])
+
+    jax_step(), torch_step()  # warm-up (torch's first step also creates the AdamW state)
+    n = a.profile_steps
+    with open(os.path.join(a.profile, "sft_step.hlo.txt"), "w") as f:
+        f.write(hlo)
+    jax.profiler.start_trace(a.profile, create_perfetto_trace=True)
+    for _ in range(n):
+        jax_step()
+    jax.profiler.stop_trace()
+    agg: dict[str, list[float]] = {}
+    for name, self_s in _self_times([e for e in _perfetto_events(a.profile) if e["name"] in kinds]):
+        agg.setdefault(name, [0.0, 0])
+        agg[name][0] += self_s / n
+        agg[name][1] += 1 / n
+    rows = sorted(((k, v[0], v[1], kinds[k]) for k, v in agg.items()), key=lambda r: -r[1])
+    jtotal = sum(r[1] for r in rows)
+    _table(rows, jtotal, top, f"JAX SFT step, XLA CPU thunks ({len(rows)} ops seen)")
+    _categories(rows, jtotal, "JAX")
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(n):
+            torch_step()
+    ka = prof.key_averages(group_by_input_shape=True)
+    trows = sorted(((e.key, e.self_cpu_time_total * 1e-6 / n, e.count / n, f"{e.key} {e.input_shapes}")
+                    for e in ka), key=lambda r: -r[1])
+    ttotal = sum(r[1] for r in trows)
+    _table(trows, ttotal, top, "torch SFT step, aten ops (self time)")
+    _categories(trows, ttotal, "torch")
+
+
+def ab_xla_options(a) -> common.Timing:
+    """Interleaved A/B of the JAX SFT step compiled without (A) and with (B) `a.ab`'s XLA options; prints whether
+    one step from the same state gives bitwise-equal loss and parameters."""
+    cfg, tm, jax_step, torch_step, batch, step, box, jb = setup(a)
+    opts = dict(kv.split("=", 1) for kv in a.ab.split(",") if kv)
+    rng = jax.random.key(7)
+    copy = lambda: jax.tree.map(jnp.copy, box["state"])  # noqa: E731  (each compiled step donates its state)
+    lowered = step.lower(box["state"], jb, rng)
+    comp_a = lowered.compile()
+    comp_b = lowered.compile(compiler_options=opts)
+    (sa, ma), (sb, mb) = comp_a(copy(), jb, rng), comp_b(copy(), jb, rng)
+    same = all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves((sa.params, ma)),
+                                                           jax.tree.leaves((sb.params, mb))))
+    print(f"# ab {opts}: loss A {float(ma['loss']):.7f} B {float(mb['loss']):.7f}; params and metrics after one "
+          f"step bitwise equal: {same}")
+    boxes = {"a": sa, "b": sb}
+
+    def run(which, comp):
+        def f():
+            boxes[which], m = comp(boxes[which], jb, rng)
+            return float(m["loss"])
+        return f
+
+    t = common.interleaved("sft_xla_options_b_vs_a", run("a", comp_a), run("b", comp_b), reps=a.reps)
+    t.print()
+    return t
+
+
+def main(a) -> int:
+    import torch
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    if a.ab:
+        ab_xla_options(a)
+        return 0
+    if a.profile:
+        os.makedirs(a.profile, exist_ok=True)
+        profile_sft(a)
+        return 0
     if not a.skip_sft:
-        bench_sft(a)
-    bench_cache_bytes()
+        t = bench_sft(a)
+        if not a.quick:
+            common.print_results_row([t], "python bench/sft.py")
+    if not a.skip_cache:
+        bench_cache_bytes()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main(ARGS))
