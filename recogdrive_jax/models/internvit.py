@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from recogdrive_jax.models.layers import RMSNorm, dense, dot_product_attention
+from recogdrive_jax.parallel.activations import constrain
 
 Dtype = Any
 
@@ -193,6 +194,7 @@ class InternViT(nnx.Module):
     def __call__(self, pixel_values: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """`rng` enables stochastic depth (drop_path_rate linspace over layers); None = deterministic."""
         x = self.embed(pixel_values)  # [T, N, D]
+        x = constrain(x, ("batch", "seq", "embed"))  # tiles are the batch
         n_layers = self.cfg.num_hidden_layers
         graphdef, state = nnx.split(self.layers)
         rates = jnp.linspace(0.0, self.cfg.drop_path_rate, n_layers).astype(jnp.float32)

@@ -22,6 +22,7 @@ from flax import nnx
 from recogdrive_jax.models.internvit import InternViT, InternViTConfig, pixel_shuffle_v2
 from recogdrive_jax.models.layers import NEG_INF, dense, token_logprobs
 from recogdrive_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, attention_mask_2d_to_3d, positions_from_mask
+from recogdrive_jax.parallel.activations import constrain
 
 Dtype = Any
 IGNORE_INDEX = -100
@@ -384,7 +385,7 @@ class InternVLModel(nnx.Module):
         if image_embeds is not None:
             out["image_embeds"] = image_embeds
         if compute_logits:
-            out["logits"] = self.language_model.logits(hidden)
+            out["logits"] = constrain(self.language_model.logits(hidden), ("batch", "seq", "vocab"))
         return out
 
 

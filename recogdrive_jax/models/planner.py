@@ -31,6 +31,7 @@ from recogdrive_jax.diffusion import flow as flow_lib
 from recogdrive_jax.diffusion.schedule import make_ddim_schedule, make_ddpm_schedule
 from recogdrive_jax.models.dit import LightningDiT
 from recogdrive_jax.models.layers import Dtype, Mlp, dense, sinusoidal_embedding, to_dtype
+from recogdrive_jax.parallel.activations import constrain
 
 # VLM width by `vlm_size` (independent of the DiT size): InternVL3-8B -> 3584, 2B -> 1536.
 VLM_WIDTH = {"large": 3584, "small": 1536}
@@ -256,6 +257,7 @@ class DiffusionPlanner(nnx.Module):
         _check_cond(cond, cfg)
         mask = _vl_mask(cond, cfg)
         memory = self.feature_encoder(cond["vl_states"].astype(self.dtype))  # [B, L, D]
+        memory = constrain(memory, ("batch", "seq", "embed"))
         b = memory.shape[0]
         his = self.his_traj_encoder(cond["history"].reshape(b, -1).astype(self.dtype))  # [B, D]
         ego = self.ego_status_encoder(cond["status"].astype(self.dtype))  # [B, D]
@@ -271,6 +273,7 @@ class DiffusionPlanner(nnx.Module):
         his = jnp.broadcast_to(ctx["his"][:, None, :], a.shape)
         vl = jnp.broadcast_to(ctx["vl_mean"][:, None, :], a.shape)
         u = self.fusion_projector(jnp.concatenate([his, vl, a], axis=-1))  # [B, H, D]
+        u = constrain(u, ("batch", "seq", "embed"))  # the DiT input: split over the batch axes under a mesh
         y = self.model(u, t, ctx["ego"], ctx["memory"], ctx.get("memory_mask"))  # [B, H, O]
         out = self.action_decoder(y)
         assert out.shape[1] == h
@@ -431,6 +434,7 @@ class RegressionPlanner(nnx.Module):
         cfg = self.cfg
         _check_cond(cond, cfg)
         memory = self.feature_encoder(cond["vl_states"].astype(self.dtype))
+        memory = constrain(memory, ("batch", "seq", "embed"))
         b = memory.shape[0]
         pooled = self._pool(memory, _vl_mask(cond, cfg))
         his = self.his_traj_encoder(cond["history"].reshape(b, -1).astype(self.dtype))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from recogdrive_jax.models.layers import RMSNorm, apply_rope, dense, dot_product_attention, rope_cos_sin
+from recogdrive_jax.parallel.activations import constrain
 
 Dtype = Any
 
@@ -157,6 +158,7 @@ class Qwen2Model(nnx.Module):
         cos, sin = (a[:, :, None, :] for a in rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta))  # [B, T, 1, hd]
         graphdef, state = nnx.split(self.layers)
         x = inputs_embeds.astype(self.dtype)
+        x = constrain(x, ("batch", "seq", "embed"))  # hidden states entering the layer stack
 
         def body(h, xs):
             layer = nnx.merge(graphdef, xs[0])

@@ -10,6 +10,9 @@ tree). Checks, so a sharding mistake fails at start-up instead of as an OOM on t
   `replicate_all`);
 * with `mesh.fsdp > 1`, every parameter of >= `MIN_FSDP_ELEMENTS` elements must end up split over some mesh axis
   (else an error names the parameter and its shape).
+
+Activations: `activations()` is the context in which the models' logical `activations.constrain` calls shard the
+batch axis (and any other named dimension) over this mesh by the same rules.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from recogdrive_jax.errors import UserError
+from recogdrive_jax.parallel import activations as act
 from recogdrive_jax.parallel import mesh as mesh_lib
 from recogdrive_jax.parallel import sharding as sh
 
@@ -118,6 +122,12 @@ class Runtime:
 
     def replicated(self) -> NamedSharding:
         return sh.replicated(self.mesh)
+
+    # ---- activations ----
+    def activations(self):
+        """Context in which the models' `activations.constrain(x, logical)` calls shard over this mesh by this
+        runtime's rules; jit re-traces a function called inside it (`train.loop` runs its step there)."""
+        return act.activation_sharding(self.mesh, self.rules)
 
 
 def _ways(spec: P, mesh: Mesh) -> int:

@@ -216,7 +216,8 @@ def train(config, workdir: str, task: Task, mesh: Mesh | None = None,
                 batch_sh = jax.tree.map(lambda x: runtime.batch_sharding(x.ndim), batch)
                 jitted = jax.jit(guarded_step, in_shardings=(shardings, batch_sh, repl, extra_sh),
                                  out_shardings=(shardings, repl), donate_argnums=(0,))
-            state, (metrics, state_finite) = jitted(state, batch, jax.random.fold_in(step_rng, step), extra)
+            with runtime.activations():  # traced here: the models' constrain() calls shard on the runtime's mesh
+                state, (metrics, state_finite) = jitted(state, batch, jax.random.fold_in(step_rng, step), extra)
             pending.append(metrics)
             if task.on_state is not None:
                 task.on_state(state)

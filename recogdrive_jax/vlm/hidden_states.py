@@ -73,6 +73,8 @@ def make_forward(mdef, rt):
     jitted = jax.jit(fwd)
 
     def forward(params, local_batch) -> np.ndarray:
-        return np.asarray(jax.device_get(jitted(params, rt.put_batch(local_batch))))
+        with rt.activations():  # traced here: the model's constrain() calls split the batch over the mesh
+            out = jitted(params, rt.put_batch(local_batch))
+        return np.asarray(jax.device_get(out))
 
     return forward

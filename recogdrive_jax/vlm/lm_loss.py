@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from recogdrive_jax.models.layers import token_logprobs
+from recogdrive_jax.parallel.activations import constrain
 
 
 def segment_mask(segment_ids):
@@ -27,7 +28,7 @@ def chunked_ce(lm, hidden, labels, chunk: int):
 
     @jax.checkpoint
     def one(h, y):
-        logits = lm.logits(h)  # [B, c, V] fp32
+        logits = constrain(lm.logits(h), ("batch", "seq", "vocab"))  # [B, c, V] fp32
         valid = y != -100
         yy = jnp.where(valid, y, 0)
         lp = token_logprobs(logits, yy)
