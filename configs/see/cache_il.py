@@ -27,7 +27,7 @@ import ml_collections
 from recogdrive_jax import configs
 
 NUM_TRAIN_SCENES, NUM_EVAL_SCENES = 1500, 256
-SFT_STEPS, SFT_SCENES = 600, 300
+SFT_STEPS, SFT_SCENES = 150, 300  # 600 steps ran at 0.26 steps/s on the loaded machine: 40 min
 IL_STEPS = 600  # sized to 3 seeds x every row on a loaded 2-core CPU in ~90 min (configs/see/evidence.sh)
 STEPS = ("sft", "cache", "cv", "il_tokens", "il_real", "il_shuffled", "il_zeros")
 
