@@ -5,8 +5,8 @@ v1.1 scorer, on the same scenes and trajectories, interleaved in one process.
 
 Cases: `tests/pdm_cases.make_cases` (project scenes x candidate families: expert, noisy, reverse, colliding, ...).
 Baselines, each scoring the first `--ref_scenes` / `--real_scenes` scenes' trajectories one at a time per request:
-- `tests/pdm_reference.py`, the shapely reference frozen as it was when issue 17 was filed (per trajectory,
-  including its share of the once-per-scene reference-plan simulation), in this process;
+- `tests/pdm_reference.py`, the per-trajectory shapely reference scorer, kept frozen as a baseline (never optimised;
+  per trajectory including its share of the once-per-scene reference-plan simulation), in this process;
 - the real NAVSIM v1.1 `pdm_score` (PDMSimulator + PDMScorer, one call per trajectory as `run_pdm_score.py` does) on
   real `MetricCache` objects, in a long-lived subprocess in navsim-real's venv (../shared/tools/navsim-real): the
   scenes are exported (`sim/navsim_arrays.py`), packed into MetricCaches (their PDM-Closed reference given), pickled
@@ -45,7 +45,7 @@ def _parse(argv=None):
     ap.add_argument("--float64", action="store_true", help="JAX in float64 (NAVSIM's precision; default float32)")
     ap.add_argument("--no_navsim", action="store_true", help="only the reference rows")
     ap.add_argument("--no_b1", action="store_true", help="only the batched rows (no batch-1 rows)")
-    ap.add_argument("--threads", type=int, default=1, help="1 = single-threaded XLA and BLAS (recordable); 0 = defaults")
+    ap.add_argument("--threads", type=int, default=1, help="1: single-threaded XLA and BLAS (recordable); 0: defaults")
     return ap.parse_args(argv)
 
 
@@ -159,8 +159,12 @@ class RealScorer:
         self.pdms = np.asarray(fields[1:])
 
     def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        self.proc.stdin.close()  # the subprocess ends at EOF
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def per_trajectory(t: common.Timing, baseline_s: list[float], jax_n: int) -> common.Timing:
