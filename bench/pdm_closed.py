@@ -18,14 +18,18 @@ import sys
 import tempfile
 import time
 
-import jax
-import numpy as np
-
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from recogdrive_jax.sim import navsim_arrays, pdm_closed, world  # noqa: E402
 from bench import common  # noqa: E402
+
+if __name__ == "__main__" and "--threads=0" not in sys.argv:
+    common.single_thread()  # before jax initialises (and inherited by the navsim-real subprocess); --threads=0: defaults
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from recogdrive_jax.sim import navsim_arrays, pdm_closed, world  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("navsim_real_make", os.path.join(ROOT, "tests", "fixtures",
                                                                                "navsim_real", "make_fixture.py"))
@@ -90,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scenes", type=int, default=64)
     ap.add_argument("--real_scenes", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, choices=(0, 1),
+                    help="1: single-threaded XLA and BLAS (recordable; set at import); pass --threads=0 for defaults")
     args = ap.parse_args(argv)
     scenes = world.generate_scenes(args.scenes, seed=7, reference="expert")  # PDM-Closed is what is timed
     limits = np.random.default_rng(0).uniform(8.0, 15.0, args.scenes)
