@@ -470,6 +470,10 @@ class PlannerEvalConfig(Block):
 # ------------------------------------------------------------------------------------------------ VLM stages
 
 DTYPES = ("bfloat16", "float32")
+# the model's run options (models/layers.REMAT_POLICIES, parallel/kernels.ATTENTION_IMPLS; repeated here so config
+# code imports no model: tests/test_attention_remat.py checks they agree)
+REMAT_POLICIES = ("full", "dots_saveable", "dots_with_no_batch_dims_saveable", "save_attention_out")
+ATTENTION_IMPLS = ("auto", "xla", "jax_nn", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -481,6 +485,8 @@ class ModelConfig(Block):
     tokenizer: str = ""  # tokenizer dir; '' = init_from's (HF dir / sft workdir), else WORKDIR's, else generated
     dtype: str = "bfloat16"  # compute dtype; params stay fp32
     remat: bool = True  # gradient checkpointing per layer (both towers)
+    remat_policy: str = "full"  # what a checkpointed layer keeps: models/layers.REMAT_POLICIES
+    attention_impl: str = "auto"  # 'auto' (cuDNN on a GPU in bf16, else 'xla') | 'xla' | 'jax_nn' | 'cudnn'
     drop_path_rate: float = -1.0  # ViT drop path; < 0 keeps the checkpoint's / variant's value
     freeze_vision: bool = False  # upstream freeze_backbone
     freeze_llm: bool = False
@@ -491,7 +497,11 @@ class ModelConfig(Block):
 
     def checks(self):
         return [(self.dtype in DTYPES, "dtype", f"expected one of {list(DTYPES)}, got {self.dtype!r}"),
-                (self.loss_chunk >= 1, "loss_chunk", f"expected an int >= 1, got {self.loss_chunk!r}")]
+                (self.loss_chunk >= 1, "loss_chunk", f"expected an int >= 1, got {self.loss_chunk!r}"),
+                (self.remat_policy in REMAT_POLICIES, "remat_policy",
+                 f"expected one of {list(REMAT_POLICIES)}, got {self.remat_policy!r}"),
+                (self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+                 f"expected one of {list(ATTENTION_IMPLS)}, got {self.attention_impl!r}")]
 
 
 @dataclasses.dataclass(frozen=True)

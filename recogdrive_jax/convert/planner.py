@@ -1,11 +1,13 @@
 """Convert ReCogDrive planner weights between upstream PyTorch checkpoints and Orbax (spec/planner.md §1).
 
     python -m recogdrive_jax.convert planner --from-torch IN.{ckpt,pt,safetensors} --out DIR [--config small]
+                                             [--scan-layers]
     python -m recogdrive_jax.convert planner --to-torch DIR --out OUT.{ckpt,pt,safetensors}   [--no-ema]
       (DIR: a --from-torch output, or an il/rl run workdir: its newest checkpoint, EMA params when present)
 
 Orbax layout written to DIR:
-    DIR/params/               StandardCheckpointer pytree = `planner_params(planner)` (nnx.List indices as '0', '1', ..)
+    DIR/params/               StandardCheckpointer pytree = `planner_params(planner)` (nnx.List indices as '0', '1', ..;
+                              with `planner.scan_layers` one stacked `transformer_blocks` whose leaves are [L, ...])
     DIR/planner_config.json   the PlannerConfig fields (restore with `load_planner_checkpoint` / `restore_planner`)
 
 Loading is strict: missing, unexpected or mis-shaped keys are one error listing all of them. Dropped with a printed
@@ -76,7 +78,7 @@ def param_key_map(cfg) -> dict[tuple, tuple[str, bool, tuple[int, ...]]]:
     if cfg.kind != "diffusion":
         raise ValueError("convert planner: only planner kind 'diffusion' has an upstream checkpoint layout "
                          f"(got kind={cfg.kind!r})")
-    flat = _flatten(planner_params(abstract_planner(cfg)))
+    flat = _flatten(planner_params(abstract_planner(cfg.replace(scan_layers=False))))  # upstream's list layout
     out = {}
     for path, leaf in flat.items():
         key, transpose = _torch_key(path)
@@ -229,15 +231,19 @@ def torch_state_dict_to_params(sd: Mapping[str, Any], cfg, *, verbose: bool = Tr
     if verbose:
         for n in notes:
             print(f"convert planner: note: {n}", file=sys.stderr)
-    return _unflatten(flat)
+    from recogdrive_jax.models.planner import to_layout
+    return to_layout(_unflatten(flat), cfg)  # stacked [L, ...] blocks when cfg.scan_layers
 
 
 def params_to_torch_state_dict(params: Mapping, cfg, *, prefix: str = PREFIX, as_torch: bool = True) -> dict:
     """Nested params -> full upstream state dict (params + inv_freq + eta + schedule buffers), keys with `prefix`.
     Values are torch tensors (as_torch) or numpy arrays."""
-    from recogdrive_jax.models.planner import _int_keys
+    from recogdrive_jax.models.planner import _int_keys, unstack_blocks
 
-    flat = _flatten(_int_keys(params))
+    params = _int_keys(params)
+    if isinstance(params.get("model"), Mapping) and isinstance(params["model"].get("transformer_blocks"), Mapping):
+        params = unstack_blocks(params)  # either block layout: upstream's is the list
+    flat = _flatten(params)
     kmap = param_key_map(cfg)
     missing = sorted(set(kmap) - set(flat))
     unexpected = sorted(set(flat) - set(kmap), key=str)
@@ -425,6 +431,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vlm-size", default=None, choices=["large", "small"],
                    help="with --config: VLM width (large 8B = 3584, small 2B = 1536); default inferred")
     p.add_argument("--sampling-method", default="ddim", choices=["ddim", "flow"])
+    p.add_argument("--scan-layers", action="store_true",
+                   help="with --from-torch: write the DiT blocks stacked (planner.scan_layers=true) instead of "
+                        "upstream's per-block list")
     p.add_argument("--no-ema", action="store_true",
                    help="with --to-torch of a run workdir: export its params, not its EMA params")
     return p
@@ -448,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cfg = infer_config_from_state_dict(sd, sampling_method=args.sampling_method)
                 except CheckpointKeyError as e:
                     raise CheckpointKeyError(f"convert planner: {args.from_torch}: {e}") from None
+            cfg = cfg.replace(scan_layers=args.scan_layers)
             try:
                 params = torch_state_dict_to_params(sd, cfg)
             except CheckpointKeyError as e:

@@ -6,6 +6,12 @@ c = temb(t) + e (ego embedding), has per-head RMSNorm on q/k, RoPE at query posi
 self-attention) and a SwiGLU FFN with hidden width D. Attribute names mirror the upstream torch modules so checkpoint
 conversion is a mechanical rename. Every RMSNorm casts before scaling, as upstream's blocks/rmsnorm.py does
 (`_norm(x.float()).type_as(x) * weight`).
+
+Two parameter layouts of the blocks (`scan_layers`): a list `transformer_blocks.<i>.*` (upstream's, run as a Python
+loop), or one stacked block whose every parameter has a leading `layers` axis [L, ...] run with `lax.scan` (one
+compiled block: compile time and code size independent of L). With `interleave` the scan runs over (self, cross)
+pairs. `planner.stack_blocks` / `unstack_blocks` convert a parameter tree between the layouts. `remat` checkpoints
+each block under `remat_policy` (layers.REMAT_POLICIES).
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from recogdrive_jax.models.layers import (Attention, Dtype, RMSNorm, SwiGLU, TimestepEmbedding, dense, modulate,
-                                          rope_cos_sin, sinusoidal_embedding)
+                                          remat, rope_cos_sin, sinusoidal_embedding)
 
 TIMESTEP_CHANNELS = 256  # diffusers Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)
 
@@ -37,24 +43,27 @@ class DiTBlock(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, *, cross_attention: bool, rngs: nnx.Rngs,
                  ffn_hidden: int | None = None, attention_bias: bool = True, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32):
+                 param_dtype: Dtype = jnp.float32, attention_impl: str = "xla"):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.cross_attention = cross_attention
         self.norm1 = RMSNorm(dim, order="cast_then_scale", eps=1e-6, **kw)
         # cross_attention_dim = inner_dim upstream: the memory is already projected to D.
-        self.attn = Attention(dim, num_heads, head_dim, context_dim=dim, use_bias=attention_bias, rngs=rngs, **kw)
+        self.attn = Attention(dim, num_heads, head_dim, context_dim=dim, use_bias=attention_bias, rngs=rngs,
+                              attention_impl=attention_impl, **kw)
         self.norm2 = RMSNorm(dim, order="cast_then_scale", eps=1e-6, **kw)
         self.ffn = SwiGLU(dim, dim if ffn_hidden is None else ffn_hidden, rngs=rngs, **kw)
         self.adaLN_modulation = dense(dim, 6 * dim, ("embed", "mlp"), rngs=rngs,
                                       kernel_init=nnx.initializers.zeros_init(), **kw)
 
     def __call__(self, u: jax.Array, c: jax.Array, memory: jax.Array, *, rope: tuple[jax.Array, jax.Array],
-                 memory_mask: jax.Array | None = None) -> jax.Array:
-        """u [B, T, D]; c [B, D]; memory [B, L, D]; memory_mask [B, L] or None."""
+                 memory_mask: jax.Array | None = None, cross_attention: bool | None = None) -> jax.Array:
+        """u [B, T, D]; c [B, D]; memory [B, L, D]; memory_mask [B, L] or None. `cross_attention` overrides the
+        block's own kind (the stacked block of the scanned layout serves both)."""
+        cross = self.cross_attention if cross_attention is None else cross_attention
         mod = self.adaLN_modulation(jax.nn.silu(c))  # [B, 6D]
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = jnp.split(mod, 6, axis=-1)
         n = modulate(self.norm1(u), shift_a, scale_a)
-        if self.cross_attention:
+        if cross:
             o = self.attn(n, memory, rope=rope, mask=memory_mask)
         else:
             o = self.attn(n, None, rope=rope)
@@ -84,21 +93,73 @@ class LightningDiT(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, num_layers: int, out_dim: int, *, rngs: nnx.Rngs,
                  interleave: bool = True, attention_bias: bool = True, rope_base: float = 1e4,
-                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, attention_impl: str = "xla",
+                 scan_layers: bool = False, remat: bool = False, remat_policy: str = "full"):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.head_dim, self.rope_base = head_dim, rope_base
+        self.num_layers, self.interleave, self.scan_layers = num_layers, interleave, scan_layers
+        self.remat, self.remat_policy = remat, remat_policy
         self.timestep_encoder = TimestepEncoder(dim, rngs=rngs, **kw)
-        self.transformer_blocks = nnx.List([
-            DiTBlock(dim, num_heads, head_dim, cross_attention=(i % 2 == 1) or not interleave,
-                     attention_bias=attention_bias, rngs=rngs, **kw)
-            for i in range(num_layers)])
+        block = dict(attention_bias=attention_bias, attention_impl=attention_impl, **kw)
+        if scan_layers:
+            @nnx.split_rngs(splits=num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs: nnx.Rngs) -> DiTBlock:
+                return DiTBlock(dim, num_heads, head_dim, cross_attention=not interleave, rngs=rngs, **block)
+
+            self.transformer_blocks = make_blocks(rngs)
+        else:
+            self.transformer_blocks = nnx.List([
+                DiTBlock(dim, num_heads, head_dim, cross_attention=self.is_cross(i), rngs=rngs, **block)
+                for i in range(num_layers)])
         self.final_layer = FinalLayer(dim, out_dim, rngs=rngs, **kw)
+
+    def is_cross(self, i: int) -> bool:
+        """Block i cross-attends to the memory (odd blocks with `interleave`, all without)."""
+        return (i % 2 == 1) or not self.interleave
 
     def __call__(self, u: jax.Array, t: jax.Array, cond: jax.Array, memory: jax.Array,
                  memory_mask: jax.Array | None = None) -> jax.Array:
         """u [B, T, D] tokens; t [B] timesteps; cond [B, D] (ego embedding, added to temb); -> [B, T, out_dim]."""
         c = self.timestep_encoder(t) + cond  # [B, D]
         rope = rope_cos_sin(jnp.arange(u.shape[1]), self.head_dim, self.rope_base)
-        for block in self.transformer_blocks:
-            u = block(u, c, memory, rope=rope, memory_mask=memory_mask)
+        if self.scan_layers:
+            u = self._scanned_blocks(u, c, memory, rope, memory_mask)
+        else:
+            for i, block in enumerate(self.transformer_blocks):
+                if self.remat:
+                    u = self._block_fn(nnx.graphdef(block), self.is_cross(i), prevent_cse=True)(
+                        nnx.state(block), u, c, memory, rope, memory_mask)
+                else:
+                    u = block(u, c, memory, rope=rope, memory_mask=memory_mask)
         return self.final_layer(u, c)
+
+    def _block_fn(self, graphdef, cross: bool, *, prevent_cse: bool):
+        """(block state, u, c, memory, rope, mask) -> u: one block, checkpointed when `remat` is on."""
+        def fn(state, u, c, memory, rope, memory_mask):
+            return nnx.merge(graphdef, state)(u, c, memory, rope=rope, memory_mask=memory_mask,
+                                              cross_attention=cross)
+        return remat(fn, self.remat_policy, prevent_cse=prevent_cse) if self.remat else fn
+
+    def _scanned_blocks(self, u, c, memory, rope, memory_mask):
+        """The stacked blocks [L, ...] with `lax.scan`: over blocks (all cross-attending), or over (self, cross)
+        pairs with `interleave` (an odd last block, self-attending, runs after the scan)."""
+        graphdef, state = nnx.split(self.transformer_blocks)
+        cross_fn = self._block_fn(graphdef, True, prevent_cse=False)
+        if not self.interleave:
+            u, _ = jax.lax.scan(lambda h, s: (cross_fn(s, h, c, memory, rope, memory_mask), None), u, state)
+            return u
+        self_fn = self._block_fn(graphdef, False, prevent_cse=False)
+        n = self.num_layers // 2
+        pairs = jax.tree.map(lambda a: a[:2 * n].reshape((n, 2) + a.shape[1:]), state)  # [L/2, 2, ...]
+
+        def body(h, s):
+            h = self_fn(jax.tree.map(lambda a: a[0], s), h, c, memory, rope, memory_mask)
+            return cross_fn(jax.tree.map(lambda a: a[1], s), h, c, memory, rope, memory_mask), None
+
+        if n:
+            u, _ = jax.lax.scan(body, u, pairs)
+        if self.num_layers % 2:
+            u = self._block_fn(graphdef, False, prevent_cse=True)(
+                jax.tree.map(lambda a: a[-1], state), u, c, memory, rope, memory_mask)
+        return u

@@ -3,7 +3,8 @@
 Follows `spec/internvl.md` §1: pre-norm blocks with learned layer scale (`ls1`, `ls2`), exact erf GELU, a fused
 `qkv` projection whose rows are (q | k | v) × (head, head_dim), bidirectional attention with scale head_dim^-0.5,
 optional RMSNorm over the *whole* q/k width (`qk_normalization`, InternViT-6B), and no final norm. Layers are
-stacked on a leading `layers` axis and run with `lax.scan` (one compiled block, optional remat).
+stacked on a leading `layers` axis and run with `lax.scan` (one compiled block, optional remat under
+`remat_policy`; `attention_impl` picks the attention kernel).
 
 Images are NHWC: `pixel_values` [T, H, W, 3] (the PyTorch code uses NCHW; the converter transposes the patch
 conv OIHW → HWIO). Dense, RMSNorm and the attention kernel come from `models/layers.py`.
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recogdrive_jax.models.layers import RMSNorm, dense, dot_product_attention
+from recogdrive_jax.models.layers import RMSNorm, dense, dot_product_attention, remat
 from recogdrive_jax.parallel.activations import constrain
 
 Dtype = Any
@@ -89,9 +90,11 @@ def make_norm(kind: str, dim: int, eps: float, *, dtype: Dtype, param_dtype: Dty
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: InternViTConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: InternViTConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
+                 attention_impl: str = "xla"):
         d = cfg.hidden_size
         self.cfg = cfg
+        self.attention_impl = attention_impl
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=_normal())
         self.qkv = dense(d, 3 * d, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
         self.proj = dense(d, d, ("heads", "embed"), **kw)
@@ -107,7 +110,8 @@ class VisionAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         h, hd = cfg.num_attention_heads, cfg.head_dim
         q, k, v = (a.reshape(t, n, h, hd) for a in (q, k, v))  # tiles are the batch: [T, N, H, hd]
-        return self.proj(dot_product_attention(q, k, v).reshape(t, n, d))  # bidirectional, scale hd^-0.5
+        out = dot_product_attention(q, k, v, impl=self.attention_impl)  # bidirectional, scale hd^-0.5
+        return self.proj(out.reshape(t, n, d))
 
 
 class VisionMlp(nnx.Module):
@@ -123,10 +127,12 @@ class VisionMlp(nnx.Module):
 class VisionBlock(nnx.Module):
     """x += ls1 * attn(norm1(x)); x += ls2 * mlp(norm2(x)), with optional per-sample drop path."""
 
-    def __init__(self, cfg: InternViTConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: InternViTConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
+                 attention_impl: str = "xla"):
         d = cfg.hidden_size
         self.norm1 = make_norm(cfg.norm_type, d, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                    attention_impl=attention_impl)
         self.norm2 = make_norm(cfg.norm_type, d, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp = VisionMlp(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.ls1 = nnx.Param(jnp.full((d,), cfg.initializer_factor, param_dtype), out_sharding=("embed",))
@@ -156,10 +162,10 @@ class InternViT(nnx.Module):
     """pixel_values [T, H, W, 3] → last hidden state [T, 1 + (H/p)(W/p), D] (raw output of the last layer)."""
 
     def __init__(self, cfg: InternViTConfig, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                 remat: bool = False, rngs: nnx.Rngs):
+                 remat: bool = False, remat_policy: str = "full", attention_impl: str = "xla", rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
-        self.remat = remat
+        self.remat, self.remat_policy = remat, remat_policy
         d, p = cfg.hidden_size, cfg.patch_size
         std = cfg.initializer_range
         self.patch_embedding = nnx.Conv(
@@ -176,7 +182,7 @@ class InternViT(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_hidden_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(rngs: nnx.Rngs) -> VisionBlock:
-            return VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            return VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention_impl=attention_impl)
 
         self.layers = make_layers(rngs)
 
@@ -207,7 +213,7 @@ class InternViT(nnx.Module):
             return block(h, rate, key if use_drop else None), None
 
         if self.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
+            body = remat(body, self.remat_policy, prevent_cse=False)
         x, _ = jax.lax.scan(body, x, (state, rates, keys if use_drop else jnp.zeros((n_layers,))))
         return x
 

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from recogdrive_jax.models.internvit import InternViT, InternViTConfig, pixel_shuffle_v2
-from recogdrive_jax.models.layers import NEG_INF, dense, token_logprobs
+from recogdrive_jax.models.layers import NEG_INF, REMAT_POLICIES, dense, token_logprobs
 from recogdrive_jax.models.qwen2 import Qwen2Config, Qwen2ForCausalLM, attention_mask_2d_to_3d, positions_from_mask
 from recogdrive_jax.parallel.activations import constrain
+from recogdrive_jax.parallel.kernels import ATTENTION_IMPLS
 
 Dtype = Any
 IGNORE_INDEX = -100
@@ -50,12 +51,18 @@ class InternVLConfig:
     eos_token_id: int = 151645  # <|im_end|>
     pad_token_id: int = 151643  # <|endoftext|>
     remat: bool = False  # per-layer activation checkpointing in both towers
+    remat_policy: str = "full"  # what a checkpointed layer keeps (layers.REMAT_POLICIES)
+    attention_impl: str = "auto"  # both towers' attention kernel (layers.dot_product_attention)
 
     def __post_init__(self):
         if self.ps_version != "v2":
             raise ValueError(f"config: ps_version {self.ps_version!r}; only 'v2' is supported")
         if self.select_layer != -1:
             raise ValueError(f"config: select_layer {self.select_layer}; only -1 (last layer) is supported")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"config: remat_policy {self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"config: attention_impl {self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         s = 1 / self.downsample_ratio
         if abs(s - round(s)) > 1e-6 or self.vision_config.grid_size % round(s):
             raise ValueError(f"config: downsample_ratio {self.downsample_ratio} must be 1/k with k dividing the "
@@ -334,12 +341,12 @@ class InternVLModel(nnx.Module):
                  rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
-        self.vision_model = InternViT(cfg.vision_config, dtype=dtype, param_dtype=param_dtype, remat=cfg.remat,
-                                      rngs=rngs)
+        run = dict(remat=cfg.remat, remat_policy=cfg.remat_policy, attention_impl=cfg.attention_impl)
+        self.vision_model = InternViT(cfg.vision_config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **run)
         self.mlp1 = Projector(cfg.projector_in, cfg.llm_config.hidden_size, cfg.projector_layer_norm_eps,
                               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.language_model = Qwen2ForCausalLM(cfg.llm_config, dtype=dtype, param_dtype=param_dtype,
-                                               remat=cfg.remat, rngs=rngs)
+        self.language_model = Qwen2ForCausalLM(cfg.llm_config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                               **run)
 
     def vision_features(self, pixel_values: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         """[N, H, W, 3] → pixel-shuffled ViT features [N, K, 4·D_vit] (before mlp1)."""

@@ -5,7 +5,8 @@ Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `norm
 lives in `parallel/sharding.py`. Compute runs in `dtype` (fp32 default, bf16 for training), params stay in
 `param_dtype`. Norm statistics and softmax always run in fp32; where their result returns to the compute dtype is
 each model's upstream's choice (RMSNorm `order`). `dot_product_attention` is the single attention kernel every model
-calls (the place a fused kernel would go).
+calls; its `impl` (a model's `attention_impl`) picks this file's einsum path or `jax.nn.dot_product_attention`
+(cuDNN flash attention on a GPU). `remat` checkpoints a layer under a named policy (a model's `remat_policy`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from recogdrive_jax.parallel import kernels
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -144,13 +148,39 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Rematerialisation policies (a model's `remat_policy`, used where its `remat` is on).
+
+ATTENTION_OUT = "attention_out"  # checkpoint name of every attention output (`save_attention_out` keeps it)
+REMAT_POLICIES = ("full", "dots_saveable", "dots_with_no_batch_dims_saveable", "save_attention_out")
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of a `remat_policy` name: 'full' saves nothing (recompute the whole layer),
+    'dots_saveable' / 'dots_with_no_batch_dims_saveable' keep matmul outputs (all / those without batch dims:
+    the projections, not the attention products), 'save_attention_out' keeps only each attention output."""
+    table = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
+             "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+             "save_attention_out": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT)}
+    if name not in table:
+        raise ValueError(f"remat_policy {name!r}; expected one of {REMAT_POLICIES}")
+    return table[name]
+
+
+def remat(fn, policy: str, *, prevent_cse: bool = True):
+    """`jax.checkpoint(fn)` under the named policy (`prevent_cse=False` inside a scan, where it is safe and
+    faster)."""
+    return jax.checkpoint(fn, policy=remat_policy(policy), prevent_cse=prevent_cse)
+
+
 # Finite mask fill: a fully masked row (a pad query) gives a uniform softmax instead of NaN; with at least one
 # visible key it underflows to exactly 0 like -inf would.
 NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
-                          scale: float | None = None, divide_by: float | None = None) -> jax.Array:
+                          scale: float | None = None, divide_by: float | None = None,
+                          impl: str = "xla") -> jax.Array:
     """softmax(q k^T * scale + mask) v, the one attention kernel of the DiT, InternViT and Qwen2.
 
     q [B, T, H, hd]; k, v [B, S, G, hd] with H a multiple of G (grouped-query: query head i reads kv head i // (H/G),
@@ -161,11 +191,27 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     by `scale` (default head_dim^-0.5: transformers' Qwen2 / InternViT), or divided by `divide_by` when given (the
     DiT port's order, `/ sqrt(head_dim)`, kept so its numbers stay bitwise what they were; the two differ in the
     last bit). Returns [B, T, H, hd].
+
+    `impl` (a model's `attention_impl`): 'xla' this einsum path; 'jax_nn' `jax.nn.dot_product_attention`'s XLA
+    path (logits from fp32-accumulating products, multiplied by the scale: equal to 'xla' at fp32 up to rounding);
+    'cudnn' its cuDNN fused kernel (GPU, bf16/fp16 only); 'auto' whatever `parallel/kernels.attention_impl` picks
+    for the backend being traced for (cuDNN on a GPU in half precision, else 'xla'). Mask and GQA semantics are
+    the same in all: a fully masked row attends uniformly.
     """
     b, t, h, hd = q.shape
     g = k.shape[2]
     if h % g:
         raise ValueError(f"dot_product_attention: {h} query heads is not a multiple of {g} key/value heads")
+    chosen = kernels.attention_impl(impl, q.dtype)
+    if chosen != "xla":
+        try:
+            return checkpoint_name(_jax_nn_attention(q, k, v, mask, implementation=chosen,
+                                                     scale=(1.0 / divide_by) if divide_by is not None else scale),
+                                   ATTENTION_OUT)
+        except (ValueError, NotImplementedError, RuntimeError):
+            if impl != "auto":  # asked for by name: its own error says which shape or dtype it refuses
+                raise
+            # 'auto' chose cuDNN, which refuses this shape/dtype at trace time: the einsum path instead
 
     def scaled(s):
         return s / divide_by if divide_by is not None else s * (hd ** -0.5 if scale is None else scale)
@@ -176,13 +222,21 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         if mask is not None:
             scores = jnp.where(mask[:, None], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhts,bhsd->bhtd", probs, vh).transpose(0, 2, 1, 3)
+        return checkpoint_name(jnp.einsum("bhts,bhsd->bhtd", probs, vh).transpose(0, 2, 1, 3), ATTENTION_OUT)
     qg = q.reshape(b, t, g, h // g, hd)  # grouped products (Qwen2's GQA form)
     scores = scaled(jnp.einsum("btgrd,bsgd->bgrts", qg, k).astype(jnp.float32))  # [B, G, R, T, S]
     if mask is not None:
         scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h, hd)
+    return checkpoint_name(jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h, hd), ATTENTION_OUT)
+
+
+def _jax_nn_attention(q, k, v, mask, *, scale: float | None, implementation: str) -> jax.Array:
+    """`jax.nn.dot_product_attention` with this module's mask convention (bool, broadcastable to [B, T, S])."""
+    if mask is not None:  # -> [B|1, 1, T|1, S]: jax.nn wants 4-D masks broadcastable to [B, H, T, S]
+        mask = mask.reshape((1,) * (3 - mask.ndim) + mask.shape)[:, None].astype(bool)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                        implementation="xla" if implementation == "jax_nn" else "cudnn")
 
 
 class Attention(nnx.Module):
@@ -195,8 +249,9 @@ class Attention(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs, context_dim: int | None = None,
                  use_bias: bool = True, qk_norm: bool = True, norm_eps: float = 1e-6, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32):
+                 param_dtype: Dtype = jnp.float32, attention_impl: str = "xla"):
         inner = num_heads * head_dim
+        self.attention_impl = attention_impl
         context_dim = dim if context_dim is None else context_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias)
         self.num_heads, self.head_dim, self.dtype = num_heads, head_dim, dtype
@@ -234,7 +289,7 @@ class Attention(nnx.Module):
                 k = apply_rope(k, cos, sin)
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, T|S, H, hd]
         o = dot_product_attention(q, k, v, None if mask is None else mask[:, None, :],
-                                  divide_by=math.sqrt(self.head_dim))  # [B, T, H, hd]
+                                  divide_by=math.sqrt(self.head_dim), impl=self.attention_impl)  # [B, T, H, hd]
         b, t = o.shape[:2]
         return self.to_out(o.reshape(b, t, self.num_heads * self.head_dim))
 
@@ -308,6 +363,7 @@ def count_params(tree: Any) -> int:
 
 __all__: Sequence[str] = [
     "dense", "RMSNorm", "RMS_ORDERS", "LayerNorm", "Mlp", "SwiGLU", "Attention", "dot_product_attention", "NEG_INF",
+    "ATTENTION_OUT", "REMAT_POLICIES", "remat_policy", "remat",
     "rope_inv_freq", "rope_cos_sin", "rotate_half", "apply_rope", "sinusoidal_embedding", "TimestepEmbedding",
     "modulate", "token_logprobs", "to_dtype", "count_params",
 ]

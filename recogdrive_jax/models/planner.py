@@ -30,8 +30,9 @@ from recogdrive_jax.diffusion import ddim as ddim_lib
 from recogdrive_jax.diffusion import flow as flow_lib
 from recogdrive_jax.diffusion.schedule import make_ddim_schedule, make_ddpm_schedule
 from recogdrive_jax.models.dit import LightningDiT
-from recogdrive_jax.models.layers import Dtype, Mlp, dense, sinusoidal_embedding, to_dtype
+from recogdrive_jax.models.layers import REMAT_POLICIES, Dtype, Mlp, dense, sinusoidal_embedding, to_dtype
 from recogdrive_jax.parallel.activations import constrain
+from recogdrive_jax.parallel.kernels import ATTENTION_IMPLS
 
 # VLM width by `vlm_size` (independent of the DiT size): InternVL3-8B -> 3584, 2B -> 1536.
 VLM_WIDTH = {"large": 3584, "small": 1536}
@@ -69,6 +70,11 @@ class PlannerConfig:
     rope_base: float = 1e4
     use_vl_mask: bool = False  # not checkpoint-compatible with upstream (which never masks)
     dtype: str = "float32"  # compute dtype; params are always fp32
+    # how the DiT runs (parameters unchanged, except scan_layers' stacked layout: `stack_blocks`/`unstack_blocks`)
+    attention_impl: str = "auto"  # layers.dot_product_attention: 'auto' | 'xla' | 'jax_nn' | 'cudnn'
+    scan_layers: bool = False  # blocks stacked on a leading `layers` axis and run with lax.scan
+    remat: bool = False  # checkpoint each DiT block (recompute in the backward pass)
+    remat_policy: str = "full"  # what a checkpointed block keeps: layers.REMAT_POLICIES
     # diffusion
     sampling_method: str = "ddim"  # 'ddim' | 'flow'
     num_train_timesteps: int = 100
@@ -104,6 +110,10 @@ class PlannerConfig:
              f"num_inference_steps={self.num_inference_steps}"),
             (min(self.vl_dim, self.num_heads, self.num_layers, self.output_dim, self.mlp_hidden) > 0,
              "vl_dim, num_heads, num_layers, output_dim, mlp_hidden must be positive"),
+            (self.attention_impl in ATTENTION_IMPLS,
+             f"attention_impl={self.attention_impl!r}: expected one of {list(ATTENTION_IMPLS)}"),
+            (self.remat_policy in REMAT_POLICIES,
+             f"remat_policy={self.remat_policy!r}: expected one of {list(REMAT_POLICIES)}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -237,7 +247,8 @@ class DiffusionPlanner(nnx.Module):
             nnx.initializers.normal(0.02)(rngs.params(), (cfg.horizon, d), pdt), sharding=(None, "embed"))
         self.model = LightningDiT(d, cfg.num_heads, cfg.head_dim, cfg.num_layers, cfg.output_dim,
                                   interleave=cfg.interleave, attention_bias=cfg.attention_bias,
-                                  rope_base=cfg.rope_base, **kw)
+                                  rope_base=cfg.rope_base, attention_impl=cfg.attention_impl,
+                                  scan_layers=cfg.scan_layers, remat=cfg.remat, remat_policy=cfg.remat_policy, **kw)
         self.action_decoder = Mlp(cfg.output_dim, cfg.mlp_hidden, cfg.action_dim, in_axis="mlp", out_axis=None, **kw)
 
     @property
@@ -511,6 +522,40 @@ def load_planner_params(planner: Planner, params: Mapping) -> None:
     state = nnx.state(planner, nnx.Param)
     nnx.replace_by_pure_dict(state, _int_keys(params))
     nnx.update(planner, state)
+
+
+def blocks_layout(params: Mapping) -> str:
+    """'scanned' or 'list': the layout of the DiT blocks in a planner parameter tree (int or digit keys under
+    model/transformer_blocks = one entry per block)."""
+    blocks = params["model"]["transformer_blocks"]
+    return "list" if all(isinstance(k, int) or str(k).isdigit() for k in blocks) else "scanned"
+
+
+def stack_blocks(params: Mapping) -> dict:
+    """A planner parameter tree with list-layout blocks (`transformer_blocks.<i>.*`) -> the scanned layout (one
+    stacked block, every leaf [L, ...]); other parameters untouched. Already scanned: returned as is."""
+    params = _int_keys(params)
+    if blocks_layout(params) == "scanned":
+        return dict(params)
+    blocks = params["model"]["transformer_blocks"]
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[blocks[i] for i in sorted(blocks)])
+    return {**params, "model": {**params["model"], "transformer_blocks": stacked}}
+
+
+def unstack_blocks(params: Mapping) -> dict:
+    """The inverse of `stack_blocks`: scanned-layout blocks [L, ...] -> `transformer_blocks.<i>.*`."""
+    params = _int_keys(params)
+    if blocks_layout(params) == "list":
+        return dict(params)
+    stacked = params["model"]["transformer_blocks"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    blocks = {i: jax.tree.map(lambda a, i=i: np.asarray(a)[i], stacked) for i in range(n)}
+    return {**params, "model": {**params["model"], "transformer_blocks": blocks}}
+
+
+def to_layout(params: Mapping, cfg: PlannerConfig) -> dict:
+    """`params` (either layout) in the block layout `cfg.scan_layers` asks for."""
+    return stack_blocks(params) if cfg.scan_layers else unstack_blocks(params)
 
 
 def _int_keys(tree):

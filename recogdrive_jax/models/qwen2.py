@@ -2,7 +2,8 @@
 
 Architecture (spec §1): RMSNorm, SiLU-gated MLP, GQA with q/k/v bias and o_proj without bias, rotate-half RoPE
 with θ from the config, untied `lm_head` (tie option). Layers are stacked on a `layers` axis and run with
-`lax.scan`; `remat=True` checkpoints each layer.
+`lax.scan`; `remat=True` checkpoints each layer under `remat_policy` (layers.REMAT_POLICIES); `attention_impl`
+picks the attention kernel (layers.dot_product_attention).
 
 One attention path serves training, prefill and decode: keys live in "slots" 0..S-1 (S = T without a cache,
 the cache length with one); `mask` [B, T, S] says which slot each query may see. RoPE positions are separate
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recogdrive_jax.models.layers import RMSNorm, apply_rope, dense, dot_product_attention, rope_cos_sin
+from recogdrive_jax.models.layers import RMSNorm, apply_rope, dense, dot_product_attention, remat, rope_cos_sin
 from recogdrive_jax.parallel.activations import constrain
 
 Dtype = Any
@@ -77,8 +78,10 @@ def _rms_norm(cfg: Qwen2Config, dtype: Dtype, param_dtype: Dtype) -> RMSNorm:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: Qwen2Config, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2Config, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
+                 attention_impl: str = "xla"):
         self.cfg = cfg
+        self.attention_impl = attention_impl
         d, hd = cfg.hidden_size, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = _linear(d, cfg.num_attention_heads * hd, ("embed", "heads"), cfg, bias=True, **kw)
@@ -100,7 +103,8 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
         kv_out = (k, v)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)  # GQA; scale hd^-0.5
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                                    impl=self.attention_impl)  # GQA; scale hd^-0.5
         return self.o_proj(out.reshape(b, t, h * hd)), kv_out
 
 
@@ -117,9 +121,10 @@ class Mlp(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Qwen2Config, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2Config, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs,
+                 attention_impl: str = "xla"):
         self.input_layernorm = _rms_norm(cfg, dtype, param_dtype)
-        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention_impl=attention_impl)
         self.post_attention_layernorm = _rms_norm(cfg, dtype, param_dtype)
         self.mlp = Mlp(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -133,10 +138,10 @@ class Qwen2Model(nnx.Module):
     """Embedding + stacked decoder layers + final norm (`language_model.model.*`)."""
 
     def __init__(self, cfg: Qwen2Config, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                 remat: bool = False, rngs: nnx.Rngs):
+                 remat: bool = False, remat_policy: str = "full", attention_impl: str = "xla", rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
-        self.remat = remat
+        self.remat, self.remat_policy = remat, remat_policy
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
             embedding_init=nnx.with_partitioning(nnx.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
@@ -145,7 +150,7 @@ class Qwen2Model(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_hidden_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            return DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention_impl=attention_impl)
 
         self.layers = make_layers(rngs)
         self.norm = _rms_norm(cfg, dtype, param_dtype)
@@ -167,7 +172,7 @@ class Qwen2Model(nnx.Module):
             return h, (kv_out if cache is not None else None)
 
         if self.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
+            body = remat(body, self.remat_policy, prevent_cse=False)
         xs = (state,) if cache is None else (state, cache["k"], cache["v"])
         x, kvs = jax.lax.scan(body, x, xs)
         new_cache = None if cache is None else {"k": kvs[0], "v": kvs[1]}
@@ -178,9 +183,10 @@ class Qwen2ForCausalLM(nnx.Module):
     """`model` + `lm_head` (absent when tie_word_embeddings: logits use the embedding matrix)."""
 
     def __init__(self, cfg: Qwen2Config, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                 remat: bool = False, rngs: nnx.Rngs):
+                 remat: bool = False, remat_policy: str = "full", attention_impl: str = "xla", rngs: nnx.Rngs):
         self.cfg = cfg
-        self.model = Qwen2Model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        self.model = Qwen2Model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, remat_policy=remat_policy,
+                                attention_impl=attention_impl, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, bias=False, dtype=dtype,
                                    param_dtype=param_dtype, rngs=rngs)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 import jax
@@ -85,7 +86,20 @@ def _mismatch(got: dict[str, tuple], want: dict[str, tuple], limit: int = 4) -> 
                                                          f"{tuple(want[k])}")] if bad else []
     parts += [f"{len(missing)} missing: {some(missing)}"] if missing else []
     parts += [f"{len(unexpected)} unexpected: {some(unexpected)}"] if unexpected else []
-    return "; ".join(parts)
+    return "; ".join(parts) + _layer_layout_hint(missing, unexpected)
+
+
+def _layer_layout_hint(missing: list[str], unexpected: list[str]) -> str:
+    """When the only difference is per-layer keys (`.../blocks/3/w`) against one stacked entry (`.../blocks/w`):
+    the same model saved with the other layer layout (e.g. `planner.scan_layers` differs)."""
+    def strip(keys):
+        return {re.sub(r"/\d+(?=/)", "", k) for k in keys}
+
+    if not (missing and unexpected) or strip(missing) != strip(unexpected):
+        return ""
+    saved = "one entry per layer" if any(re.search(r"/\d+/", k) for k in unexpected) else "stacked layers"
+    return (f" (the checkpoint stores {saved}, the model the other layout: a `scan_layers` option differs from the "
+            "run that wrote it, e.g. config.planner.scan_layers; convert with models/planner.to_layout)")
 
 
 def restore_tree(item_dir: str, target, *, subtree: str | None = None, what: str | None = None):

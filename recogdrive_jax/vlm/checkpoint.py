@@ -122,7 +122,8 @@ def resolve_model(model_cfg, data_cfg, workdir: str, *, convert_dir: str | None 
         overrides = dict(max_dynamic_patch=int(data_cfg.max_dynamic_patch), min_dynamic_patch=int(
             data_cfg.min_dynamic_patch), use_thumbnail=bool(data_cfg.use_thumbnail),
             dynamic_image_size=bool(data_cfg.dynamic_image_size))
-    overrides["remat"] = model_cfg.remat
+    overrides.update(remat=model_cfg.remat, remat_policy=model_cfg.remat_policy,
+                     attention_impl=model_cfg.attention_impl)
     tok_dir = model_cfg.tokenizer or None
     if not src:
         cfg = iv.with_field_overrides(iv.get_config(model_cfg.variant, **overrides), model_cfg.llm,
