@@ -416,6 +416,8 @@ class PlannerDataConfig(Block):
     vl_pad_to: int = 0  # static VL length read from a compact cache (0 = the cache's max_len)
     vl_features: str = "real"  # control: 'real' | 'shuffled' (another scene's states, fixed derangement) | 'zeros'
     vl_shuffle_seed: int = 0  # the derangement of vl_features='shuffled'
+    # read the cache split whole into host memory once (stored dtype) instead of per batch; bitwise the same batches
+    vl_in_memory: bool = False
     num_train_scenes: int = 2000
     num_eval_scenes: int = 128
     scene_seed: int = 0
@@ -596,6 +598,7 @@ class ExportConfig(Block):
 
 
 CACHE_LAYOUTS = ("compact", "upstream_compatible")
+CACHE_TOKENS = ("all", "image")
 EGO_STATUS_TEXT = ("auto", "on", "off")
 
 
@@ -614,10 +617,15 @@ class CacheConfig(Block):
     # the ego-status line in the prompt: 'auto' = on (the upstream NAVSIM prompt; the synthetic SFT trajectory QA
     # asks it too, data/scene_qa.py); 'off' for a VLM fine-tuned without it
     ego_status_text: str = "auto"
+    # which prompt positions are stored (the planner's memory): 'all' = every token of the prompt, as upstream;
+    # 'image' = only the <IMG_CONTEXT> positions (the camera; the text repeats the history, status and command the
+    # planner gets as inputs anyway): 28 of ~460 tokens on the tiny demo VLM, so an IL step costs a fraction
+    tokens: str = "all"
 
     def checks(self):
         return [
             (self.layout in CACHE_LAYOUTS, "layout", f"unknown {self.layout!r}; allowed: {list(CACHE_LAYOUTS)}"),
+            (self.tokens in CACHE_TOKENS, "tokens", f"unknown {self.tokens!r}; allowed: {list(CACHE_TOKENS)}"),
             (self.ego_status_text in EGO_STATUS_TEXT, "ego_status_text",
              f"must be 'auto', 'on' or 'off', got {self.ego_status_text!r}"),
             (self.batch_size >= 1, "batch_size", f"expected an int >= 1, got {self.batch_size!r}"),

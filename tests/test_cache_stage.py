@@ -157,3 +157,24 @@ def test_other_scenes_in_the_same_workdir_are_refused(hf_dir, compact_run):
     c.data.scene_seed = 5
     with pytest.raises(ValueError, match="scenes.npz.*differ"):
         cache_stage.run(c, compact_run[0])
+
+
+def test_image_tokens_cache_stores_the_image_positions_only(hf_dir, compact_run, tmp_path):
+    """cache.tokens='image': each row holds exactly the <IMG_CONTEXT> positions of the full ('all') cache's row,
+    bitwise (the same forward); a bad value is a start-up error naming the key."""
+    wd = str(tmp_path / "image")
+    out = cache_stage.run(_config(hf_dir, tokens="image", splits="train"), wd)
+    img, full = HiddenCache.open(os.path.join(wd, "train")), HiddenCache.open(os.path.join(compact_run[0], "train"))
+    s_img, m_img = img.read(range(6))
+    s_all, m_all = full.read(range(6))
+    scenes = planner_data.synthetic_scenes(_config(hf_dir).data, "train")
+    resolved = vlm_ckpt.resolve_model(stage_configs.model_block(init_from=hf_dir), None, str(tmp_path / "ref"))
+    builder = cache_stage.PromptBuilder(resolved.cfg, vlm_tokenizer.load_or_build_tokenizer(resolved, str(tmp_path)),
+                                        _config(hf_dir).cache)
+    for i in range(6):
+        ids, _ = builder.sample(world.index_scene(scenes, i))
+        at = np.flatnonzero(ids == resolved.cfg.image_token_id)
+        assert 0 < len(at) < int(m_all[i].sum()) and int(m_img[i].sum()) == len(at) == img.max_len == out["max_len"]
+        np.testing.assert_array_equal(s_img[i, :len(at)], s_all[i, at])
+    with pytest.raises(Exception, match=r"config\.cache\.tokens.*'text'"):
+        cache_stage.run(_config(hf_dir, tokens="text"), str(tmp_path / "bad"))

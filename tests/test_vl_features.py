@@ -54,6 +54,19 @@ def test_real_shuffled_zeros(cache_dir):
     assert np.array_equal(zeros["cond"]["status"], real["status"])
 
 
+@pytest.mark.parametrize("features", ["real", "shuffled", "zeros"])
+def test_in_memory_cache_gives_the_same_batches(cache_dir, features):
+    """data.vl_in_memory reads the split once (stored dtype) and gathers from memory: bitwise the same batches."""
+    idx = np.array([5, 0, 3, 3, 6])
+    per_read = _split(cache_dir, vl_features=features).batch(idx)
+    held = _split(cache_dir, vl_features=features, vl_in_memory=True)
+    assert held.vl_states is not None and held.vl_states.dtype == held.cache.stored_dtype
+    got = held.batch(idx)
+    for key in ("vl_states", "vl_mask", "status", "history"):
+        assert got["cond"][key].dtype == per_read["cond"][key].dtype
+        assert np.array_equal(got["cond"][key], per_read["cond"][key])
+
+
 def test_scene_token_split_is_shuffled_too():
     scenes = world.stack_scenes(world.generate_scenes(4, seed=3, reference="expert"))
     tokens = np.arange(4, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32)

@@ -132,6 +132,12 @@ class HiddenCache:
     def layout(self) -> str:
         return self.meta["layout"]
 
+    @property
+    def stored_dtype(self):
+        """The numpy dtype of the stored states (bf16 compact, fp32 upstream_compatible): `read(dtype=...)` with it
+        returns them exactly as stored."""
+        return np.dtype(_dtype(self.layout)[1])
+
     def lengths(self) -> np.ndarray:
         return self._lengths.read().result()
 

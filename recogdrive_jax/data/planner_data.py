@@ -31,9 +31,9 @@ class PlannerSplit:
     """One split, host-side. `scenes` is a batched `world.Scene` (leading axis N)."""
     name: str
     scenes: world.Scene
-    vl_states: np.ndarray | None  # [N, L, H] when held in memory (scene tokens)
+    vl_states: np.ndarray | None  # [N, L, H] when held in memory (scene tokens, or a cache read whole)
     vl_mask: np.ndarray | None  # [N, L]
-    cache: HiddenCache | None = None
+    cache: HiddenCache | None = None  # read per batch unless vl_states holds it (data.vl_in_memory)
     pad_to: int | None = None  # static VL length for cache reads
     rows: np.ndarray | None = None  # [N] cache row of each sample when the split is a subset of the cache
     tokens: np.ndarray | None = None  # [N] str NAVSIM sample tokens (data.source='navsim')
@@ -47,10 +47,10 @@ class PlannerSplit:
         """(states [b, L, H], mask [b, L]) of samples `idx`, after the `features` control."""
         idx = np.asarray(idx)
         src = idx if self.feature_perm is None else self.feature_perm[idx]
-        if self.cache is not None:
-            states, mask = self.cache.read(src if self.rows is None else self.rows[src], pad_to=self.pad_to)
-        else:
+        if self.vl_states is not None:
             states, mask = self.vl_states[src], self.vl_mask[src]
+        else:
+            states, mask = self.cache.read(src if self.rows is None else self.rows[src], pad_to=self.pad_to)
         if self.features == "zeros":
             states = np.zeros_like(states)
         return states, mask
@@ -122,7 +122,18 @@ def load_split(data_cfg, split: str, vl_dim: int, need_pdm: bool = False) -> Pla
     plans get scored, so NAVSIM samples need their PDM inputs (data/navsim_data.py); the synthetic world always
     has them."""
     vl_features(data_cfg)  # a bad value fails before any data is read
-    return _with_features(_load_split(data_cfg, split, vl_dim, need_pdm), data_cfg)
+    split_ = _load_split(data_cfg, split, vl_dim, need_pdm)
+    if split_.cache is not None and bool(data_cfg.get("vl_in_memory", False)):
+        _read_whole_cache(split_)
+    return _with_features(split_, data_cfg)
+
+
+def _read_whole_cache(split: PlannerSplit) -> None:
+    """`data.vl_in_memory`: the split's cached states read once, kept in their stored dtype (bf16 for a compact
+    cache: N x max_len x H x 2 bytes) and gathered per batch from memory, instead of one TensorStore read per
+    sample and step. Batches are bitwise the same (`cond` widens to fp32 either way)."""
+    rows = np.arange(len(split)) if split.rows is None else split.rows
+    split.vl_states, split.vl_mask = split.cache.read(rows, pad_to=split.pad_to, dtype=split.cache.stored_dtype)
 
 
 def _load_split(data_cfg, split: str, vl_dim: int, need_pdm: bool) -> PlannerSplit:

@@ -11,6 +11,9 @@ same prompt plus the ego-status line (`config.cache.ego_status_text`), and their
 * `config.cache.layout='compact'` (default): bf16, only the real tokens, their count in `lengths`;
 * `'upstream_compatible'`: fp32, left-padded to `config.cache.max_len` (2800), as upstream.
 
+`config.cache.tokens='all'` (default, as upstream) stores every prompt position; `'image'` only the <IMG_CONTEXT>
+positions (the camera's tokens), a shorter planner memory that makes each IL step cheaper.
+
 Resumable: rows whose `lengths` entry is written are skipped, so a killed run continues where it stopped. Each
 JAX process computes and writes its own rows (i % process_count == process_index) on its local devices, with no
 cross-host collectives. The `il` stage then reads it with `--config.data.cache_dir=WORKDIR`.
@@ -106,7 +109,7 @@ def cache_split(split: str, scenes, builder: PromptBuilder, forward, params, out
             batch = nxt.result()
             nxt = pool.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
             hidden = forward(params, batch)[:len(idx)]
-            cache.write(idx, hidden, batch["attention_mask"][:len(idx)])
+            cache.write(idx, hidden, stored_mask(batch, cache_cfg.tokens, builder.cfg.image_token_id)[:len(idx)])
             done += len(idx)
             bar.update(done=done)
     if jax.process_count() > 1:
@@ -150,12 +153,17 @@ def run(config, workdir: str) -> dict:
     prompt_ids = {s: [builder.ids(world.index_scene(sc, i), m_pad)
                       for i in track(range(len(sc.history)), desc=f"cache {s} prompts", unit="prompts")]
                   for s, sc in scenes.items()}
-    lengths = {s: np.array([len(x) for x in v]) for s, v in prompt_ids.items()}
+    lengths = {s: np.array([int(stored_mask({"input_ids": x, "attention_mask": np.ones_like(x)}, c.tokens,
+                                            cfg.image_token_id).sum()) for x in v])
+               for s, v in prompt_ids.items()}  # the tokens stored per row
+    if c.tokens == "image" and any(int(v.min(initial=1)) == 0 for v in lengths.values()):
+        raise configs.ConfigError("config.cache.tokens='image': a driving prompt has no image tokens "
+                                  f"(<IMG_CONTEXT> id {cfg.image_token_id})")
     longest = int(max(int(v.max()) for v in lengths.values()))
     max_len = int(c.max_len) or (UPSTREAM_MAX_LEN if c.layout == "upstream_compatible" else longest)
     if longest > max_len:
         raise configs.ConfigError(f"config.cache.max_len={max_len}: the longest driving prompt has {longest} tokens")
-    t_pad = -(-longest // 8) * 8
+    t_pad = -(-int(max(len(x) for v in prompt_ids.values() for x in v)) // 8) * 8
     results = {}
     for s in splits:
         r = cache_split(s, scenes[s], builder, forward, params, storage.join(workdir, s), c, cfg.llm_config.hidden_size,
@@ -164,8 +172,8 @@ def run(config, workdir: str) -> dict:
         if jax.process_index() == 0:
             print(f"[cache] {s}: {r['finished']}/{r['num_samples']} rows done ({r['computed']} computed now, "
                   f"{r['skipped']} already cached) in {r['seconds']:.1f}s; prompt {int(lengths[s].min())}-"
-                  f"{int(lengths[s].max())} tokens, layout {c.layout}", flush=True)
-    info = {"hidden_size": cfg.llm_config.hidden_size, "max_len": max_len, "layout": c.layout,
+                  f"{int(lengths[s].max())} tokens stored ({c.tokens}), layout {c.layout}", flush=True)
+    info = {"hidden_size": cfg.llm_config.hidden_size, "max_len": max_len, "layout": c.layout, "tokens": c.tokens,
             "model": config.model.init_from or f"random {config.model.variant}", "splits": results,
             "bytes_per_sample": cache_bytes_per_sample(workdir, splits)}
     if jax.process_index() == 0:
@@ -173,6 +181,13 @@ def run(config, workdir: str) -> dict:
     return {"hidden_size": info["hidden_size"], "max_len": max_len,
             "bytes_per_sample": info["bytes_per_sample"],
             **{f"{s}_finished": r["finished"] for s, r in results.items()}}
+
+
+def stored_mask(batch: dict, tokens: str, image_token_id: int) -> np.ndarray:
+    """[b, t] bool: the positions of a collated batch whose states the cache stores (config.cache.tokens): every
+    real token ('all'), or only the image tokens ('image')."""
+    mask = np.asarray(batch["attention_mask"]).astype(bool)
+    return mask & (np.asarray(batch["input_ids"]) == image_token_id) if tokens == "image" else mask
 
 
 def cache_bytes_per_sample(workdir: str, splits) -> float:
