@@ -54,9 +54,13 @@ def test_jax_nn_attention_matches_the_einsum_path(heads, kv_heads):
                 np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=1e-6, rtol=0)
 
 
-def test_auto_is_the_einsum_path_on_cpu_and_names_are_checked():
+def test_auto_on_cpu_and_names_are_checked():
+    """CPU 'auto': jax.nn for fp32 grouped-query attention (faster there), the einsum path for the rest (multi-head
+    attention; bf16, whose dots keep bf16 operands only on the einsum path)."""
     for dt in (jnp.float32, jnp.bfloat16):
         assert kernels.attention_impl("auto", dt) == "xla"
+    assert kernels.attention_impl("auto", jnp.float32, grouped=True) == "jax_nn"
+    assert kernels.attention_impl("auto", jnp.bfloat16, grouped=True) == "xla"
     assert kernels.attention_impl("jax_nn", jnp.float32) == "jax_nn"
     with pytest.raises(ValueError, match="attention_impl 'flash'"):
         kernels.attention_impl("flash", jnp.float32)
@@ -65,7 +69,7 @@ def test_auto_is_the_einsum_path_on_cpu_and_names_are_checked():
     assert config_types.REMAT_POLICIES == layers.REMAT_POLICIES
 
 
-# 'auto' is the einsum path on CPU (above): the existing parity tests cover it; here the other CPU kernel.
+# 'auto' (the default) is what the existing parity tests run; here every model on the jax.nn kernel.
 def test_planner_torch_parity_with_jax_nn_attention():
     planner_parity._check(planner_config("tiny", attention_impl="jax_nn"), 0)  # a self and a cross block
 

@@ -195,14 +195,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     `impl` (a model's `attention_impl`): 'xla' this einsum path; 'jax_nn' `jax.nn.dot_product_attention`'s XLA
     path (logits from fp32-accumulating products, multiplied by the scale: equal to 'xla' at fp32 up to rounding);
     'cudnn' its cuDNN fused kernel (GPU, bf16/fp16 only); 'auto' whatever `parallel/kernels.attention_impl` picks
-    for the backend being traced for (cuDNN on a GPU in half precision, else 'xla'). Mask and GQA semantics are
-    the same in all: a fully masked row attends uniformly.
+    for the backend being traced for (cuDNN on a GPU in half precision, else jax.nn for fp32 grouped-query
+    attention and the einsum path for the rest: the faster on CPU that keeps bf16 dot operands). Mask and GQA
+    semantics are the same in all: a fully masked row attends uniformly.
     """
     b, t, h, hd = q.shape
     g = k.shape[2]
     if h % g:
         raise ValueError(f"dot_product_attention: {h} query heads is not a multiple of {g} key/value heads")
-    chosen = kernels.attention_impl(impl, q.dtype)
+    chosen = kernels.attention_impl(impl, q.dtype, grouped=g < h)
     if chosen != "xla":
         try:
             return checkpoint_name(_jax_nn_attention(q, k, v, mask, implementation=chosen,
