@@ -3,7 +3,7 @@
 Models name the dimensions of the activations where the batch axis matters (hidden states entering a layer stack,
 logits before a loss) with the same logical names their parameters use; this file maps them to the mesh through
 the same rules (`sharding.LOGICAL_RULES`, or the runtime's, which `config.parallel.rules` overrides) and pins them
-with `jax.lax.with_sharding_constraint`, so XLA never gathers a batch onto every device between layers.
+with `jax.lax.with_sharding_constraint`, so the batch stays split between layers whatever the parameters' layout.
 `'batch'` maps to the runtime's batch axes (`data` + `fsdp`, as `sharding.batch_sharding`).
 
 Which mesh, read while a function is traced:
