@@ -51,6 +51,9 @@ def _parse(argv=None):
     ap.add_argument("--profile", metavar="DIR", help="instead of timing: per-op profile of both steps (jax.profiler "
                                                      "trace with per-thunk events, torch.profiler), tables printed")
     ap.add_argument("--profile-steps", type=int, default=1)
+    ap.add_argument("--profile-side", choices=("both", "jax", "torch"), default="both",
+                    help="profile one side only (halves the memory: two anchor-sized models and optimizer states "
+                         "need ~15 GB)")
     ap.add_argument("--ab", metavar="OPT=VAL[,OPT=VAL]", help="instead of the torch comparison: the JAX step "
                     "compiled with these XLA options vs without, interleaved, and whether both give bitwise the same "
                     "loss and parameters after one step (e.g. xla_cpu_experimental_xnn_fusion_type=dot)")
@@ -331,6 +334,11 @@ def profile_sft(a, top: int = 25) -> None:
     """Per-op time of one SFT step on each side (shares within one process: meaningful even on a loaded machine)."""
     import torch
     cfg, tm, jax_step, torch_step, batch, step, box, jb = setup(a)
+    n = a.profile_steps
+    if a.profile_side != "jax":
+        _profile_torch(torch_step, n, top)
+    if a.profile_side == "torch":
+        return
     compiled = step.lower(box["state"], jb, jax.random.key(0)).compile()
     hlo = compiled.as_text()
     kinds = _hlo_kinds(hlo)
@@ -339,8 +347,7 @@ def profile_sft(a, top: int = 25) -> None:
         box["state"], m = compiled(box["state"], jb, jax.random.key(1))
         return float(m["loss"])
 
-    jax_step(), torch_step()  # warm-up (torch's first step also creates the AdamW state)
-    n = a.profile_steps
+    jax_step()  # warm-up
     with open(os.path.join(a.profile, "sft_step.hlo.txt"), "w") as f:
         f.write(hlo)
     jax.profiler.start_trace(a.profile, create_perfetto_trace=True)
@@ -357,7 +364,10 @@ def profile_sft(a, top: int = 25) -> None:
     _table(rows, jtotal, top, f"JAX SFT step, XLA CPU thunks ({len(rows)} ops seen)")
     _categories(rows, jtotal, "JAX")
 
+
+def _profile_torch(torch_step, n: int, top: int) -> None:
     from torch.profiler import ProfilerActivity, profile
+    torch_step()  # warm-up (the first step also creates the AdamW state)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(n):
             torch_step()
