@@ -1,13 +1,16 @@
-"""DiffGRPO step throughput: the jitted JAX step vs the upstream shape of the computation, same planner, one process.
+"""DiffGRPO step throughput: the jitted JAX step vs the upstream shape of the computation, same planner, interleaved.
 
-    python bench/grpo.py [--config small] [--batch 4] [--group 8] [--vl-len 32] [--steps 2] [--threads 1]
+    python bench/grpo.py                 # DiT small, 4 scenes x G 8, vl_len 32
+    python bench/grpo.py --quick         # tiny planner, 2 scenes x G 4, vl_len 8: the smoke path (tests)
 
 JAX: `rl/grpo.py` — G chains per scene, the vectorised PDM reward (`sim/pdm.py`), advantages, log-probs, BC on the
 reference's chains and the AdamW update, all in one jit.
 Upstream shape: PyTorch `sample_chain` on the repeated batch with the reference planner (tests/torch_ref/planner.py),
 a per-trajectory Python PDM scorer (tests/pdm_reference.py: NAVSIM-style loops, one reference simulation per
 scene), group advantages in torch, `get_logprobs` + BC, backward, clip 1.0, AdamW.
-Prints scenes/s of both and `grpo_step_jax_vs_torch: <ratio>x` (> 1 = JAX faster).
+Method: bench/common.py (ABAB repeats, ≥ 5, min/median, JAX compile apart, single-threaded both sides by default,
+the quiet gate on the RESULTS row). Prints scenes/s of both and `grpo_step_jax_vs_torch: <ratio>x` (> 1 = JAX
+faster; min over repeats).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench import common  # noqa: E402
+
 
 def _parse(argv=None):
     p = argparse.ArgumentParser()
@@ -29,17 +34,21 @@ def _parse(argv=None):
     p.add_argument("--batch", type=int, default=4, help="scenes per step")
     p.add_argument("--group", type=int, default=8, help="G chains per scene")
     p.add_argument("--vl-len", type=int, default=32, help="VL tokens (upstream 2800; short on CPU)")
-    p.add_argument("--steps", type=int, default=2, help="timed repetitions")
+    p.add_argument("--reps", type=int, default=5, help="interleaved repeats per side (>= 5)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny planner, 2 scenes x G 4, vl_len 8: a smoke run, not a figure")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for both frameworks (1 = single-threaded XLA and torch: fair and stable on a "
                         "shared machine); 0 = defaults")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.config, a.batch, a.group, a.vl_len = "tiny", 2, 4, 8
+    return a
 
 
 ARGS = _parse() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.threads == 1:  # before jax initialises its CPU client
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+if ARGS is not None and ARGS.threads == 1:
+    common.single_thread()  # before jax and torch initialise
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -55,7 +64,6 @@ from recogdrive_jax.sim import world  # noqa: E402
 from recogdrive_jax.train import optim  # noqa: E402
 from recogdrive_jax.train.module_def import ModuleDef  # noqa: E402
 from recogdrive_jax.train.state import init_train_state  # noqa: E402
-from bench.common import time_call  # noqa: E402
 from torch_ref.planner import TorchPlanner, denormalize, lightning_state_dict  # noqa: E402
 
 
@@ -118,7 +126,8 @@ def main(args) -> int:
     b, g = args.batch, args.group
     rl = grpo.GRPOConfig(group_size=g)
     print(f"# grpo bench: {args.config} (D={cfg.embed_dim}, layers={cfg.num_layers}, Hv={cfg.vl_dim}), {b} scenes x "
-          f"G={g}, L {args.vl_len}, {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}")
+          f"G={g}, L {args.vl_len}, {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}, "
+          f"{common.load_average()}")
     scenes = world.generate_scenes(b, seed=123)
     batch_scene = world.stack_scenes(scenes)
     batch_scene = world.Scene(**{k: (v.astype(np.int32) if v.dtype == np.int64 else v)
@@ -154,19 +163,17 @@ def main(args) -> int:
         holder["state"], m = update(holder["state"], batch, jax.random.key(holder["i"]), ref_params)
         jax.block_until_ready(m)
 
-    t0 = time.perf_counter()
-    jax_step()
-    compile_s = time.perf_counter() - t0
-    t_jax = time_call(jax_step, args.steps)
-
     algo = TorchGRPO(tm, ref, scenes, rl)
     tvl, this, tst = torch.from_numpy(vl), torch.from_numpy(his), torch.from_numpy(st)
-    t_torch = time_call(lambda: algo.step(tvl, this, tst), args.steps)
-    share = {k: v / (args.steps + 1) for k, v in algo.timing.items()}
-    print(f"jax: {b / t_jax:.2f} scenes/s ({t_jax:.3f} s/step; first call incl. compile {compile_s:.1f} s)")
-    print(f"torch+python scorer: {b / t_torch:.2f} scenes/s ({t_torch:.3f} s/step: sample {share['sample']:.3f} s, "
-          f"score {share['score']:.3f} s, update {share['update']:.3f} s; means)")
-    print(f"grpo_step_jax_vs_torch: {t_torch / t_jax:.1f}x")
+    t = common.interleaved("grpo_step_jax_vs_torch", lambda: algo.step(tvl, this, tst), jax_step, reps=args.reps)
+    t.print()
+    n_calls = args.reps + 1  # + the warm-up call
+    share = {k: v / n_calls for k, v in algo.timing.items()}
+    print(f"# scenes/s (min time): jax {b / min(t.jax_s):.2f}  torch+python scorer {b / min(t.baseline_s):.2f} "
+          f"(torch step means: sample {share['sample']:.3f} s, score {share['score']:.3f} s, update "
+          f"{share['update']:.3f} s)")
+    if not args.quick:
+        common.print_results_row([t], "python bench/grpo.py")
     return 0
 
 

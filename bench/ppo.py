@@ -1,27 +1,53 @@
-"""VLM-PPO env steps/s (rollout + update) of the JAX stage pieces vs a PyTorch/transformers loop, same tiny config.
+"""VLM-PPO env steps/s (rollout + update) of the JAX stage pieces vs a PyTorch/transformers loop, interleaved.
+
+    python bench/ppo.py                  # tiny InternVL (configs/virl ppo tiny), 4 envs x 2 steps an update
+    python bench/ppo.py --quick          # 2 envs x 1 step, short answers: the smoke path (tests/test_bench_vlm.py)
 
 Both sides run in this process on the same weights (a random transformers `InternVLForConditionalGeneration`
-converted to the Flax port, and the JAX value head copied into a torch MLP), the same navigation envs (same
-seeds), the same chat encoder (prompt token ids, left padding to P, image tiles) and the same PPO settings:
+(default `sdpa` attention) converted to the Flax port, and the JAX value head copied into a torch MLP), the same
+navigation envs (same seeds), the same chat encoder (prompt token ids, left padding to P, image tiles) and the same
+PPO settings:
 * rollout step: sample ≤ A new tokens at T = 0.2 with the KV cache (JAX: `internvl.generate`; torch:
   `model.generate(do_sample=True)`), a no-grad scoring pass over prompt + answer for logp_old / V_old (fp32
   log_softmax of logits / T at the answer positions, `answer_token_weights`), then `env.step(text)`;
 * bootstrap value, host GAE (γ 0.9, λ 0.95) and per-buffer normalisation;
 * update: epochs × minibatches × grad-accum micro-batches of the clipped PPO loss, clip_by_global_norm 0.01 +
   Adam (JAX: the jitted `rl.ppo` update; torch: backward per micro-batch, `clip_grad_norm_`, `torch.optim.Adam`).
-The first update of each side is a warm-up (JAX compiles); the timed updates follow. Prints
-`ppo_env_steps_jax_vs_torch: 1.4x` (env steps/s ratio, > 1 = JAX faster).
-Usage: python bench/ppo.py [--envs 4] [--steps 2] [--updates 2] [--new 24]
+One repeat = one rollout + update of each side. Method: bench/common.py (ABAB repeats, ≥ 5, min/median, JAX compile
+apart, single-threaded both sides by default, the quiet gate on the RESULTS row). Prints
+`ppo_env_steps_jax_vs_torch: 1.4x` (env steps/s ratio, > 1 = JAX faster; min over repeats).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+
+
+def _parse(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--envs", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5, help="interleaved repeats (rollout + update) per side (>= 5)")
+    ap.add_argument("--new", type=int, default=24, help="max new tokens per answer")
+    ap.add_argument("--micro", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="1 = single-threaded XLA and torch (recordable); 0 = "
+                                                           "defaults")
+    ap.add_argument("--quick", action="store_true", help="2 envs x 1 step: a smoke run, not a figure")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.envs, a.steps, a.micro = 2, 1, 1
+    return a
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.threads == 1:
+    common.single_thread()  # before jax and torch initialise
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -53,16 +79,6 @@ def bench_config(args) -> ml_collections.ConfigDict:
     c.prompt.max_new_tokens = args.new
     c.env.n_train_routes = 8
     return c
-
-
-def hf_model(cfg):
-    from transformers import InternVLConfig as HFConfig
-    from transformers import InternVLForConditionalGeneration
-    d = __import__("recogdrive_jax.models.internvl", fromlist=["config_to_hf"]).config_to_hf(cfg, "native")
-    hc = HFConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
-    hc._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return InternVLForConditionalGeneration(hc).eval()
 
 
 class TorchPPO:
@@ -162,22 +178,16 @@ class TorchPPO:
                 self.opt.step()
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--envs", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--updates", type=int, default=2, help="timed updates (after one warm-up update)")
-    ap.add_argument("--new", type=int, default=24, help="max new tokens per answer")
-    ap.add_argument("--micro", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(max(os.cpu_count() or 1, 1))
+def main(args) -> int:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     from recogdrive_jax.stages import ppo as stage
     config = bench_config(args)
     import tempfile
     model = nav_policy.NavModel(config, tempfile.mkdtemp())
     policy = nav_policy.NavPolicy(config, model.cfg, model.tokenizer)
     cfg = policy.cfg
-    tm = hf_model(cfg)
+    tm = common.hf_internvl(cfg, train=False)
     vlm = cv.load_hf_model({k: v.detach().numpy() for k, v in tm.state_dict().items()}, cfg, layout="native")
     from flax import nnx
     params = ppo_lib.str_keys(policy.mdef.init(jax.random.key(0)))
@@ -189,41 +199,35 @@ def main(argv=None):
     it = stage.RolloutIterator(config, policy, None)
     tx = optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.adam(LR, eps=1e-7))
     update = jax.jit(ppo_lib.make_ppo_update(policy.mdef, tx, hp, policy.layout.prompt_len), donate_argnums=(0,))
-    state = init_train_state(params, tx)
-    n_steps = args.envs * args.steps
+    box = {"state": init_train_state(params, tx), "k": 0}
 
-    def jax_update(state, k):
-        it.set_params(state.params)
+    def jax_update():
+        it.set_params(box["state"].params)
         batch = next(it)
-        state, m = update(state, batch, jax.random.key(k))
+        box["state"], m = update(box["state"], batch, jax.random.key(box["k"]))
+        box["k"] += 1
         jax.block_until_ready(m["loss"])
-        return state
-
-    state = jax_update(state, 0)                              # warm-up: compiles generate, score, update
-    t0 = time.perf_counter()
-    for k in range(args.updates):
-        state = jax_update(state, k + 1)
-    t_jax = time.perf_counter() - t0
 
     # ---- torch: the same loop with transformers
     envs = [nav.make_env_from_config("in_distribution", config.env, seed=42 + e) for e in range(args.envs)]
     tp = TorchPPO(tm.train(), value_np, policy.encoder, envs, policy.layout.prompt_len, hp,
                   micro=args.micro)
-    tp.update(tp.rollout(args.steps))                         # warm-up
-    t0 = time.perf_counter()
-    for _ in range(args.updates):
-        tp.update(tp.rollout(args.steps))
-    t_torch = time.perf_counter() - t0
 
-    total = n_steps * args.updates
-    print(f"config: tiny InternVL (vit {cfg.vision_config.hidden_size}x{cfg.vision_config.num_hidden_layers}, llm "
-          f"{cfg.llm_config.hidden_size}x{cfg.llm_config.num_hidden_layers}, vocab {cfg.llm_config.vocab_size}), "
+    print(f"# ppo bench: tiny InternVL (vit {cfg.vision_config.hidden_size}x{cfg.vision_config.num_hidden_layers}, "
+          f"llm {cfg.llm_config.hidden_size}x{cfg.llm_config.num_hidden_layers}, vocab {cfg.llm_config.vocab_size}), "
           f"{args.envs} envs x {args.steps} steps/update, P={policy.layout.prompt_len} A={args.new}, "
           f"{hp.epochs} epochs x {hp.num_minibatches} minibatches x {hp.grad_accum} micro-batches; "
-          f"{args.updates} timed updates, {jax.device_count()} JAX device(s), {torch.get_num_threads()} torch threads")
-    print(f"env steps/s (rollout + update): jax {total / t_jax:.2f}  torch {total / t_torch:.2f}")
-    print(f"ppo_env_steps_jax_vs_torch: {t_torch / t_jax:.2f}x")
+          f"{jax.device_count()} JAX device(s), torch threads {torch.get_num_threads()}, {common.load_average()}")
+    t = common.interleaved("ppo_env_steps_jax_vs_torch", lambda: tp.update(tp.rollout(args.steps)), jax_update,
+                           reps=args.reps)
+    t.print(unit="s", scale=1.0)
+    n_steps = args.envs * args.steps
+    print(f"# env steps/s (rollout + update, min time): jax {n_steps / min(t.jax_s):.2f}  torch "
+          f"{n_steps / min(t.baseline_s):.2f}")
+    if not args.quick:
+        common.print_results_row([t], "python bench/ppo.py")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main(ARGS))

@@ -13,7 +13,7 @@
    (the `sft` collator's layout, data/length_grouping.py), torch gets the real tiles only. fp32 by default
    (`--dtype bfloat16`: JAX bf16 compute, torch CPU autocast bf16). Method: bench/common.py (ABAB repeats, ≥ 5,
    min/median, compile apart, single-threaded both sides by default, the quiet gate on the RESULTS row).
-   Prints `sft_tokens_per_s: 1.23x` (real tokens/s ratio, > 1 = JAX faster; min over repeats).
+   Prints `sft_tokens_per_s_jax_vs_torch: 1.23x` (real tokens/s ratio, > 1 = JAX faster; min over repeats).
 2. Cache bytes per sample: a compact `HiddenCache` (bf16, only real tokens, zstd) of a ReCogDrive-2B-shaped sample
    (hidden 1536, 9 tiles x 256 image tokens + the driving prompt's text) vs upstream's 2800 x hidden x 4 bytes.
    Prints `cache_bytes_upstream_vs_compact: 2.3x`.
@@ -197,7 +197,7 @@ def bench_sft(a) -> common.Timing:
     compile_s = time.perf_counter() - t0
     first_torch = torch_step()
     print(f"# first-step loss: jax {first_jax:.5f}  torch {first_torch:.5f} (same weights and batch)")
-    t = common.interleaved("sft_tokens_per_s", torch_step, jax_step, reps=a.reps)
+    t = common.interleaved("sft_tokens_per_s_jax_vs_torch", torch_step, jax_step, reps=a.reps)
     t.compile_s = compile_s  # the call above; interleaved's own first call was a steady-state one
     t.print()
     print(f"# sft tokens/s (min time): jax {tokens / min(t.jax_s):,.0f}  torch {tokens / min(t.baseline_s):,.0f}")

@@ -12,7 +12,8 @@ Both sides run in this process on the same weights (converted from the torch mod
 * generate: prompt → `--new` greedy tokens (JAX: `internvl.generate`; torch: `model.generate(do_sample=False)`).
 Baseline attention: transformers' default `sdpa`. Method: bench/common.py (ABAB repeats, ≥ 5, min/median, compile
 apart, single-threaded both sides by default, the quiet gate on the RESULTS row). tokens/s counts real tokens;
-prints `vlm_prefill: 1.23x`, `vlm_decode: …x`, `vlm_generate: …x` (> 1 = JAX faster; min over repeats).
+prints `vlm_prefill_jax_vs_torch: 1.23x`, `vlm_decode_jax_vs_torch`, `vlm_generate_jax_vs_torch` (> 1 = JAX
+faster; min over repeats).
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def main(a) -> int:
     ref = torch_prefill()
     diff = float(np.max(np.abs(np.asarray(logits0) - ref.logits[:, -1].numpy())))
     print(f"# prefill last-token logits: max |jax - torch| {diff:.2e}")
-    timings = [common.interleaved("vlm_prefill", torch_prefill,
+    timings = [common.interleaved("vlm_prefill_jax_vs_torch", torch_prefill,
                                   lambda: jax.block_until_ready(j_prefill(state, j_ids, j_mask, j_pv)),
                                   reps=a.reps)]
     timings[0].compile_s = compile_s  # the first call above; interleaved's own first call was a steady-state one
@@ -141,7 +142,7 @@ def main(a) -> int:
             t_cache.crop(-n_new)  # back to the prompt for the next repeat
         return tok
 
-    timings.append(common.interleaved("vlm_decode", torch_decode,
+    timings.append(common.interleaved("vlm_decode_jax_vs_torch", torch_decode,
                                       lambda: jax.block_until_ready(j_decode(state, cache0, logits0)), reps=a.reps))
 
     # ---- generate (prefill + decode), greedy, no early stop
@@ -155,7 +156,7 @@ def main(a) -> int:
             return jax.block_until_ready(iv.generate(jm, j_ids, j_mask, j_pv, None, max_new_tokens=n_new,
                                                      eos_token_id=-1))
 
-        timings.append(common.interleaved("vlm_generate", torch_generate, jax_generate, reps=a.reps))
+        timings.append(common.interleaved("vlm_generate_jax_vs_torch", torch_generate, jax_generate, reps=a.reps))
 
     for tm_ in timings:
         tm_.print()

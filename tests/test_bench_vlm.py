@@ -22,7 +22,7 @@ def test_sft_quick_same_first_loss_and_ratio_line(capsys):
     out = capsys.readouterr().out
     m = re.search(r"first-step loss: jax ([\d.]+)\s+torch ([\d.]+)", out)
     assert m and float(m[1]) == pytest.approx(float(m[2]), rel=1e-5), out
-    assert "sft_tokens_per_s" in _ratio_lines(out), out
+    assert "sft_tokens_per_s_jax_vs_torch" in _ratio_lines(out), out
 
 
 def test_sft_batch_pads_tiles_per_row_like_the_collator():
@@ -42,18 +42,19 @@ def test_vlm_quick_same_prefill_logits_and_ratio_lines(capsys):
     assert vlm.main(vlm._parse(["--quick", "--threads", "0"])) == 0
     out = capsys.readouterr().out
     assert float(re.search(r"max \|jax - torch\| ([\d.e+-]+)", out)[1]) < 1e-4, out
-    assert {"vlm_prefill", "vlm_decode", "vlm_generate"} <= set(_ratio_lines(out)), out
+    names = {"vlm_prefill_jax_vs_torch", "vlm_decode_jax_vs_torch", "vlm_generate_jax_vs_torch"}
+    assert names <= set(_ratio_lines(out)), out
 
 
 @pytest.mark.slow
 def test_ppo_quick_ratio_line(capsys):
     from bench import ppo
     assert ppo.main(ppo._parse(["--quick", "--threads", "0"])) == 0
-    assert "ppo_env_steps_per_s" in _ratio_lines(capsys.readouterr().out)
+    assert "ppo_env_steps_jax_vs_torch" in _ratio_lines(capsys.readouterr().out)
 
 
 @pytest.mark.slow
 def test_grpo_quick_ratio_line(capsys):
     from bench import grpo
     assert grpo.main(grpo._parse(["--quick", "--threads", "0"])) == 0
-    assert "grpo_step" in _ratio_lines(capsys.readouterr().out)
+    assert "grpo_step_jax_vs_torch" in _ratio_lines(capsys.readouterr().out)
