@@ -21,8 +21,9 @@ from recogdrive_jax import config_types  # noqa: E402
 from recogdrive_jax.convert import planner as conv  # noqa: E402
 from recogdrive_jax.models import internvl as iv  # noqa: E402
 from recogdrive_jax.models import layers  # noqa: E402
-from recogdrive_jax.models.planner import (PlannerConfig, blocks_layout, build_planner, load_planner_params,  # noqa: E402
-                                           planner_config, planner_params, stack_blocks, to_layout, unstack_blocks)
+from recogdrive_jax.models.planner import (  # noqa: E402
+    PlannerConfig, blocks_layout, build_planner, load_planner_params, planner_config, planner_params, stack_blocks,
+    to_layout, unstack_blocks)
 from recogdrive_jax.parallel import kernels  # noqa: E402
 
 def _rand(g, *shape):
@@ -31,27 +32,36 @@ def _rand(g, *shape):
 
 # --------------------------------------------------------------------------------------------- attention_impl
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
-def test_jax_nn_attention_matches_the_einsum_path(heads, kv_heads):
-    """fp32: jax.nn's XLA path = the einsum path (outputs and q/k/v gradients), with the mask forms the models use
-    (a key mask [B, 1, S] with a fully masked row, a causal + padding mask [B, T, S]) and both scalings."""
-    g = np.random.default_rng(heads * 10 + kv_heads)
-    b, t, s, hd = 2, 5, 7, 8
-    q, k, v = _rand(g, b, t, heads, hd), _rand(g, b, s, kv_heads, hd), _rand(g, b, s, kv_heads, hd)
-    key_mask = jnp.asarray(g.random((b, 1, s)) > 0.4).at[1].set(False)  # batch row 1 sees nothing: uniform
-    causal = jnp.tril(jnp.ones((t, s), bool), k=s - t)[None] & jnp.asarray(g.random((b, 1, s)) > 0.2)
-    for mask in (None, key_mask, causal):
-        for kw in (dict(), dict(divide_by=float(np.sqrt(hd))), dict(scale=0.3)):
-            def out(impl, q, k, v):
-                return layers.dot_product_attention(q, k, v, mask, impl=impl, **kw)
+# (query heads, kv heads, mask, scaling): the DiT's call (MHA, key mask [B, 1, S], divided by sqrt(hd)), the ViT's
+# (MHA, no mask), Qwen2's (GQA, causal + padding [B, T, S]), MQA with a key mask and an explicit scale.
+CASES = [(4, 4, "key", dict(divide_by=float(np.sqrt(8)))), (4, 4, None, dict()), (4, 2, "causal", dict()),
+         (6, 1, "key", dict(scale=0.3))]
 
-            ref = out("xla", q, k, v)
-            np.testing.assert_allclose(np.asarray(out("jax_nn", q, k, v)), np.asarray(ref), atol=1e-6, rtol=0)
-            cot = _rand(g, *ref.shape)
-            grads = {impl: jax.grad(lambda q, k, v: jnp.sum(out(impl, q, k, v) * cot), argnums=(0, 1, 2))(q, k, v)
-                     for impl in ("xla", "jax_nn")}
-            for a, c in zip(grads["xla"], grads["jax_nn"]):
-                np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=1e-6, rtol=0)
+
+def test_jax_nn_attention_matches_the_einsum_path():
+    """fp32: jax.nn's XLA path = the einsum path (outputs and q/k/v gradients) for the mask forms and scalings the
+    models use; a fully masked row (batch row 1 of the key mask) attends uniformly in both."""
+    g = np.random.default_rng(0)
+    b, t, s, hd = 2, 5, 7, 8
+    for heads, kv_heads, mask_kind, kw in CASES:
+        q, k, v = _rand(g, b, t, heads, hd), _rand(g, b, s, kv_heads, hd), _rand(g, b, s, kv_heads, hd)
+        mask = {None: None, "key": jnp.asarray(g.random((b, 1, s)) > 0.4).at[1].set(False),
+                "causal": jnp.tril(jnp.ones((t, s), bool), k=s - t)[None] & jnp.asarray(g.random((b, 1, s)) > 0.2)
+                }[mask_kind]
+        cot = _rand(g, b, t, heads, hd)
+
+        @jax.jit
+        def both(q, k, v, mask=mask, kw=kw, cot=cot):
+            def out(impl):
+                return lambda q, k, v: layers.dot_product_attention(q, k, v, mask, impl=impl, **kw)
+            return [(out(i)(q, k, v), jax.grad(lambda *a: jnp.sum(out(i)(*a) * cot), argnums=(0, 1, 2))(q, k, v))
+                    for i in ("xla", "jax_nn")]
+
+        (ref, ref_g), (got, got_g) = both(q, k, v)
+        case = f"{heads}/{kv_heads} heads, mask {mask_kind}, {kw}"
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6, rtol=0, err_msg=case)
+        for a, c in zip(ref_g, got_g):
+            np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=1e-6, rtol=0, err_msg=case)
 
 
 def test_auto_on_cpu_and_names_are_checked():
@@ -70,10 +80,12 @@ def test_auto_on_cpu_and_names_are_checked():
 
 
 # 'auto' (the default) is what the existing parity tests run; here every model on the jax.nn kernel.
+@pytest.mark.slow  # the kernel equality above at fp32 carries it into the default suite
 def test_planner_torch_parity_with_jax_nn_attention():
     planner_parity._check(planner_config("tiny", attention_impl="jax_nn"), 0)  # a self and a cross block
 
 
+@pytest.mark.slow  # the default parity tests run Qwen2 on jax.nn ('auto' at fp32); here the ViT too
 def test_internvl_hf_parity_with_jax_nn_attention():
     """Bidirectional ViT (MHA) and the causal, left-padded GQA LLM through the same transformers parity as
     test_internvl_parity, with jax.nn's kernel."""
@@ -113,15 +125,6 @@ def _cond(cfg, g, b=2, length=6):
     return dict(vl_states=_rand(g, b, length, cfg.vl_dim), status=_rand(g, b, 8), history=_rand(g, b, 4, 3))
 
 
-def _loss_and_grads(planner, cond, g):
-    x, t = _rand(g, 2, 8, 3), jnp.array([3, 71])
-
-    def loss(m):
-        return jnp.mean(jnp.square(m.predict_noise(x, t, cond)))
-    l, grads = nnx.jit(nnx.value_and_grad(loss))(planner)
-    return l, nnx.to_pure_dict(grads)
-
-
 @pytest.mark.parametrize("layers_,interleave", [(3, True), pytest.param(2, False, marks=pytest.mark.slow)],
                          ids=["pairs-then-odd-self", "all-cross"])
 def test_scanned_dit_equals_the_block_list(layers_, interleave):
@@ -134,9 +137,16 @@ def test_scanned_dit_equals_the_block_list(layers_, interleave):
     load_planner_params(scanned, stack_blocks(p))
     assert blocks_layout(planner_params(scanned)) == "scanned"
     g = np.random.default_rng(3)
-    cond = _cond(cfg, g)
-    l0, g0 = _loss_and_grads(listed, cond, np.random.default_rng(4))
-    l1, g1 = _loss_and_grads(scanned, cond, np.random.default_rng(4))
+    cond, x, t = _cond(cfg, g), _rand(g, 2, 8, 3), jnp.array([3, 71])
+    models = [nnx.split(listed), nnx.split(scanned)]
+
+    @jax.jit
+    def both(states):  # one compiled function for both layouts
+        return [jax.value_and_grad(lambda s, gd=gd: jnp.mean(jnp.square(nnx.merge(gd, s).predict_noise(x, t, cond))))(
+            st) for (gd, _), st in zip(models, states)]
+
+    (l0, g0), (l1, g1) = both([st for _, st in models])
+    g0, g1 = nnx.to_pure_dict(g0), nnx.to_pure_dict(g1)
     assert abs(float(l0) - float(l1)) <= 1e-6 * max(1.0, abs(float(l0)))
     g1 = unstack_blocks(g1)
     flat0, flat1 = conv._flatten(g0), conv._flatten(g1)
@@ -162,8 +172,9 @@ def test_scanned_layout_converts_both_ways_and_round_trips(tmp_path, capsys):
     assert params["model"]["transformer_blocks"]["attn"]["to_q"]["kernel"].shape == (4, 32, 32)
     back = conv.params_to_torch_state_dict(params, scfg)
     assert set(back) == set(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
-    assert all(np.array_equal(a, b) for a, b in zip(
-        jax.tree.leaves(params), jax.tree.leaves(stack_blocks(conv.torch_state_dict_to_params(sd, cfg, verbose=False)))))
+    listed_params = conv.torch_state_dict_to_params(sd, cfg, verbose=False)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params),
+                                                    jax.tree.leaves(stack_blocks(listed_params))))
     # CLI: --from-torch --scan-layers writes the stacked layout (and says so in planner_config.json); --to-torch
     # gives the upstream state dict back bit for bit
     src = tmp_path / "in.pt"
@@ -242,15 +253,23 @@ def test_each_remat_policy_reaches_jax_checkpoint():
 
 @pytest.mark.parametrize("scan", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["scanned", "list"])
 def test_planner_gradients_identical_across_remat_policies(scan):
+    """Loss and parameter gradients without remat and under every policy (fp32, tiny; one compiled function)."""
     cfg = planner_config("tiny", scan_layers=scan)
+    g = np.random.default_rng(6)
+    cond, x, t = _cond(cfg, g), _rand(g, 2, 8, 3), jnp.array([3, 71])
     base = build_planner(cfg, nnx.Rngs(0))
-    params = planner_params(base)
-    cond = _cond(cfg, np.random.default_rng(6))
-    l0, g0 = _loss_and_grads(base, cond, np.random.default_rng(7))
-    for policy in layers.REMAT_POLICIES:
-        m = build_planner(cfg.replace(remat=True, remat_policy=policy), nnx.Rngs(0))
-        load_planner_params(m, params)
-        l1, g1 = _loss_and_grads(m, cond, np.random.default_rng(7))
+    variants = [(p, nnx.graphdef(build_planner(cfg.replace(remat=True, remat_policy=p), nnx.Rngs(0))))
+                for p in layers.REMAT_POLICIES]
+    graphdef, state = nnx.split(base)
+
+    @jax.jit
+    def all_grads(state):
+        def loss(gd):
+            return lambda s: jnp.mean(jnp.square(nnx.merge(gd, s).predict_noise(x, t, cond)))
+        return [jax.value_and_grad(loss(gd))(state) for gd in [graphdef] + [gd for _, gd in variants]]
+
+    (l0, g0), *rest = all_grads(state)
+    for (policy, _), (l1, g1) in zip(variants, rest):
         np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6, err_msg=policy)
         for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=0, err_msg=policy)
@@ -292,7 +311,8 @@ def test_orbax_params_of_the_other_layout_fail_naming_scan_layers(tmp_path):
     ckpt_lib.save_params(path, jax.tree.map(jnp.asarray, params))  # the list layout
     scanned = planner_params(abstract_planner(cfg.replace(scan_layers=True)))
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="stores one entry per layer.*config.planner.scan_layers"):
+    with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                       match="stores one entry per layer.*config.planner.scan_layers"):
         ckpt_lib.load_params(path, ckpt_lib.attach_shardings(scanned, jax.tree.map(lambda _: one, scanned)))
     shapes = lambda tree: {k: tuple(np.shape(v)) for k, v in ckpt_lib.flat_by_path(tree).items()}  # noqa: E731
     assert "stores stacked layers" in ckpt_lib._mismatch(shapes(stack_blocks(params)), shapes(params))
