@@ -54,6 +54,9 @@ def _parse(argv=None):
     ap.add_argument("--profile-side", choices=("both", "jax", "torch"), default="both",
                     help="profile one side only (halves the memory: two anchor-sized models and optimizer states "
                          "need ~15 GB)")
+    ap.add_argument("--ops", action="store_true", help="instead of the step: the step's heavy ops alone at anchor "
+                                                       "shapes (LM head products, CE, ViT/LLM MLP, ViT attention)")
+    ap.add_argument("--ops-rows", type=int, default=256, help="rows of the vocab-sized ops in --ops")
     ap.add_argument("--ab", metavar="OPT=VAL[,OPT=VAL]", help="instead of the torch comparison: the JAX step "
                     "compiled with these XLA options vs without, interleaved, and whether both give bitwise the same "
                     "loss and parameters after one step (e.g. xla_cpu_experimental_xnn_fusion_type=dot)")
@@ -407,10 +410,65 @@ def ab_xla_options(a) -> common.Timing:
     return t
 
 
+def bench_ops(a) -> list[common.Timing]:
+    """Each heavy op of the anchor SFT step alone, JAX (jitted) vs torch, interleaved: per-op speed without the
+    memory of two whole models (GFLOP/s printed where the op is a product)."""
+    import torch
+    from recogdrive_jax.models.layers import dot_product_attention, token_logprobs
+    g = np.random.default_rng(0)
+    r, v = a.ops_rows, 151674
+
+    def arr(*s):
+        return g.standard_normal(s).astype(np.float32)
+
+    def jce(logits, y):
+        return jax.grad(lambda z: -jnp.sum(token_logprobs(z, y)))(logits)
+
+    def tce(logits, y):
+        logits = logits.detach().requires_grad_(True)
+        torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
+        return logits.grad
+
+    def tsdpa(q, k, v_):
+        return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v_)))
+
+    x, w, gl, q = arr(r, 896), arr(896, v) * 0.02, arr(r, v), arr(1, 1025, 16, 64)
+    mm = lambda p, q_: p @ q_  # noqa: E731
+    cases = [("lm_head_fwd", mm, (x, w), mm, 2 * r * 896 * v),
+             ("lm_head_grad_w", lambda p, q_: p.T @ q_, (x, gl), lambda p, q_: p.T @ q_, 2 * r * 896 * v),
+             ("lm_head_grad_x", lambda p, q_: p @ q_.T, (gl, w), lambda p, q_: p @ q_.T, 2 * r * 896 * v),
+             ("vit_fc1", mm, (arr(1025, 1024), arr(1024, 4096)), mm, 2 * 1025 * 1024 * 4096),
+             ("llm_gate_proj", mm, (arr(532, 896), arr(896, 4864)), mm, 2 * 532 * 896 * 4864),
+             ("ce_fwd_bwd", jce, (gl, g.integers(0, v, r).astype(np.int32)), tce, None),
+             ("vit_attention_fwd", lambda q_, k, v_: dot_product_attention(q_, k, v_), (q, q, q), tsdpa,
+              4 * 16 * 1025 * 1025 * 64)]
+    out = []
+    for name, jf, args, tf, flops in cases:
+        jargs = [jnp.asarray(x_) for x_ in args]
+        targs = [torch.from_numpy(x_).long() if x_.dtype == np.int32 else torch.from_numpy(x_) for x_ in args]
+        comp = jax.jit(jf).lower(*jargs).compile()
+
+        def torch_call(tf=tf, targs=targs, grad=name == "ce_fwd_bwd"):
+            with torch.enable_grad() if grad else torch.no_grad():
+                return tf(*targs)
+
+        t = common.interleaved(f"op_{name}_jax_vs_torch", torch_call,
+                               lambda comp=comp, jargs=jargs: jax.block_until_ready(comp(*jargs)), reps=a.reps)
+        t.print()
+        if flops:
+            print(f"# {name}: torch {flops / min(t.baseline_s) / 1e9:.1f} GFLOP/s, jax "
+                  f"{flops / min(t.jax_s) / 1e9:.1f} GFLOP/s")
+        out.append(t)
+    return out
+
+
 def main(a) -> int:
     import torch
     if a.threads > 0:
         torch.set_num_threads(a.threads)
+    if a.ops:
+        bench_ops(a)
+        return 0
     if a.ab:
         ab_xla_options(a)
         return 0
