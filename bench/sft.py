@@ -59,7 +59,8 @@ def _parse(argv=None):
     ap.add_argument("--ops-rows", type=int, default=256, help="rows of the vocab-sized ops in --ops")
     ap.add_argument("--ab", metavar="OPT=VAL[,OPT=VAL]", help="instead of the torch comparison: the JAX step "
                     "compiled with these XLA options vs without, interleaved, and whether both give bitwise the same "
-                    "loss and parameters after one step (e.g. xla_cpu_experimental_xnn_fusion_type=dot)")
+                    "loss and parameters after one step (e.g. "
+                    "xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_DOT)")
     a = ap.parse_args(argv)
     if a.quick:
         a.batch, a.seq, a.skip_cache = 2, 64, True
