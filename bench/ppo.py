@@ -75,7 +75,7 @@ def bench_config(args) -> ml_collections.ConfigDict:
     c = mod.get_config("tiny")
     c.ppo.num_envs, c.ppo.num_steps = args.envs, args.steps
     c.ppo.epochs, c.ppo.num_minibatches = 2, 2
-    c.optim.grad_accum = args.envs * args.steps // (2 * args.micro)
+    c.ppo.minibatch_grad_accum = args.envs * args.steps // (2 * args.micro)
     c.prompt.max_new_tokens = args.new
     c.env.n_train_routes = 8
     return c
@@ -193,7 +193,7 @@ def main(args) -> int:
     params = ppo_lib.str_keys(policy.mdef.init(jax.random.key(0)))
     params["vlm"] = ppo_lib.str_keys(nnx.state(vlm, nnx.Param).to_pure_dict())
     value_np = jax.tree.map(np.array, params["value_head"])      # the JAX update donates its state
-    hp = ppo_lib.PPOHParams.from_config(config.ppo, int(config.optim.grad_accum))
+    hp = ppo_lib.PPOHParams.from_config(config.ppo)
 
     # ---- JAX: the stage's rollout iterator + the jitted update
     it = stage.RolloutIterator(config, policy, None)
