@@ -52,9 +52,14 @@ def validate_common(config) -> ct.RunConfig:
     return ct.typed(config)
 
 
+# How the planner's DiT runs (the variant-independent PlannerConfig fields, so `--config.planner.<key>` reaches
+# them on a locked config; their defaults are PlannerConfig's: tests/test_attention_remat.py checks).
+PLANNER_RUN_OPTIONS = dict(attention_impl="auto", scan_layers=False, remat=False, remat_policy="full")
+
+
 def planner_block(variant: str = "small", vlm_size: str = "large", **overrides) -> ml_collections.ConfigDict:
     """`config.planner`: any field of `models.planner.PlannerConfig` (kind 'diffusion' | 'mlp', ...)."""
-    return ml_collections.ConfigDict(dict(variant=variant, vlm_size=vlm_size, **overrides))
+    return ml_collections.ConfigDict(dict(variant=variant, vlm_size=vlm_size, **{**PLANNER_RUN_OPTIONS, **overrides}))
 
 
 def planner_data_block(**overrides) -> ml_collections.ConfigDict:

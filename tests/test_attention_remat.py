@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import test_planner_parity as planner_parity  # noqa: E402  (its torch pair and check, reused per option)
 from torch_ref.planner import TorchPlanner, lightning_state_dict, randomize_  # noqa: E402
 
-from recogdrive_jax import config_types  # noqa: E402
+from recogdrive_jax import config_types, configs  # noqa: E402
 from recogdrive_jax.convert import planner as conv  # noqa: E402
 from recogdrive_jax.models import internvl as iv  # noqa: E402
 from recogdrive_jax.models import layers  # noqa: E402
@@ -74,9 +74,15 @@ def test_auto_on_cpu_and_names_are_checked():
     assert kernels.attention_impl("jax_nn", jnp.float32) == "jax_nn"
     with pytest.raises(ValueError, match="attention_impl 'flash'"):
         kernels.attention_impl("flash", jnp.float32)
-    # the config's copies of the names agree with the library's
+    # the config's copies of the names and defaults agree with the library's
     assert config_types.ATTENTION_IMPLS == kernels.ATTENTION_IMPLS
     assert config_types.REMAT_POLICIES == layers.REMAT_POLICIES
+    assert {k: getattr(PlannerConfig(), k) for k in configs.PLANNER_RUN_OPTIONS} == configs.PLANNER_RUN_OPTIONS
+    c = configs.planner_stage_config("il", variant="tiny")
+    c.lock()
+    c.planner.scan_layers, c.planner.remat_policy = True, "dots_saveable"  # reachable by --config.planner.<key>
+    assert PlannerConfig.from_mapping(c.planner) == planner_config("tiny", scan_layers=True,
+                                                                   remat_policy="dots_saveable")
 
 
 # 'auto' (the default) is what the existing parity tests run; here every model on the jax.nn kernel.
