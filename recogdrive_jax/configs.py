@@ -54,7 +54,7 @@ def validate_common(config) -> ct.RunConfig:
 
 # How the planner's DiT runs (the variant-independent PlannerConfig fields, so `--config.planner.<key>` reaches
 # them on a locked config; their defaults are PlannerConfig's: tests/test_attention_remat.py checks).
-PLANNER_RUN_OPTIONS = dict(attention_impl="auto", scan_layers=False, remat=False, remat_policy="full")
+PLANNER_RUN_OPTIONS = dict(kind="diffusion", attention_impl="auto", scan_layers=False, remat=False, remat_policy="full")
 
 
 def planner_block(variant: str = "small", vlm_size: str = "large", **overrides) -> ml_collections.ConfigDict:

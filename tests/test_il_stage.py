@@ -79,6 +79,7 @@ def test_planner_config_errors_name_the_key(tmp_path):
 
 def test_mlp_head_is_selectable(tmp_path):
     cfg = tiny_il(num_steps=2)
+    cfg.lock()  # as `--config.planner.kind=mlp` meets it: a locked config takes only keys it has
     cfg.planner.kind = "mlp"
     out = cli.run(cfg, str(tmp_path / "mlp"))
     assert np.isfinite(out["pdms"]) and np.isfinite(out["ade"])
