@@ -3,8 +3,9 @@ laptop CPU in minutes. `make demo` runs it; every step is the real stage code wi
 
   sft     tiny InternVL SFT on synthetic driving QA (loss visibly falling)        configs/demo_vlm.py
   cache   its last hidden states over the planner's scenes, in TensorStore        configs/demo_vlm.py
-  il_vlm  Stage 2 on that cache: shows the cache path, and does NOT beat the constant-velocity baseline inside the
-          CI budget (PDMS 0.65 vs 0.81; why in configs/demo_vlm.py; the evidence command is configs/see/cache_il.py)
+  il_vlm  Stage 2 on that cache (its image tokens only): PDMS 0.825 vs the constant-velocity baseline's 0.807,
+          but shuffled / zeroed states score 0.804 / 0.801 and the order flips at 3,000 steps: that the features
+          help is not shown (configs/demo_vlm.py; the evidence command is configs/see/cache_il.py)
   il      Stage 2 on the fixed scene-token encoder; prints held-out PDMS vs the constant-velocity baseline
   rl      Stage 3 DiffGRPO from `il`'s EMA params                                 configs/demo_rl.py
   eval    the RL policy on the held-out test split (metrics.json / metrics.md / BEV PNGs)
@@ -48,6 +49,7 @@ def get_config(arg: str | None = None):
     steps = tuple(s for s in (arg or ",".join(STEPS)).split(",") if s)
     vlm = configs.load_config_file("demo_vlm.py", relative_to=__file__)
     rl = configs.load_config_file("demo_rl.py", relative_to=__file__)
-    step_configs = {"sft": vlm.sft_config(), "cache": vlm.cache_config(), "il_vlm": vlm.il_on_cache(il_config()),
+    step_configs = {"sft": vlm.sft_config(), "cache": vlm.demo_cache_config(),
+                    "il_vlm": vlm.il_vlm_config(il_config()),
                     "il": il_config(), "rl": rl.rl_config(), "eval": rl.eval_config()}
     return configs.pipeline_config(steps, step_configs, source="configs/demo.py")
