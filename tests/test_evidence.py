@@ -7,12 +7,12 @@ import pytest
 from recogdrive_jax.eval import evidence
 
 
-def _run(root, name, seed, pdms, epdms=0.8, ade=1.0, scenes=256, wall=None):
+def _run(root, name, seed, pdms, epdms=0.8, ade=1.0, scenes=256, wall=None, baseline=""):
     d = root / name
     os.makedirs(d / "eval" / "eval")
     json.dump({"pdms": pdms, "epdms": epdms, "ade": ade, "num_scenes": scenes}, open(d / "eval" / "eval" / "metrics.json", "w"))
     if seed is not None:
-        json.dump({"seed": seed}, open(d / "config.json", "w"))
+        json.dump({"seed": seed, "eval": {"baseline": baseline}}, open(d / "config.json", "w"))
     if wall is not None:
         json.dump({"wall_s": wall}, open(d / "wall.json", "w"))
     return str(d)
@@ -37,14 +37,14 @@ def test_paired_difference_and_two_sd_rule(tmp_path):
     lo = [evidence.load_run(_run(tmp_path, f"lo{s}", s, 0.9, ade=1.0 + 0.01 * s)) for s in range(3)]
     hi = [evidence.load_run(_run(tmp_path, f"hi{s}", s, 0.9, ade=2.0)) for s in range(3)]
     assert evidence.paired_difference(lo, hi, "ade")["beats"] is True
-    # a one-run row (deterministic CV) pairs with every seed; one pair has no sd -> no verdict
-    cv = [evidence.load_run(_run(tmp_path, "cv", 0, 0.80))]
+    # the deterministic CV run pairs with every seed; a trained one-seed row only with its own seed (no sd, no verdict)
+    cv = [evidence.load_run(_run(tmp_path, "cv", 0, 0.80, baseline="constant_velocity"))]
     assert evidence.paired_difference(a, cv)["n"] == 3
-    assert evidence.paired_difference(a[:1], cv)["beats"] is None
+    assert evidence.paired_difference(a, b[1:2])["n"] == 1 and evidence.paired_difference(a, b[1:2])["beats"] is None
 
 
 def test_table_rows_margin_and_wall_clock(tmp_path):
-    cv = _run(tmp_path, "cv", 0, 0.80, wall=12.0)
+    cv = _run(tmp_path, "cv", 0, 0.80, wall=12.0, baseline="constant_velocity")
     seeds = []
     for s, (tok, real, shuf) in enumerate(((0.90, 0.86, 0.80), (0.92, 0.87, 0.86), (0.91, 0.85, 0.82))):
         p = tmp_path / f"s{s}"
@@ -81,7 +81,7 @@ def test_errors_name_the_run(tmp_path, capsys):
 
 
 def test_no_margin_when_scene_tokens_are_not_above_cv(tmp_path):
-    cv = _run(tmp_path, "cv", 0, 0.85)
+    cv = _run(tmp_path, "cv", 0, 0.85, baseline="constant_velocity")
     tok, real = _run(tmp_path, "tok", 0, 0.80), _run(tmp_path, "real", 0, 0.82)
     text = evidence.table([("CV", [cv]), ("scene-token IL", [tok]), ("cache-IL", [real])])
     assert "| cache-IL | 1 | 0.820 |" in text and text.split("| cache-IL |")[1].splitlines()[0].endswith("| – |")

@@ -5,8 +5,8 @@ PDMS, EPDMS, ADE, wall-clock per row, and paired differences with the 2-sd "beat
         "cache-IL=..." "cache-IL, shuffled=..." "joint IL=runs/see/joint_s0,..." [--out FILE]
 
 Each path is a run workdir holding `eval/<split>/metrics.json` (what `il`, `il_joint` and `eval` write). Seeds pair
-by the `seed` in each run's config.json (by position when a run has none); a row with one run (the deterministic
-constant-velocity baseline) pairs with every seed. "Beats" (issue 18): the paired mean difference of PDMS over seeds
+by the `seed` in each run's config.json (by position when a run has none); a row whose one run is a deterministic
+baseline (`eval.baseline` set: constant velocity) pairs with every seed. "Beats" (issue 18): the paired mean difference of PDMS over seeds
 exceeds 2 sd of those differences (needs ≥ 2 pairs). The margin column is (row − CV) / (scene-token IL − CV) of the
 mean PDMS: the fraction of the scene-token planner's margin over constant velocity a row recovers (none when
 scene-token IL is not above CV).
@@ -53,10 +53,10 @@ def load_run(path: str, split: str = "eval") -> dict:
     missing = [k for k, _, _ in METRICS if k not in metrics]
     if missing:
         raise EvidenceError(f"{f}: missing {missing}")
-    cfg = os.path.join(path, "config.json")
-    seed = _read_json(cfg).get("seed") if os.path.isfile(cfg) else None
+    cfg = _read_json(os.path.join(path, "config.json")) if os.path.isfile(os.path.join(path, "config.json")) else {}
+    seed = cfg.get("seed")
     return {"path": path, "metrics": metrics, "seed": None if seed is None else int(seed),
-            "wall_s": wall_seconds(path)}
+            "baseline": bool((cfg.get("eval") or {}).get("baseline")), "wall_s": wall_seconds(path)}
 
 
 def step_wall_seconds(pipeline_dir: str, step: str) -> float | None:
@@ -79,10 +79,10 @@ def wall_seconds(path: str) -> float | None:
 
 
 def _pairs(a: list[dict], b: list[dict], names: tuple[str, str]) -> list[tuple[dict, dict]]:
-    """Runs of two rows paired by seed (a one-run row pairs with every run of the other)."""
-    if len(b) == 1:
+    """Runs of two rows paired by seed; a deterministic baseline (`eval.baseline`, e.g. CV) pairs with every run."""
+    if len(b) == 1 and b[0]["baseline"]:
         return [(r, b[0]) for r in a]
-    if len(a) == 1:
+    if len(a) == 1 and a[0]["baseline"]:
         return [(a[0], r) for r in b]
     if all(r["seed"] is not None for r in a + b):
         by_seed = {r["seed"]: r for r in b}
