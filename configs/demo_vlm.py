@@ -6,7 +6,8 @@ held-out scenes, 2026-12-07; it was 0.651), and the features are not shown to ma
 scene's states scores 0.792, with zeroed states 0.814 (above CV); ADE ~2.0 m either way (scene tokens: 1.12 m).
 Longer runs do not fit the budget: 3,000 steps score 0.804 (shuffled 0.802, zeros 0.809), 4,000 steps 0.825
 (shuffled 0.804, zeros 0.801), and the order of real and controls flips with the step count: one seed,
-differences within what the step count alone changes. The evidence (seeds, paired differences) is configs/see/cache_il.py.
+differences within what the step count alone changes. The evidence (seeds, paired differences):
+configs/see/cache_il.py.
 What changed (issue 18):
 * the demo's cache stores only the image tokens' states (`cache.tokens='image'`, `demo_cache_config`): 28 of the
   ~460-token prompt; the text repeats the history, ego status and command the planner gets as inputs anyway.
