@@ -3,7 +3,7 @@ laptop CPU in minutes. `make demo` runs it; every step is the real stage code wi
 
   sft     tiny InternVL SFT on synthetic driving QA (loss visibly falling)        configs/demo_vlm.py
   cache   its last hidden states over the planner's scenes, in TensorStore        configs/demo_vlm.py
-  il_vlm  Stage 2 on that cache (its image tokens only): PDMS 0.796 vs the constant-velocity baseline's 0.807
+  il_vlm  Stage 2 on that cache (its image tokens only): PDMS 0.794-0.796 vs the constant-velocity baseline's 0.807
           inside the CI budget (was 0.651), and shuffled / zeroed states score as well: the features are not
           shown to matter (configs/demo_vlm.py; the evidence command is configs/see/cache_il.py)
   il      Stage 2 on the fixed scene-token encoder; prints held-out PDMS vs the constant-velocity baseline

@@ -1,7 +1,7 @@
 """The demo's VLM steps: SFT of the tiny InternVL on synthetic driving QA (about a minute on 2 CPU cores, loss
 visibly falling), then the hidden-state cache of the planner's scenes, then IL on that cache.
 
-`il_vlm` is still below the constant-velocity baseline inside the CI budget: PDMS 0.796 vs CV 0.807 (seed 0, 128
+`il_vlm` is still below the constant-velocity baseline inside the CI budget: PDMS 0.794-0.796 vs CV 0.807 (seed 0, 128
 held-out scenes, 2026-12-07; it was 0.651), and the features are not shown to matter: the same run with another
 scene's states scores 0.792, with zeroed states 0.814 (above CV); ADE ~2.0 m either way (scene tokens: 1.12 m).
 Longer runs do not fit the budget: 3,000 steps score 0.804 (shuffled 0.802, zeros 0.809), 4,000 steps 0.825
