@@ -53,10 +53,12 @@ def load_run(path: str, split: str = "eval") -> dict:
     missing = [k for k, _, _ in METRICS if k not in metrics]
     if missing:
         raise EvidenceError(f"{f}: missing {missing}")
-    cfg = _read_json(os.path.join(path, "config.json")) if os.path.isfile(os.path.join(path, "config.json")) else {}
-    seed = cfg.get("seed")
+    # the run's saved config.json as plain JSON (a finished run's record, possibly of an older version: keys may lack)
+    saved = _read_json(os.path.join(path, "config.json")) if os.path.isfile(os.path.join(path, "config.json")) else {}
+    seed = saved["seed"] if "seed" in saved else None
+    baseline = saved["eval"].get("baseline") if isinstance(saved.get("eval"), dict) else None
     return {"path": path, "metrics": metrics, "seed": None if seed is None else int(seed),
-            "baseline": bool((cfg.get("eval") or {}).get("baseline")), "wall_s": wall_seconds(path)}
+            "baseline": bool(baseline), "wall_s": wall_seconds(path)}
 
 
 def step_wall_seconds(pipeline_dir: str, step: str) -> float | None:
