@@ -23,8 +23,21 @@ sys.path.insert(0, ROOT)
 
 from bench import common  # noqa: E402
 
-if __name__ == "__main__" and "--threads=0" not in sys.argv:
-    common.single_thread()  # before jax initialises (and inherited by the navsim-real subprocess); --threads=0: defaults
+
+
+def _parse(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scenes", type=int, default=64)
+    ap.add_argument("--real_scenes", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, choices=(0, 1),
+                    help="1: single-threaded XLA and BLAS (recordable); 0: defaults")
+    return ap.parse_args(argv)
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.threads == 1:
+    common.single_thread()  # before jax initialises (and inherited by the navsim-real subprocess)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -90,13 +103,7 @@ class RealPlanner:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--scenes", type=int, default=64)
-    ap.add_argument("--real_scenes", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, choices=(0, 1),
-                    help="1: single-threaded XLA and BLAS (recordable; set at import); pass --threads=0 for defaults")
-    args = ap.parse_args(argv)
+    args = ARGS if argv is None and ARGS is not None else _parse(argv)
     scenes = world.generate_scenes(args.scenes, seed=7, reference="expert")  # PDM-Closed is what is timed
     limits = np.random.default_rng(0).uniform(8.0, 15.0, args.scenes)
     print(f"backend: {jax.default_backend()}; {common.load_average()} on {os.cpu_count()} CPUs")
