@@ -19,11 +19,17 @@ QUIET_OTHER_SHARE = 0.10  # other processes' share of the machine's CPU above wh
 
 
 def single_thread() -> None:
-    """One CPU thread for XLA and torch (OpenMP/MKL). Call before importing jax/torch: XLA reads its flags once."""
+    """One CPU for XLA and torch. Call before importing jax/torch: XLA reads its flags once.
+
+    The thread flags alone are not enough: XLA's CPU runtime still kept a second core busy (cpu/wall 1.8 on
+    2026-12-07), so the process — and every subprocess it starts, which inherits the mask — is pinned to one core,
+    as `taskset -c 0` did for the recorded equal-resource rows."""
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[k] = "1"
+    if hasattr(os, "sched_setaffinity"):  # Linux; elsewhere the thread flags are all there is
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
 def _machine_busy_s() -> float | None:

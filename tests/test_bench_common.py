@@ -52,3 +52,16 @@ def test_a_driven_subprocess_counts_as_the_benchmarks_own_cpu():
         proc.kill()
         proc.wait()
     assert common._pid_busy_s(proc.pid) == 0.0  # gone: unreadable counts nothing
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="CPU affinity is Linux-only")
+def test_single_thread_pins_the_process_to_one_core():
+    """The XLA thread flags left a second core busy (cpu/wall 1.8); recorded rows need one core on both sides."""
+    import subprocess
+    import sys
+    root = str(Path(__file__).resolve().parents[1])
+    code = ("import os, sys; sys.path.insert(0, %r); from bench import common; common.single_thread(); "
+            "print(len(os.sched_getaffinity(0)))" % root)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
