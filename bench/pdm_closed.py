@@ -132,6 +132,9 @@ def main(argv=None) -> int:
                 # per scene on both sides: the planner's own seconds per scene vs the JAX call / batch size
                 t.baseline_s = list(real.per_scene_s[-args.reps:])
                 t.jax_s = [s / n for s in t.jax_s]
+                # CPU seconds per scene too, so cpu/wall stays "cores used" (a call scores n / real_scenes scenes)
+                t.jax_cpu_s = [c / n for c in t.jax_cpu_s or []] or None
+                t.baseline_cpu_s = [c / args.real_scenes for c in t.baseline_cpu_s or []] or None
                 print(f"# batch {n}: real PDM-Closed {1e3 * min(t.baseline_s):.1f} ms/scene "
                       f"({args.real_scenes} scenes), JAX {1e3 * min(t.jax_s):.2f} ms/scene; {common.load_average()}")
                 t.print()
