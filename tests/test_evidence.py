@@ -78,6 +78,14 @@ def test_errors_name_the_run(tmp_path, capsys):
     assert evidence.main([f"A={tmp_path / 'missing'}"]) == 2
     assert "missing: no eval/eval/metrics.json" in capsys.readouterr().err
     assert evidence.main([f"A={a}", "--upstream", "B=sft"]) == 2
+    for bad in ("A", "=x", "A=", "A=,"):
+        assert evidence.main([bad]) == 2
+        assert f"error: expected NAME=RUN_DIR[,RUN_DIR...], got {bad!r}" in capsys.readouterr().err
+    assert evidence.main([f"A={a}", "--upstream", "A"]) == 2
+    assert "error: expected ROW=STEP[,STEP...], got 'A'" in capsys.readouterr().err
+    out = tmp_path / "table.md"
+    assert evidence.main([f"A={a}", "--out", str(out)]) == 0
+    assert capsys.readouterr().out == out.read_text() and "| A | 1 |" in out.read_text()
 
 
 def test_no_margin_when_scene_tokens_are_not_above_cv(tmp_path):

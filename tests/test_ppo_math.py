@@ -147,6 +147,8 @@ def test_nav_compare_table_mean_and_sd(tmp_path):
     assert rows[0].startswith("| A | 2 | 30.0 ± 14.1 | 0.0 ± 0.0 |") and rows[1].startswith("| B | 1 | 50.0 | 0.0 |")
     assert "in_distribution 48" in text
     assert nav_compare.main(["A=" + str(tmp_path / "missing")]) == 2
+    for bad in ("A", "A="):  # no '=', no path: one error line, not a traceback or an empty row
+        assert nav_compare.main([bad]) == 2
 
 
 def test_unknown_model_field_override_names_the_key():

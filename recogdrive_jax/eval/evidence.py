@@ -26,6 +26,8 @@ import sys
 
 import numpy as np
 
+from recogdrive_jax.eval import table_cli
+
 METRICS = (("pdms", "PDMS", 3), ("epdms", "EPDMS", 3), ("ade", "ADE (m)", 2))
 # comparison columns: (label, the row compared against); rows named so in the table get them
 CV, TOKENS, CACHE, SHUFFLED = "CV", "scene-token IL", "cache-IL", "cache-IL, shuffled"
@@ -171,16 +173,6 @@ def table(rows: list[tuple[str, list[str]]], split: str = "eval",
     return "\n".join(lines) + "\n"
 
 
-def parse_row(arg: str) -> tuple[str, list[str]]:
-    if "=" not in arg:
-        raise EvidenceError(f"expected NAME=RUN_DIR[,RUN_DIR...], got {arg!r}")
-    name, paths = arg.split("=", 1)
-    paths = [p for p in paths.split(",") if p]
-    if not name.strip() or not paths:
-        raise EvidenceError(f"expected NAME=RUN_DIR[,RUN_DIR...], got {arg!r}")
-    return name.strip(), paths
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("rows", nargs="+", help="NAME=RUN_DIR[,RUN_DIR...] (one run per seed)")
@@ -189,17 +181,13 @@ def main(argv=None) -> int:
                     help="ROW=STEP[,STEP...]: add these pipeline steps' wall time (same pipeline) to ROW's")
     ap.add_argument("--out", default="", help="also write the table to this file")
     args = ap.parse_args(argv)
-    try:
-        upstream = dict(parse_row(u) for u in args.upstream)
-        text = table([parse_row(r) for r in args.rows], args.split, upstream)
-    except (EvidenceError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(text, end="")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    return 0
+
+    def make_table() -> str:
+        upstream = dict(table_cli.parse_named_dirs(u, "ROW=STEP[,STEP...]", EvidenceError) for u in args.upstream)
+        rows = [table_cli.parse_named_dirs(r, "NAME=RUN_DIR[,RUN_DIR...]", EvidenceError) for r in args.rows]
+        return table(rows, args.split, upstream)
+
+    return table_cli.print_table(make_table, args.out, (EvidenceError, KeyError))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+from recogdrive_jax.eval import table_cli
+
 METRICS = (("per_step_accuracy", "per-step acc."), ("success_rate", "success"))
 
 
@@ -58,29 +60,18 @@ def table(groups: list[tuple[str, list[str]]], splits: list[str] | None = None) 
     return "\n".join(lines) + "\n"
 
 
-def parse_group(arg: str) -> tuple[str, list[str]]:
-    if "=" not in arg:
-        raise ValueError(f"expected NAME=PATH[,PATH...], got {arg!r}")
-    name, paths = arg.split("=", 1)
-    return name.strip(), [p for p in paths.split(",") if p]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("groups", nargs="+", help="NAME=EVAL_WORKDIR[,EVAL_WORKDIR...] (one per seed)")
     ap.add_argument("--splits", default="", help="comma-separated splits (default: all of the first run)")
     ap.add_argument("--out", default="", help="also write the table to this file")
     args = ap.parse_args(argv)
-    try:
-        text = table([parse_group(g) for g in args.groups], [s for s in args.splits.split(",") if s] or None)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(text, end="")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    return 0
+
+    def make_table() -> str:
+        groups = [table_cli.parse_named_dirs(g, "NAME=PATH[,PATH...]") for g in args.groups]
+        return table(groups, [s for s in args.splits.split(",") if s] or None)
+
+    return table_cli.print_table(make_table, args.out, (ValueError, KeyError, FileNotFoundError))
 
 
 if __name__ == "__main__":
