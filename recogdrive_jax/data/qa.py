@@ -23,6 +23,7 @@ import grain.python as gp
 import numpy as np
 from PIL import Image
 
+from recogdrive_jax.data.grain_pipeline import sharded_dataset
 from recogdrive_jax.data.qa_records import repeat_rows
 from recogdrive_jax.data.tiling import DECODE_ERRORS, ImageError, open_rgb
 from recogdrive_jax.errors import UserError
@@ -204,19 +205,7 @@ def qa_dataset(meta_path: str, *, transform: Callable[[dict], dict] | None = Non
     records, stats = build_index(meta_path, seed=seed, skip_bad_rows=skip_bad_rows)
     if not records:
         raise QADataError(f"{meta_path}: the mixture is empty")
-    opts = gp.ShardByJaxProcess(drop_remainder=True) if shard_options is None else shard_options
-    ds = gp.MapDataset.source(QASource(records, load_images))
-    if opts.shard_count > 1:
-        per = len(ds) // opts.shard_count
-        ds = ds[opts.shard_index::opts.shard_count]
-        if opts.drop_remainder:
-            ds = ds[:per]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if num_epochs != 1:
-        ds = ds.repeat(num_epochs)
-    if transform is not None:
-        ds = ds.map(transform)
-    if batch_size is not None:
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    return ds.to_iter_dataset(), stats
+    ds = sharded_dataset(QASource(records, load_images), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                         shard_options=shard_options, transform=transform, batch_size=batch_size,
+                         drop_remainder=drop_remainder)
+    return ds, stats

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import grain.python as gp
 import numpy as np
 
+from recogdrive_jax.data.grain_pipeline import sharded_dataset
 from recogdrive_jax.sim import scene_store, world
 from recogdrive_jax.sim.world import SCENE_SCHEMA, Scene
 
@@ -53,10 +54,6 @@ def scene_from_batch(scene_dict: dict) -> Scene:
     return Scene(**{k: scene_dict[k] for k in SCENE_SCHEMA})
 
 
-def _shard_options(shard_options: gp.ShardOptions | None) -> gp.ShardOptions:
-    return gp.ShardByJaxProcess(drop_remainder=True) if shard_options is None else shard_options
-
-
 def trajectory_dataset(source: str | Scene | Sequence[Scene] | gp.RandomAccessDataSource, batch_size: int,
                        *, seed: int = 0, shuffle: bool = True, num_epochs: int | None = 1,
                        shard_options: gp.ShardOptions | None = None, drop_remainder: bool = True,
@@ -70,20 +67,5 @@ def trajectory_dataset(source: str | Scene | Sequence[Scene] | gp.RandomAccessDa
     # (str and list also satisfy the RandomAccessDataSource protocol, so test for what we build from first.)
     if isinstance(source, (str, Scene, list, tuple)):
         source = SceneSource(source)
-    src = source
-    opts = _shard_options(shard_options)
-    ds = gp.MapDataset.source(src)
-    n = len(ds)
-    if opts.shard_count > 1:
-        per = n // opts.shard_count if opts.drop_remainder else None
-        ds = ds[opts.shard_index::opts.shard_count]
-        if per is not None:
-            ds = ds[:per]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if num_epochs != 1:
-        ds = ds.repeat(num_epochs)
-    if transform is not None:
-        ds = ds.map(transform)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    return ds.to_iter_dataset()
+    return sharded_dataset(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs, shard_options=shard_options,
+                           transform=transform, batch_size=batch_size, drop_remainder=drop_remainder)
