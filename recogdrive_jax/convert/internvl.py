@@ -93,59 +93,49 @@ def rules(cfg, layout: str) -> list[Rule]:
         out.append(Rule(tuple(path.split(".")), tuple(keys), stacked, fwd, inv))
 
     norm_leaves = ("scale", "bias") if v.norm_type == "layer_norm" else ("weight",)
+    # The two layouts name the same vision tensors differently (and native splits the fused qkv): a table of names
+    # per layout, then one list of rules, so both always cover the same parameters.
     if layout == "remote":
         e, L = "vision_model.embeddings.", "vision_model.encoder.layers.{i}."
-        add("vision_model.class_embedding", [e + "class_embedding"], False)
-        add("vision_model.position_embedding", [e + "position_embedding"], False)
-        add("vision_model.patch_embedding.kernel", [e + "patch_embedding.weight"], False, _conv, _conv_inv)
-        add("vision_model.patch_embedding.bias", [e + "patch_embedding.bias"], False)
-        for ours, theirs in (("norm1", "norm1"), ("norm2", "norm2")):
-            for leaf in norm_leaves:
-                add(f"vision_model.layers.{ours}.{leaf}", [L + f"{theirs}.{'weight' if leaf == 'scale' else leaf}"],
-                    True)
-        add("vision_model.layers.attn.qkv.kernel", [L + "attn.qkv.weight"], True, _lin, _lin_inv)
-        if v.qkv_bias:
-            add("vision_model.layers.attn.qkv.bias", [L + "attn.qkv.bias"], True)
-        add("vision_model.layers.attn.proj.kernel", [L + "attn.proj.weight"], True, _lin, _lin_inv)
-        add("vision_model.layers.attn.proj.bias", [L + "attn.proj.bias"], True)
-        if v.qk_normalization:
-            add("vision_model.layers.attn.q_norm.weight", [L + "attn.q_norm.weight"], True)
-            add("vision_model.layers.attn.k_norm.weight", [L + "attn.k_norm.weight"], True)
-        add("vision_model.layers.ls1", [L + "ls1"], True)
-        add("vision_model.layers.ls2", [L + "ls2"], True)
-        for fc in ("fc1", "fc2"):
-            add(f"vision_model.layers.mlp.{fc}.kernel", [L + f"mlp.{fc}.weight"], True, _lin, _lin_inv)
-            add(f"vision_model.layers.mlp.{fc}.bias", [L + f"mlp.{fc}.bias"], True)
+        vit = dict(cls=e + "class_embedding", pos=e + "position_embedding", patch=e + "patch_embedding",
+                   norm1=L + "norm1", norm2=L + "norm2", proj=L + "attn.proj", q_norm=L + "attn.q_norm",
+                   k_norm=L + "attn.k_norm", ls1=L + "ls1", ls2=L + "ls2", mlp=L + "mlp")
+        qkv_kernel = [L + "attn.qkv.weight"], _lin, _lin_inv
+        qkv_bias = [L + "attn.qkv.bias"], _ident, _ident_inv
         proj = {"layer_norm": "mlp1.0", "linear_1": "mlp1.1", "linear_2": "mlp1.3"}
         lm, head = "language_model.model.", "language_model.lm_head.weight"
     else:
         e, L = "model.vision_tower.embeddings.", "model.vision_tower.encoder.layer.{i}."
-        add("vision_model.class_embedding", [e + "cls_token"], False)
-        add("vision_model.position_embedding", [e + "position_embeddings"], False)
-        add("vision_model.patch_embedding.kernel", [e + "patch_embeddings.projection.weight"], False, _conv,
-            _conv_inv)
-        add("vision_model.patch_embedding.bias", [e + "patch_embeddings.projection.bias"], False)
-        for ours, theirs in (("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
-            for leaf in norm_leaves:
-                add(f"vision_model.layers.{ours}.{leaf}", [L + f"{theirs}.{'weight' if leaf == 'scale' else leaf}"],
-                    True)
-        add("vision_model.layers.attn.qkv.kernel", [L + f"attention.{p}_proj.weight" for p in "qkv"], True,
-            _cat_lin, _split3_lin)
-        if v.qkv_bias:
-            add("vision_model.layers.attn.qkv.bias", [L + f"attention.{p}_proj.bias" for p in "qkv"], True,
-                _cat_bias, _split3_bias)
-        add("vision_model.layers.attn.proj.kernel", [L + "attention.projection_layer.weight"], True, _lin, _lin_inv)
-        add("vision_model.layers.attn.proj.bias", [L + "attention.projection_layer.bias"], True)
-        if v.qk_normalization:
-            add("vision_model.layers.attn.q_norm.weight", [L + "attention.q_norm.weight"], True)
-            add("vision_model.layers.attn.k_norm.weight", [L + "attention.k_norm.weight"], True)
-        add("vision_model.layers.ls1", [L + "lambda_1"], True)
-        add("vision_model.layers.ls2", [L + "lambda_2"], True)
-        for fc in ("fc1", "fc2"):
-            add(f"vision_model.layers.mlp.{fc}.kernel", [L + f"mlp.{fc}.weight"], True, _lin, _lin_inv)
-            add(f"vision_model.layers.mlp.{fc}.bias", [L + f"mlp.{fc}.bias"], True)
+        vit = dict(cls=e + "cls_token", pos=e + "position_embeddings", patch=e + "patch_embeddings.projection",
+                   norm1=L + "layernorm_before", norm2=L + "layernorm_after", proj=L + "attention.projection_layer",
+                   q_norm=L + "attention.q_norm", k_norm=L + "attention.k_norm", ls1=L + "lambda_1",
+                   ls2=L + "lambda_2", mlp=L + "mlp")
+        qkv_kernel = [L + f"attention.{p}_proj.weight" for p in "qkv"], _cat_lin, _split3_lin
+        qkv_bias = [L + f"attention.{p}_proj.bias" for p in "qkv"], _cat_bias, _split3_bias
         proj = {k: "model.multi_modal_projector." + k for k in ("layer_norm", "linear_1", "linear_2")}
         lm, head = "model.language_model.", "lm_head.weight"
+    add("vision_model.class_embedding", [vit["cls"]], False)
+    add("vision_model.position_embedding", [vit["pos"]], False)
+    add("vision_model.patch_embedding.kernel", [vit["patch"] + ".weight"], False, _conv, _conv_inv)
+    add("vision_model.patch_embedding.bias", [vit["patch"] + ".bias"], False)
+    for norm in ("norm1", "norm2"):
+        for leaf in norm_leaves:
+            add(f"vision_model.layers.{norm}.{leaf}", [vit[norm] + f".{'weight' if leaf == 'scale' else leaf}"], True)
+    keys, fwd, inv = qkv_kernel
+    add("vision_model.layers.attn.qkv.kernel", keys, True, fwd, inv)
+    if v.qkv_bias:
+        keys, fwd, inv = qkv_bias
+        add("vision_model.layers.attn.qkv.bias", keys, True, fwd, inv)
+    add("vision_model.layers.attn.proj.kernel", [vit["proj"] + ".weight"], True, _lin, _lin_inv)
+    add("vision_model.layers.attn.proj.bias", [vit["proj"] + ".bias"], True)
+    if v.qk_normalization:
+        add("vision_model.layers.attn.q_norm.weight", [vit["q_norm"] + ".weight"], True)
+        add("vision_model.layers.attn.k_norm.weight", [vit["k_norm"] + ".weight"], True)
+    add("vision_model.layers.ls1", [vit["ls1"]], True)
+    add("vision_model.layers.ls2", [vit["ls2"]], True)
+    for fc in ("fc1", "fc2"):
+        add(f"vision_model.layers.mlp.{fc}.kernel", [vit["mlp"] + f".{fc}.weight"], True, _lin, _lin_inv)
+        add(f"vision_model.layers.mlp.{fc}.bias", [vit["mlp"] + f".{fc}.bias"], True)
     add("mlp1.layer_norm.scale", [proj["layer_norm"] + ".weight"], False)
     add("mlp1.layer_norm.bias", [proj["layer_norm"] + ".bias"], False)
     for k in ("linear_1", "linear_2"):
