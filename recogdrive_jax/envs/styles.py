@@ -47,6 +47,15 @@ def _s(name, origin, words, **kw) -> CityStyle:
     return CityStyle(name=name, origin=origin, name_words=tuple(words), **kw)
 
 
+# Style A's appearance: the train style `nyc` and the OOD `nyc_new_map` (same look, new map and names) share it.
+_NYC_LOOK = dict(
+    facade_colors=((150, 80, 60), (170, 160, 150), (120, 110, 105), (185, 150, 110), (95, 90, 95), (200, 195, 185)),
+    window_color=(60, 75, 95), window_period=(3.5, 3.5), height_range=(12.0, 60.0), roof_color=(70, 65, 60),
+    sky_top=(90, 140, 210), sky_bottom=(190, 215, 240), road_color=(70, 70, 75),
+    sidewalk_color=(160, 158, 150), lot_color=(140, 135, 125), marking_color=(230, 200, 60),
+    sign_bg=((20, 40, 120), (150, 20, 30), (20, 100, 50), (30, 30, 30)), sign_fg=(250, 250, 250),
+    haze_color=(200, 210, 225), haze_distance=600.0, sun_azimuth=135.0, brightness=1.0)
+
 STYLES: dict[str, CityStyle] = {s.name: s for s in [
     _s("nyc", (40.7500, -73.9850),
        ["Hudson", "Bleecker", "Astor", "Bowery", "Chelsea", "Gramercy", "Lenox", "Madison", "Mercer", "Nassau",
@@ -54,13 +63,7 @@ STYLES: dict[str, CityStyle] = {s.name: s for s in [
         "Clinton", "Delancey", "Elm", "Fulton", "Greene", "Houston", "Irving", "Jane", "Kenmare", "Lafayette",
         "Mott", "Norfolk", "Prince", "Rivington", "Spring", "Thompson", "Union", "Vesey", "Warren", "York",
         "Bedford", "Carmine", "Downing", "Essex", "Ludlow", "Pell", "Bayard", "Crosby", "Doyers"],
-       facade_colors=((150, 80, 60), (170, 160, 150), (120, 110, 105), (185, 150, 110), (95, 90, 95),
-                      (200, 195, 185)),
-       window_color=(60, 75, 95), window_period=(3.5, 3.5), height_range=(12.0, 60.0), roof_color=(70, 65, 60),
-       sky_top=(90, 140, 210), sky_bottom=(190, 215, 240), road_color=(70, 70, 75),
-       sidewalk_color=(160, 158, 150), lot_color=(140, 135, 125), marking_color=(230, 200, 60),
-       sign_bg=((20, 40, 120), (150, 20, 30), (20, 100, 50), (30, 30, 30)), sign_fg=(250, 250, 250),
-       haze_color=(200, 210, 225), haze_distance=600.0, sun_azimuth=135.0, brightness=1.0),
+       **_NYC_LOOK),
     _s("milan", (45.4640, 9.1900),
        ["Brera", "Navigli", "Sforza", "Duomo", "Ticinese", "Magenta", "Garibaldi", "Isola", "Castello",
         "Vittoria", "Monforte", "Solari", "Tortona", "Lambro", "Verdi", "Manzoni"],
@@ -110,13 +113,7 @@ STYLES: dict[str, CityStyle] = {s.name: s for s in [
     _s("nyc_new_map", (40.7300, -73.9950),
        ["Greenpoint", "Flatbush", "Bushwick", "Dumbo", "Harlem", "Inwood", "Astoria", "Gowanus", "Redhook",
         "Kips", "Murray", "Yorkville", "Corona", "Flushing", "Ridgewood", "Canarsie"],
-       facade_colors=((150, 80, 60), (170, 160, 150), (120, 110, 105), (185, 150, 110), (95, 90, 95),
-                      (200, 195, 185)),
-       window_color=(60, 75, 95), window_period=(3.5, 3.5), height_range=(12.0, 60.0), roof_color=(70, 65, 60),
-       sky_top=(90, 140, 210), sky_bottom=(190, 215, 240), road_color=(70, 70, 75),
-       sidewalk_color=(160, 158, 150), lot_color=(140, 135, 125), marking_color=(230, 200, 60),
-       sign_bg=((20, 40, 120), (150, 20, 30), (20, 100, 50), (30, 30, 30)), sign_fg=(250, 250, 250),
-       haze_color=(200, 210, 225), haze_distance=600.0, sun_azimuth=135.0, brightness=1.0),
+       **_NYC_LOOK),
     _s("melbourne", (-37.8136, 144.9631),
        ["Fitzroy", "Carlton", "Collingwood", "Richmond", "Brunswick", "Prahran", "Southbank", "Docklands",
         "Flinders", "Swanston", "Elizabeth", "Lonsdale", "Bourke", "Exhibition", "Spencer", "Toorak"],
