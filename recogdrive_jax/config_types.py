@@ -578,6 +578,17 @@ class SFTDataConfig(Block):
 class SFTEvalConfig(Block):
     KEY: ClassVar[str] = "eval"
     max_batches: int = 0  # 0 = the whole eval mixture
+    # text-waypoint ADE (vlm/trajectory_eval.py): greedy answers to the driving prompt on this many held-out scenes
+    # (the planner's eval split of data.synthetic_seed) vs constant velocity; 0 = off
+    trajectory_scenes: int = 0
+    trajectory_batch_size: int = 16  # prompts per greedy generation (one compilation)
+
+    def checks(self):
+        return [(self.max_batches >= 0, "max_batches", f"expected an int >= 0, got {self.max_batches!r}"),
+                (self.trajectory_scenes >= 0, "trajectory_scenes",
+                 f"expected an int >= 0 (0 = off), got {self.trajectory_scenes!r}"),
+                (self.trajectory_batch_size >= 1, "trajectory_batch_size",
+                 f"expected an int >= 1, got {self.trajectory_batch_size!r}")]
 
 
 EXPORT_LAYOUTS = ("native", "remote")

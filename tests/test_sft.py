@@ -300,6 +300,13 @@ def test_mid_epoch_resume_gives_identical_losses(toy_meta, tmp_path, monkeypatch
     assert sorted(rows) == list(range(1, 7))
     np.testing.assert_allclose([rows[s] for s in range(1, 7)], want, rtol=1e-6)
 
+    # the finished run asked again with the text-waypoint eval (vlm/trajectory_eval.py): trains nothing, evaluates
+    n_train = len(read_metrics(resumed, "train"))
+    out = sft.run(_train_cfg(toy_meta, **{"eval.trajectory_scenes": 2, "eval.trajectory_batch_size": 8}), resumed)
+    traj = json.load(open(os.path.join(resumed, "eval_trajectory", "metrics.json")))
+    assert len(read_metrics(resumed, "train")) == n_train and out["eval_trajectory/num_scenes"] == 2
+    assert traj["step"] == 6 and 0 <= traj["parse_rate"] <= 1 and np.isfinite(traj["cv_ade_all"])
+
     # the export loads in transformers and gives our logits
     import torch
     from transformers import InternVLForConditionalGeneration

@@ -28,6 +28,7 @@ from recogdrive_jax import configs
 
 NUM_TRAIN_SCENES, NUM_EVAL_SCENES = 1500, 256
 SFT_STEPS, SFT_SCENES = 150, 300  # 600 steps ran at 0.26 steps/s on the loaded machine: 40 min
+TRAJECTORY_SCENES = 64  # held-out scenes the SFT'd VLM answers the trajectory question on (WORKDIR/sft/eval_trajectory)
 IL_STEPS = 600  # sized to 3 seeds x every row on a loaded 2-core CPU in ~90 min (configs/see/evidence.sh)
 STEPS = ("sft", "cache", "cv", "il_tokens", "il_real", "il_shuffled", "il_zeros")
 
@@ -43,12 +44,14 @@ def sft_config(vlm) -> ml_collections.ConfigDict:
     c.data.synthetic_scenes = SFT_SCENES  # ~5 QA rows a scene, trajectory rows twice
     c.data.synthetic_eval_scenes = 16
     c.train.num_steps = SFT_STEPS
-    c.train.eval_every = SFT_STEPS // 4
+    c.train.eval_every = SFT_STEPS // 3  # (each eval answers TRAJECTORY_SCENES prompts greedily: ~20 s on 2 cores)
     c.train.checkpoint_every = SFT_STEPS // 4
     c.train.log_every = 25
     c.optim.lr = 2e-3
     c.optim.warmup_ratio = 0.05
     c.eval.max_batches = 4
+    c.eval.trajectory_scenes = TRAJECTORY_SCENES  # text-waypoint ADE vs CV (vlm/trajectory_eval.py) at each eval
+    c.eval.trajectory_batch_size = 16
     return c
 
 

@@ -7,6 +7,7 @@ can use the same question so that SFT teaches the model the prompt it is later c
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -74,6 +75,41 @@ def trajectory_answer(future: np.ndarray) -> str:
     """The assistant turn for a future [8, 3]: '[PT, (x, y, h), ...]' with 2 decimals."""
     future = np.asarray(future, np.float64)
     return "[PT, " + ", ".join(f"({x:.2f}, {y:.2f}, {h:.2f})" for x, y, h in future) + "]"
+
+
+class TrajectoryParseError(ValueError):
+    """A text that is not a `trajectory_answer`: the message says what was expected and what was found."""
+
+
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+_POINT = re.compile(rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\)")
+_ANSWER = re.compile(rf"\[PT,\s*(\(.*?\)(?:\s*,\s*\(.*?\))*)\s*\]")
+
+
+def parse_trajectory(text: str, num_poses: int = 8) -> np.ndarray:
+    """The inverse of `trajectory_answer`: '[PT, (x, y, h), ...]' (the whole text, surrounding whitespace aside)
+    → poses [num_poses, 3] float64. Strict: anything else (extra text, a malformed point, another number of points,
+    a non-finite number) raises TrajectoryParseError saying what is wrong."""
+    if not isinstance(text, str):
+        raise TrajectoryParseError(f"expected a string, got {type(text).__name__}")
+    body = text.strip()
+    shown = body if len(body) <= 60 else body[:57] + "..."
+    m = _ANSWER.fullmatch(body)
+    if m is None:
+        raise TrajectoryParseError(f"expected '[PT, (x, y, h), ...]', got {shown!r}")
+    points = re.split(r"\)\s*,\s*\(", m.group(1).strip()[1:-1])
+    poses = []
+    for k, p in enumerate(points):
+        pm = _POINT.fullmatch(f"({p.strip()})")
+        if pm is None:
+            raise TrajectoryParseError(f"point {k}: expected '(x, y, h)' with three numbers, got ({p.strip()})")
+        poses.append([float(v) for v in pm.groups()])
+    if len(poses) != num_poses:
+        raise TrajectoryParseError(f"expected {num_poses} points, got {len(poses)} in {shown!r}")
+    out = np.asarray(poses, np.float64)
+    if not np.isfinite(out).all():
+        raise TrajectoryParseError(f"non-finite number in {shown!r}")
+    return out
 
 
 def scene_command(scene) -> int:

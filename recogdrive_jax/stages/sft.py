@@ -11,6 +11,10 @@ resume. At the end the weights are exported as a transformers-loadable directory
 
 Outputs: WORKDIR/{checkpoints, metrics.jsonl, recogdrive_internvl.json (model config), tokenizer/, hf_export/}.
 A later stage (`cache`) points `config.model.init_from` at this workdir.
+
+`config.eval.trajectory_scenes` > 0 adds the text-waypoint ADE to each eval (vlm/trajectory_eval.py: greedy answers
+to the driving prompt on held-out scenes, parse rate, ADE/FDE vs constant velocity, WORKDIR/eval_trajectory/). On a
+finished run, rerunning its command with `--config.eval.trajectory_scenes=N` trains nothing and runs that eval once.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from recogdrive_jax.parallel import runtime as runtime_lib
 from recogdrive_jax.train import loop
 from recogdrive_jax.train.metrics import read_metrics
 from recogdrive_jax.vlm import checkpoint as vlm_ckpt
-from recogdrive_jax.vlm import hf_export, lm_loss, nav_eval, qa_batches
+from recogdrive_jax.vlm import hf_export, lm_loss, nav_eval, qa_batches, trajectory_eval
 from recogdrive_jax.vlm.tokenizer import load_or_build_tokenizer
 
 
@@ -48,6 +52,8 @@ def validate(config) -> config_types.RunConfig:
         if d.eval_meta_path:
             req(os.path.isfile(d.eval_meta_path), "data.eval_meta_path", f"{d.eval_meta_path!r} is not a local file")
         req(not (m.freeze_vision and m.freeze_llm and m.freeze_mlp), "model.freeze_*", "every part is frozen")
+        req(not (config.eval.trajectory_scenes and "virl_sft" in config and not d.meta_path),
+            "eval.trajectory_scenes", "the driving-trajectory eval needs a driving VLM, not the V-IRL SFT; use 0")
     return config
 
 
@@ -98,6 +104,7 @@ def run(config, workdir: str) -> dict:
     loss_fn = lm_loss.make_loss_fn(mdef, chunk=chunk, drop_path=drop_path, grad_accum=grad_accum)
     rt = runtime_lib.from_config(config)
     eval_step = jax.jit(lambda p, b: lm_loss.forward_sums(mdef.bind(p), b, None, chunk=chunk, drop_path=False))
+    trajectory = trajectory_eval.from_sft_config(config.eval, config.data, cfg, tok)  # None when off
 
     def eval_fn(state, step):
         out = {}
@@ -112,6 +119,12 @@ def run(config, workdir: str) -> dict:
         if eval_nav_splits:
             res = nav_eval.evaluate(state.params, config, cfg, tok, storage.join(workdir, "eval_nav"), runtime=rt)
             out.update(nav_eval.flat_metrics(res))
+        if trajectory is not None:  # the text-waypoint ADE vs CV on held-out scenes (WORKDIR/eval_trajectory)
+            m = trajectory(state.params, mdef, runtime=rt, out_dir=storage.join(workdir, "eval_trajectory"),
+                           step=step)
+            out.update({f"trajectory/{k}": v for k, v in m.items()})
+            if jax.process_index() == 0:
+                print(f"[sft] step {step}: {trajectory_eval.summary_line(m)}", flush=True)
         if config.export.each_eval and step < run_config.train.num_steps:
             hf_export.export_hf(state.params, cfg, tok, storage.join(workdir, f"hf_export_step_{step:07d}"), config.export)
         return out
@@ -119,7 +132,8 @@ def run(config, workdir: str) -> dict:
     eval_nav_splits = bool(virl and "eval_nav" in config and config.eval_nav.splits)
     task = loop.Task(name="sft", init_params=mdef.init, loss_fn=loss_fn, logical=mdef.logical,
                      train_iter=plan.iterator(int(data.num_workers), int(data.prefetch)),
-                     eval_fn=eval_fn if (eval_plan is not None or config.export.each_eval or eval_nav_splits)
+                     eval_fn=eval_fn if (eval_plan is not None or config.export.each_eval or eval_nav_splits
+                                         or trajectory is not None)
                      else None)
     if jax.process_index() == 0:
         print(f"[sft] {len(plan.rows)} rows, {plan.batches_per_epoch} batches/epoch of {gbs}; buckets "
