@@ -402,6 +402,7 @@ class OptimConfig(Block):
 
 PLANNER_SOURCES = ("synthetic", "navsim")
 VL_FEATURES = ("real", "shuffled", "zeros")
+VL_NORMALIZE = ("none", "standardize", "whiten")  # = data/planner_data.VL_NORMALIZE
 PDM_REGULARISERS = ("navsim", "nuplan")
 
 
@@ -418,6 +419,10 @@ class PlannerDataConfig(Block):
     vl_shuffle_seed: int = 0  # the derangement of vl_features='shuffled'
     # read the cache split whole into host memory once (stored dtype) instead of per batch; bitwise the same batches
     vl_in_memory: bool = False
+    # normalise the cached states by the cache's train split (its first 512 scenes' tokens) in every split, before
+    # the vl_features control: 'none' = upstream (raw states) | 'standardize' (per channel) | 'whiten' (ZCA). The
+    # planner's eval / rl on the same cache must set it too: the statistics are not part of the checkpoint
+    vl_normalize: str = "none"
     num_train_scenes: int = 2000
     num_eval_scenes: int = 128
     scene_seed: int = 0
@@ -428,6 +433,8 @@ class PlannerDataConfig(Block):
             (self.source in PLANNER_SOURCES, "source", f"unknown {self.source!r}; allowed: {list(PLANNER_SOURCES)}"),
             (self.vl_features in VL_FEATURES, "vl_features",
              f"unknown {self.vl_features!r}; allowed: {list(VL_FEATURES)}"),
+            (self.vl_normalize in VL_NORMALIZE, "vl_normalize",
+             f"unknown {self.vl_normalize!r}; allowed: {list(VL_NORMALIZE)}"),
             (self.vl_pad_to >= 0, "vl_pad_to", f"expected an int >= 0, got {self.vl_pad_to!r}"),
             (self.num_train_scenes >= 0, "num_train_scenes", f"expected an int >= 0, got {self.num_train_scenes!r}"),
             (self.num_eval_scenes >= 0, "num_eval_scenes", f"expected an int >= 0, got {self.num_eval_scenes!r}"),
@@ -780,6 +787,7 @@ UNSUPPORTED: dict[str, dict[str, tuple[Any, str]]] = {
         "data.source": ("synthetic", "il_joint renders the synthetic world's cameras"),
         "data.cache_dir": ("", "il_joint computes the VLM's states itself (no cache)"),
         "data.vl_features": ("real", "il_joint has no cached features to shuffle or zero"),
+        "data.vl_normalize": ("none", "il_joint has no cached features to normalise"),
         "eval.protocol": ("deterministic", "il_joint evaluates with deterministic sampling only"),
         "model.freeze_vision": (False, "il_joint's trainable parts are config.joint.train_vision / train_projector "
                                        "/ train_llm"),

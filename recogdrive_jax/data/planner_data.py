@@ -39,6 +39,9 @@ class PlannerSplit:
     tokens: np.ndarray | None = None  # [N] str NAVSIM sample tokens (data.source='navsim')
     features: str = "real"  # data.vl_features: 'real' | 'shuffled' | 'zeros'
     feature_perm: np.ndarray | None = None  # [N] 'shuffled': scene i reads the VL states of scene feature_perm[i]
+    # data.vl_normalize: (mean [H], per-channel std [H] ('standardize') or whitening matrix [H, H] ('whiten')) fp32,
+    # applied per read; an in-memory split (vl_states) is normalised once when loaded instead
+    vl_stats: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return int(self.scenes.history.shape[0])
@@ -51,6 +54,8 @@ class PlannerSplit:
             states, mask = self.vl_states[src], self.vl_mask[src]
         else:
             states, mask = self.cache.read(src if self.rows is None else self.rows[src], pad_to=self.pad_to)
+        if self.vl_stats is not None and self.vl_states is None:
+            states = normalize_states(states, mask, *self.vl_stats)
         if self.features == "zeros":
             states = np.zeros_like(states)
         return states, mask
@@ -118,14 +123,98 @@ def _with_features(split: PlannerSplit, data_cfg) -> PlannerSplit:
 
 def load_split(data_cfg, split: str, vl_dim: int, need_pdm: bool = False) -> PlannerSplit:
     """The split from the cache (when `data_cfg.cache_dir`), else the synthetic world or converted NAVSIM samples
-    (`data_cfg.source`) + fixed scene tokens, with the `data.vl_features` control applied. `need_pdm`: the split's
+    (`data_cfg.source`) + fixed scene tokens, normalised by `data.vl_normalize` and then the `data.vl_features`
+    control applied. `need_pdm`: the split's
     plans get scored, so NAVSIM samples need their PDM inputs (data/navsim_data.py); the synthetic world always
     has them."""
     vl_features(data_cfg)  # a bad value fails before any data is read
+    normalize = vl_normalize(data_cfg)
     split_ = _load_split(data_cfg, split, vl_dim, need_pdm)
     if split_.cache is not None and bool(data_cfg.get("vl_in_memory", False)):
         _read_whole_cache(split_)
+    if normalize != "none":
+        split_.vl_stats = _train_statistics(data_cfg, split_, normalize)
+        if split_.vl_states is not None:  # once, fp32 (4 bytes a value): a batch is then a gather, as without
+            split_.vl_states = normalize_states(split_.vl_states, split_.vl_mask, *split_.vl_stats)
     return _with_features(split_, data_cfg)
+
+
+VL_NORMALIZE = ("none", "standardize", "whiten")
+VL_STATS_SCENES = 512  # data.vl_normalize: the statistics come from the first this many scenes of the train split
+VL_STATS_TOKENS = 65536  # ... and about this many of their real tokens at most (every k-th)
+WHITEN_SHRINK = 1e-3  # data.vl_normalize='whiten': eigenvalue floor, a fraction of the mean eigenvalue
+
+
+def vl_normalize(data_cfg) -> str:
+    """`data.vl_normalize`, validated: 'none' (upstream: the raw cached states), 'standardize' or 'whiten' (by the
+    cache's train split); any other value, or a value other than 'none' without a cache, is a ConfigError."""
+    from recogdrive_jax.configs import ConfigError
+    mode = data_cfg.get("vl_normalize", "none") or "none"
+    if mode not in VL_NORMALIZE:
+        raise ConfigError(f"config.data.vl_normalize={mode!r}: expected one of {', '.join(VL_NORMALIZE)}")
+    if mode != "none" and not (data_cfg.get("cache_dir", "") or ""):
+        raise ConfigError(f"config.data.vl_normalize={mode!r}: needs a hidden-state cache (config.data.cache_dir); "
+                          "the fixed scene tokens are not normalised")
+    return mode
+
+
+def vl_statistics(cache: HiddenCache, mode: str = "standardize", max_scenes: int = VL_STATS_SCENES,
+                  max_tokens: int = VL_STATS_TOKENS, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [H], scale) fp32 from the real tokens of the first `max_scenes` rows of `cache` (every k-th token, k
+    chosen so that at most about `max_tokens` are used), read `chunk` rows at a time into float64 sums.
+    'standardize': scale = the per-channel std [H], floored at 1% of its median over channels (and 1e-6), so a
+    (near-)constant channel is not blown up into rounding noise. 'whiten': scale = the ZCA matrix [H, H]
+    V diag(1 / sqrt(max(lambda, WHITEN_SHRINK * mean(lambda)))) V^T of the token covariance: every direction of the
+    states gets unit variance however small its share of the total, except directions below the floor (bf16
+    rounding noise in directions of ~zero variance is not blown up)."""
+    if mode not in ("standardize", "whiten"):
+        raise ValueError(f"vl_statistics: mode={mode!r}: expected 'standardize' or 'whiten'")
+    n = min(cache.num_samples, int(max_scenes))
+    stride = max(1, -(-n * cache.max_len // int(max_tokens)))
+    h = cache.hidden_size
+    total, count = np.zeros(h), 0
+    second = np.zeros((h, h)) if mode == "whiten" else np.zeros(h)  # sum of x x^T, or of x^2 per channel
+    for lo in range(0, n, chunk):
+        states, mask = cache.read(np.arange(lo, min(lo + chunk, n)))
+        tok = states[mask.astype(bool)][::stride].astype(np.float64)  # [n_tok, H]
+        total += tok.sum(0)
+        second += tok.T @ tok if mode == "whiten" else np.square(tok).sum(0)
+        count += len(tok)
+    if count == 0:
+        raise CacheError(f"{cache.path}: config.data.vl_normalize: no real tokens in the first {n} rows to take "
+                         "the statistics from")
+    mean = total / count
+    if mode == "standardize":
+        std = np.sqrt(np.maximum(second / count - np.square(mean), 0.0))
+        return mean.astype(np.float32), np.maximum(std, max(1e-2 * float(np.median(std)), 1e-6)).astype(np.float32)
+    lam, vec = np.linalg.eigh(second / count - np.outer(mean, mean))  # [H], [H, H]
+    lam = np.maximum(lam, max(WHITEN_SHRINK * float(lam.clip(0).mean()), 1e-12))
+    return mean.astype(np.float32), ((vec / np.sqrt(lam)) @ vec.T).astype(np.float32)
+
+
+def normalize_states(states: np.ndarray, mask: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """`data.vl_normalize`: (states - mean) / std per channel, or (states - mean) @ the whitening matrix; fp32,
+    padding positions stay zero. Runs on the host per batch: whitening costs H^2 multiply-adds per token, nothing
+    for the tiny VLM's 64 channels (the demo), seconds per 16-sample batch of 2800 x 3584-wide upstream states
+    (use 'standardize' there, H per token)."""
+    centred = states.astype(np.float32) - mean
+    out = centred / scale if scale.ndim == 1 else centred @ scale
+    return np.where(np.asarray(mask, bool)[..., None], out, np.float32(0.0))
+
+
+def _train_statistics(data_cfg, split: PlannerSplit, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """The `vl_statistics` of the cache's train split, whichever split is loaded: train, eval and test states are
+    normalised alike (by what the planner trains on), and before the `data.vl_features` control, so the shuffled
+    and zeroed controls get the same transform as the real states."""
+    if split.name == "train":
+        return vl_statistics(split.cache, mode)
+    path = os.path.join(data_cfg.cache_dir, "train")
+    try:
+        cache = HiddenCache.open(path)
+    except CacheError as e:
+        raise CacheError(f"config.data.vl_normalize: the statistics come from the cache's train split: {e}") from e
+    cache.check_hidden_size(split.cache.hidden_size, key=f"the {split.name} split's hidden size")
+    return vl_statistics(cache, mode)
 
 
 def _read_whole_cache(split: PlannerSplit) -> None:
