@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Iterator
 
 import grain
 import jax
@@ -279,11 +280,15 @@ def _navsim_cached_split(data_cfg, split: str, vl_dim: int, need_pdm: bool) -> P
     return PlannerSplit(split, nd.scenes, None, None, cache=cache, pad_to=int(pad), rows=rows, tokens=nd.tokens)
 
 
-def _index_batches(split: PlannerSplit, local_batch_size: int, seed: int, make_batch, prefetch: int = 0):
+def index_batches(split: PlannerSplit, local_batch_size: int, seed: int,
+                  make_batch: Callable[[np.ndarray], dict], prefetch: int = 0) -> Iterator[dict]:
     """Endless shuffled index batches of this process's share, mapped by `make_batch(idx)`; a checkpointable Grain
-    iterator (get_state/set_state). Batches gather from the split's arrays in one indexing op (the per-sample
-    `data/trajectory.py` pipeline stacks row dicts, which costs more per step for in-memory splits). `prefetch` > 0
-    bounds the batches made ahead (Grain's default read-ahead is 500: too many for batches of camera frames)."""
+    iterator (get_state/set_state). The one batching path of the planner stages: `train_iterator` (IL),
+    `rl_iterator` (RL) and `vlm/joint.py` (VLM + planner batches) differ only in `make_batch`. Batches gather from
+    the split's arrays in one indexing op (the per-sample `data/trajectory.py` pipeline stacks row dicts, which costs
+    more per step for in-memory splits). `prefetch` > 0 bounds the batches made ahead (Grain's default read-ahead is
+    500: too many for batches of camera frames). Raises TooFewSamplesError when the split cannot fill one global
+    batch."""
     if len(split) < local_batch_size * jax.process_count():
         source = (f"the cache {split.cache.path}" if split.cache is not None
                   else f"config.data.num_{'train' if split.name == 'train' else 'eval'}_scenes")
@@ -301,7 +306,7 @@ def _index_batches(split: PlannerSplit, local_batch_size: int, seed: int, make_b
 
 def train_iterator(split: PlannerSplit, local_batch_size: int, seed: int):
     """IL batches (`PlannerSplit.batch`)."""
-    return _index_batches(split, local_batch_size, seed, split.batch)
+    return index_batches(split, local_batch_size, seed, split.batch)
 
 
 def _rl_batch(split: PlannerSplit, idx) -> dict:
@@ -315,4 +320,4 @@ def _rl_batch(split: PlannerSplit, idx) -> dict:
 
 def rl_iterator(split: PlannerSplit, local_batch_size: int, seed: int):
     """RL batches (`_rl_batch`), shuffled and checkpointable like `train_iterator`."""
-    return _index_batches(split, local_batch_size, seed, lambda idx: _rl_batch(split, idx))
+    return index_batches(split, local_batch_size, seed, lambda idx: _rl_batch(split, idx))

@@ -291,8 +291,8 @@ class JointInputs:
 
     def train_iterator(self, split, local_batch_size: int, seed: int):
         """Shuffled, checkpointable (Grain) batches, as the `il` stage's; at most `joint.prefetch` made ahead."""
-        return planner_data._index_batches(split, local_batch_size, seed, lambda idx: self.batch(split, idx),
-                                           prefetch=self.prefetch)
+        return planner_data.index_batches(split, local_batch_size, seed, lambda idx: self.batch(split, idx),
+                                          prefetch=self.prefetch)
 
 
 def make_sampler(mdef: ModuleDef):
