@@ -15,12 +15,16 @@ each block under `remat_policy` (layers.REMAT_POLICIES).
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from recogdrive_jax.models.layers import (Attention, Dtype, RMSNorm, SwiGLU, TimestepEmbedding, dense, modulate,
-                                          remat, rope_cos_sin, sinusoidal_embedding)
+from recogdrive_jax.models.layers import (ATTENTION_OUT, NEG_INF, Attention, Dtype, RMSNorm, SwiGLU, TimestepEmbedding,
+                                          apply_rope, dense, modulate, remat, rope_cos_sin, sinusoidal_embedding)
+from recogdrive_jax.parallel import kernels
 
 TIMESTEP_CHANNELS = 256  # diffusers Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)
 
@@ -38,6 +42,39 @@ class TimestepEncoder(nnx.Module):
         return self.timestep_embedder(tau.astype(self.dtype))  # [B, D]
 
 
+def cross_attention_folded_key_norm(attn: Attention, x: jax.Array, memory: jax.Array, rope: tuple[jax.Array, jax.Array],
+                                    mask: jax.Array | None = None) -> jax.Array | None:
+    """`attn(x, memory, rope=rope, mask=mask)` with the key RMSNorm folded into the queries, or None where it does not
+    apply (bf16, no qk norm, a fused attention kernel): the fp32 einsum path only.
+
+    The norm of a key row is k * r * w with r = rsqrt(mean(k^2) + eps) per (token, head) and w the norm weight, so
+    q . (k r w) = r (q w) . k: the logits come from the raw keys, the weight multiplies the 8 query rows instead of
+    the S memory rows, and the per-key factor r [B, H, S] scales the logits. The normalised [B, H, S, hd] keys of
+    every cross block (and, in the backward, their gradient and the weight's reduction over all B*S*H rows) are
+    never formed: the DiT's cross blocks stream the VL memory through these elementwise passes 8 times a step
+    (bench/RESULTS.md, planner train step profile). Same math; the products' rounding differs (tolerance, not
+    bitwise, vs the unfolded form)."""
+    k_norm = attn.k_norm
+    if k_norm is None or attn.dtype != jnp.float32 or memory.dtype != jnp.float32:
+        return None
+    b, t, _ = x.shape
+    if kernels.attention_impl(attn.attention_impl, jnp.float32, grouped=False, queries=t) != "xla":
+        return None
+    q = attn.q_norm(attn._split_heads(attn.to_q(x)))  # [B, H, T, hd]
+    if rope is not None:
+        q = apply_rope(q, *rope)
+    k = attn._split_heads(attn.to_k(memory))  # [B, H, S, hd], not normalised
+    v = attn._split_heads(attn.to_v(memory))
+    r = jax.lax.rsqrt(jnp.mean(jnp.square(k), axis=-1) + k_norm.eps)  # [B, H, S]
+    q = q * k_norm.weight[...]
+    scores = jnp.einsum("bhtd,bhsd->bhts", q, k) * r[:, :, None, :] / math.sqrt(attn.head_dim)  # [B, H, T, S]
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    o = checkpoint_name(jnp.einsum("bhts,bhsd->bhtd", probs, v).transpose(0, 2, 1, 3), ATTENTION_OUT)  # [B, T, H, hd]
+    return attn.to_out(o.reshape(b, t, attn.num_heads * attn.head_dim))
+
+
 class DiTBlock(nnx.Module):
     """adaLN-zero block: u += gate_a * attn(mod(RMS(u))); u += gate_f * ffn(mod(RMS(u)))."""
 
@@ -46,6 +83,7 @@ class DiTBlock(nnx.Module):
                  param_dtype: Dtype = jnp.float32, attention_impl: str = "xla"):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.cross_attention = cross_attention
+        self.fold_key_norm = True  # cross-attention: `cross_attention_folded_key_norm` where it applies
         self.norm1 = RMSNorm(dim, order="cast_then_scale", eps=1e-6, **kw)
         # cross_attention_dim = inner_dim upstream: the memory is already projected to D.
         self.attn = Attention(dim, num_heads, head_dim, context_dim=dim, use_bias=attention_bias, rngs=rngs,
@@ -64,7 +102,9 @@ class DiTBlock(nnx.Module):
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = jnp.split(mod, 6, axis=-1)
         n = modulate(self.norm1(u), shift_a, scale_a)
         if cross:
-            o = self.attn(n, memory, rope=rope, mask=memory_mask)
+            o = cross_attention_folded_key_norm(self.attn, n, memory, rope, memory_mask) if self.fold_key_norm else None
+            if o is None:
+                o = self.attn(n, memory, rope=rope, mask=memory_mask)
         else:
             o = self.attn(n, None, rope=rope)
         u = u + gate_a[:, None, :] * o
