@@ -39,6 +39,11 @@ def _parse(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="1 = single-threaded XLA and torch (recordable); 0 = "
                                                            "defaults")
     ap.add_argument("--quick", action="store_true", help="2 envs x 1 step: a smoke run, not a figure")
+    ap.add_argument("--split", action="store_true", help="also time the rollout and the update apart (interleaved "
+                                                         "each): where the time goes on each side")
+    ap.add_argument("--profile", metavar="DIR", help="instead of timing: per-op profile of the JAX update and "
+                                                     "rollout (jax.profiler, per-thunk events) and of torch's")
+    ap.add_argument("--profile-side", choices=("both", "jax", "torch"), default="both")
     a = ap.parse_args(argv)
     if a.quick:
         a.envs, a.steps, a.micro = 2, 1, 1
@@ -48,6 +53,8 @@ def _parse(argv=None):
 ARGS = _parse() if __name__ == "__main__" else None
 if ARGS is not None and ARGS.threads == 1:
     common.single_thread()  # before jax and torch initialise
+if ARGS is not None and ARGS.profile:  # one trace event per XLA CPU thunk (fusion, dot, ...)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -178,6 +185,83 @@ class TorchPPO:
                 self.opt.step()
 
 
+def split_phases(args, it, update, box, tp) -> None:
+    """Rollout alone and update alone, each interleaved like the whole step: which phase loses, on which side."""
+    def jax_rollout():
+        it.set_params(box["state"].params)
+        box["batch"] = jax.block_until_ready(next(it))
+
+    jax_rollout()
+    buf = tp.rollout(args.steps)
+
+    def jax_update():
+        box["state"], m = update(box["state"], box["batch"], jax.random.key(box["k"]))
+        box["k"] += 1
+        jax.block_until_ready(m["loss"])
+
+    for name, base, fn in (("ppo_rollout_jax_vs_torch", lambda: tp.rollout(args.steps), jax_rollout),
+                           ("ppo_update_jax_vs_torch", lambda: tp.update(buf), jax_update)):
+        common.interleaved(name, base, fn, reps=args.reps).print(unit="s", scale=1.0)
+
+
+def profile_ppo(args, it, update, box, tp, top: int = 25) -> None:
+    """Per-op time of the PPO update and per-jitted-function time of the rollout, each side (shares within one
+    process: meaningful on a loaded machine, absolute times are not)."""
+    from bench.sft import _categories, _hlo_kinds, _perfetto_events, _profile_torch, _self_times, _table
+    it.set_params(box["state"].params)
+    batch = jax.block_until_ready(next(it))
+    buf = tp.rollout(args.steps)
+    if args.profile_side != "jax":
+        print("# ---- torch update")
+        _profile_torch(lambda: tp.update(buf), 1, top)
+        print("# ---- torch rollout")
+        _profile_torch(lambda: tp.rollout(args.steps), 1, top)
+    if args.profile_side == "torch":
+        return
+    compiled = update.lower(box["state"], batch, jax.random.key(0)).compile()
+    hlo = compiled.as_text()
+    with open(os.path.join(args.profile, "ppo_update.hlo.txt"), "w") as f:
+        f.write(hlo)
+    kinds = _hlo_kinds(hlo)
+
+    def jax_update():
+        box["state"], m = compiled(box["state"], batch, jax.random.key(1))
+        jax.block_until_ready(m["loss"])
+
+    jax_update()
+    upd_dir = os.path.join(args.profile, "update")
+    jax.profiler.start_trace(upd_dir, create_perfetto_trace=True)
+    jax_update()
+    jax.profiler.stop_trace()
+    agg: dict[str, list[float]] = {}
+    for name, self_s in _self_times([e for e in _perfetto_events(upd_dir) if e["name"] in kinds]):
+        agg.setdefault(name, [0.0, 0])
+        agg[name][0] += self_s
+        agg[name][1] += 1
+    rows = sorted(((k, v[0], v[1], kinds[k]) for k, v in agg.items()), key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    print("# ---- JAX update")
+    _table(rows, total, top, f"JAX PPO update, XLA CPU thunks ({len(rows)} ops seen)")
+    _categories(rows, total, "JAX update")
+
+    roll_dir = os.path.join(args.profile, "rollout")
+    it.set_params(box["state"].params)
+    jax.profiler.start_trace(roll_dir, create_perfetto_trace=True)
+    jax.block_until_ready(next(it))
+    jax.profiler.stop_trace()
+    events = _perfetto_events(roll_dir)
+    wall = (max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)) * 1e-6
+    per_fn: dict[str, list[float]] = {}
+    for e in events:
+        if e["name"].startswith(("PjitFunction", "jit_", "pmap")) or "XlaModule" in e["name"]:
+            per_fn.setdefault(e["name"], [0.0, 0])
+            per_fn[e["name"]][0] += e["dur"] * 1e-6
+            per_fn[e["name"]][1] += 1
+    print(f"# ---- JAX rollout: {wall:.2f} s traced; per jitted function (inclusive time, calls):")
+    for name, (dur, calls) in sorted(per_fn.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"# | {name[:90]} | {dur * 1e3:.0f} ms | {100 * dur / wall:.0f}% | {calls} |")
+
+
 def main(args) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -213,6 +297,10 @@ def main(args) -> int:
     tp = TorchPPO(tm.train(), value_np, policy.encoder, envs, policy.layout.prompt_len, hp,
                   micro=args.micro)
 
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        profile_ppo(args, it, update, box, tp)
+        return 0
     print(f"# ppo bench: tiny InternVL (vit {cfg.vision_config.hidden_size}x{cfg.vision_config.num_hidden_layers}, "
           f"llm {cfg.llm_config.hidden_size}x{cfg.llm_config.num_hidden_layers}, vocab {cfg.llm_config.vocab_size}), "
           f"{args.envs} envs x {args.steps} steps/update, P={policy.layout.prompt_len} A={args.new}, "
@@ -221,6 +309,8 @@ def main(args) -> int:
     t = common.interleaved("ppo_env_steps_jax_vs_torch", lambda: tp.update(tp.rollout(args.steps)), jax_update,
                            reps=args.reps)
     t.print(unit="s", scale=1.0)
+    if args.split:
+        split_phases(args, it, update, box, tp)
     n_steps = args.envs * args.steps
     print(f"# env steps/s (rollout + update, min time): jax {n_steps / min(t.jax_s):.2f}  torch "
           f"{n_steps / min(t.baseline_s):.2f}")

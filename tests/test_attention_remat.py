@@ -38,11 +38,15 @@ CASES = [(4, 4, "key", dict(divide_by=float(np.sqrt(8)))), (4, 4, None, dict()),
          (6, 1, "key", dict(scale=0.3))]
 
 
-def test_jax_nn_attention_matches_the_einsum_path():
-    """fp32: jax.nn's XLA path = the einsum path (outputs and q/k/v gradients) for the mask forms and scalings the
-    models use; a fully masked row (batch row 1 of the key mask) attends uniformly in both."""
+@pytest.mark.parametrize("impl", ["jax_nn", "chunked"])
+def test_attention_impls_match_the_einsum_path(impl, monkeypatch):
+    """fp32: jax.nn's XLA path and the query-blocked path = the einsum path (outputs and q/k/v gradients) for the mask
+    forms and scalings the models use; a fully masked row (batch row 1 of the key mask) attends uniformly in all.
+    19 queries in blocks of 8: three blocks, the last padded by 5 rows, a per-query (causal) and a shared key mask."""
+    monkeypatch.setattr(kernels, "CHUNK_LOGIT_BYTES", 1)  # -> MIN_CHUNK_ROWS rows a block at these tiny shapes
+    assert kernels.attention_chunk_rows(2, 4, 7) == kernels.MIN_CHUNK_ROWS == 8
     g = np.random.default_rng(0)
-    b, t, s, hd = 2, 5, 7, 8
+    b, t, s, hd = 2, 19, 23, 8
     for heads, kv_heads, mask_kind, kw in CASES:
         q, k, v = _rand(g, b, t, heads, hd), _rand(g, b, s, kv_heads, hd), _rand(g, b, s, kv_heads, hd)
         mask = {None: None, "key": jnp.asarray(g.random((b, 1, s)) > 0.4).at[1].set(False),
@@ -55,7 +59,7 @@ def test_jax_nn_attention_matches_the_einsum_path():
             def out(impl):
                 return lambda q, k, v: layers.dot_product_attention(q, k, v, mask, impl=impl, **kw)
             return [(out(i)(q, k, v), jax.grad(lambda *a: jnp.sum(out(i)(*a) * cot), argnums=(0, 1, 2))(q, k, v))
-                    for i in ("xla", "jax_nn")]
+                    for i in ("xla", impl)]
 
         (ref, ref_g), (got, got_g) = both(q, k, v)
         case = f"{heads}/{kv_heads} heads, mask {mask_kind}, {kw}"
@@ -65,12 +69,18 @@ def test_jax_nn_attention_matches_the_einsum_path():
 
 
 def test_auto_on_cpu_and_names_are_checked():
-    """CPU 'auto': jax.nn for fp32 grouped-query attention (faster there), the einsum path for the rest (multi-head
-    attention; bf16, whose dots keep bf16 operands only on the einsum path)."""
+    """CPU 'auto': fp32 grouped-query attention over many queries in query blocks, over few (decode) through jax.nn
+    (the faster there), the einsum path for the rest (multi-head attention; bf16, whose dots keep bf16 operands only
+    on the einsum path). Block rows: a power of two whose fp32 logits fit CHUNK_LOGIT_BYTES, at least 8."""
+    assert kernels.attention_chunk_rows(2, 4, 1048) == 32  # the PPO bench's update micro-batch: 1 MiB a block
+    assert kernels.attention_chunk_rows(64, 14, 4096) == kernels.MIN_CHUNK_ROWS
     for dt in (jnp.float32, jnp.bfloat16):
         assert kernels.attention_impl("auto", dt) == "xla"
     assert kernels.attention_impl("auto", jnp.float32, grouped=True) == "jax_nn"
-    assert kernels.attention_impl("auto", jnp.bfloat16, grouped=True) == "xla"
+    assert kernels.attention_impl("auto", jnp.float32, grouped=True, queries=1) == "jax_nn"  # a decode step
+    assert kernels.attention_impl("auto", jnp.float32, grouped=True, queries=1024) == "chunked"  # prefill, training
+    assert kernels.attention_impl("auto", jnp.float32, queries=1024) == "xla"  # multi-head (the ViT, the DiT)
+    assert kernels.attention_impl("auto", jnp.bfloat16, grouped=True, queries=1024) == "xla"
     assert kernels.attention_impl("jax_nn", jnp.float32) == "jax_nn"
     with pytest.raises(ValueError, match="attention_impl 'flash'"):
         kernels.attention_impl("flash", jnp.float32)

@@ -194,17 +194,19 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 
     `impl` (a model's `attention_impl`): 'xla' this einsum path; 'jax_nn' `jax.nn.dot_product_attention`'s XLA
     path (logits from fp32-accumulating products, multiplied by the scale: equal to 'xla' at fp32 up to rounding);
-    'cudnn' its cuDNN fused kernel (GPU, bf16/fp16 only); 'auto' whatever `parallel/kernels.attention_impl` picks
-    for the backend being traced for (cuDNN on a GPU in half precision, else jax.nn for fp32 grouped-query
-    attention and the einsum path for the rest: the faster on CPU that keeps bf16 dot operands). Mask and GQA
-    semantics are the same in all: a fully masked row attends uniformly.
+    'cudnn' its cuDNN fused kernel (GPU, bf16/fp16 only); 'chunked' the einsum path over blocks of query rows
+    (`_chunked_attention`: cache-sized logits; the same math); 'auto' whatever `parallel/kernels.attention_impl`
+    picks for the backend being traced for (cuDNN on a GPU in half precision; on CPU 'chunked' for fp32
+    grouped-query attention over many queries, jax.nn for a decode step, the einsum path for the rest: the
+    fastest measured on CPU that keeps bf16 dot operands). Mask and GQA semantics are the same in all: a fully masked
+    row attends uniformly.
     """
     b, t, h, hd = q.shape
     g = k.shape[2]
     if h % g:
         raise ValueError(f"dot_product_attention: {h} query heads is not a multiple of {g} key/value heads")
-    chosen = kernels.attention_impl(impl, q.dtype, grouped=g < h)
-    if chosen != "xla":
+    chosen = kernels.attention_impl(impl, q.dtype, grouped=g < h, queries=t)
+    if chosen in ("jax_nn", "cudnn"):
         try:
             return checkpoint_name(_jax_nn_attention(q, k, v, mask, implementation=chosen,
                                                      scale=(1.0 / divide_by) if divide_by is not None else scale),
@@ -217,6 +219,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     def scaled(s):
         return s / divide_by if divide_by is not None else s * (hd ** -0.5 if scale is None else scale)
 
+    if chosen == "chunked":
+        rows = kernels.attention_chunk_rows(b, h, k.shape[1])
+        if t > rows:
+            return checkpoint_name(_chunked_attention(q, k, v, mask, scaled, rows), ATTENTION_OUT)
     if g == h:  # products on [B, H, T, hd] (XLA's CPU results depend on the layout: this is the DiT's)
         qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
         scores = scaled(jnp.einsum("bhtd,bhsd->bhts", qh, kh).astype(jnp.float32))  # [B, H, T, S]
@@ -224,12 +230,47 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
             scores = jnp.where(mask[:, None], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return checkpoint_name(jnp.einsum("bhts,bhsd->bhtd", probs, vh).transpose(0, 2, 1, 3), ATTENTION_OUT)
-    qg = q.reshape(b, t, g, h // g, hd)  # grouped products (Qwen2's GQA form)
+    return checkpoint_name(_grouped_attention(q, k, v, mask, scaled), ATTENTION_OUT)
+
+
+def _grouped_attention(q, k, v, mask, scaled) -> jax.Array:
+    """The grouped-query einsum path (Qwen2's GQA form, transformers' `repeat_kv` semantics): q [B, T, H, hd],
+    k/v [B, S, G, hd], mask broadcastable to [B, T, S] → [B, T, H, hd]."""
+    b, t, h, hd = q.shape
+    g = k.shape[2]
+    qg = q.reshape(b, t, g, h // g, hd)
     scores = scaled(jnp.einsum("btgrd,bsgd->bgrts", qg, k).astype(jnp.float32))  # [B, G, R, T, S]
     if mask is not None:
         scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return checkpoint_name(jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h, hd), ATTENTION_OUT)
+    return jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h, hd)
+
+
+def _chunked_attention(q, k, v, mask, scaled, rows: int) -> jax.Array:
+    """The grouped einsum path over blocks of `rows` queries (`lax.map`): each block's [B, H, rows, S] logits and
+    probabilities stay in cache instead of streaming a [B, H, T, S] tensor (and, in the backward, its transposed
+    copies) through memory. Every query row still sees all S keys in one softmax, so the math is the einsum path's
+    (equal up to the products' rounding). Pad queries (T rounded up to a multiple of `rows`) are dropped."""
+    b, t, h, hd = q.shape
+    s_len = k.shape[1]
+    n = -(-t // rows)
+    pad = n * rows - t
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else q
+    qc = q.reshape(b, n, rows, h, hd).swapaxes(0, 1)  # [n, B, rows, H, hd]
+    per_query = mask is not None and mask.ndim >= 2 and mask.shape[-2] != 1
+    if per_query:  # [B|1, T, S] -> [n, B|1, rows, S]
+        m = mask.reshape((1,) * (3 - mask.ndim) + mask.shape)
+        m = jnp.pad(m, ((0, 0), (0, pad), (0, 0)), constant_values=True) if pad else m
+        blocks = (qc, m.reshape(m.shape[0], n, rows, s_len).swapaxes(0, 1))
+    else:  # no mask, or one key mask [B|1, 1, S] / [S] shared by every query block
+        blocks = (qc, None)
+
+    def block(args):
+        qi, mi = args
+        return _grouped_attention(qi, k, v, mi if per_query else mask, scaled)  # [B, rows, H, hd]
+
+    out = jax.lax.map(block, blocks)  # [n, B, rows, H, hd]
+    return out.swapaxes(0, 1).reshape(b, n * rows, h, hd)[:, :t]
 
 
 def _jax_nn_attention(q, k, v, mask, *, scale: float | None, implementation: str) -> jax.Array:

@@ -9,24 +9,45 @@ than the 5-D einsum at the 1B prefill; everything else through this project's ei
 ViT, the DiT), which jax.nn matched at best (ViT 0.6-0.8x, planner IL step 0.7-1.0x), and any bf16 compute, where
 jax.nn's backward feeds its fp32 logit gradients to a dot (an fp32 operand: the mixed-precision policy of
 tests/test_mixed_precision.py wants bf16 operands in every dot) although it too was 1.4x faster at the bf16 prefill.
+
+'chunked' (models/layers._chunked_attention): the einsum path over blocks of query rows, so a block's logits stay in
+cache. Measured interleaved on CPU, one core, loaded machine (2026-12-07, so indicative), against jax.nn's XLA path
+for fp32 grouped-query attention: 2.0x (1B prefill, 1,064 tokens, 14/2 heads x 64) and 2.9x (the PPO bench's
+scoring pass, 4 x 1,048 tokens, 4/2 heads x 16) forward; 1.1x and 1.4x forward + backward. Multi-head attention
+(the ViT: 3 x 1,025 tokens, 16 heads x 64) was 0.3-0.6x of the einsum path in blocks, so 'auto' keeps it there.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ("auto", "xla", "jax_nn", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "jax_nn", "cudnn", "chunked")
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# 'chunked': the query rows per block are sized so one block's fp32 logits [B, H, rows, S] take about this much
+# (the CPU's L2/L3 share; 1-4 MiB measured equally good at the PPO and 1B-prefill shapes)
+CHUNK_LOGIT_BYTES = 2 << 20
+MIN_CHUNK_ROWS = 8
 
 
-def attention_impl(requested: str, dtype, *, grouped: bool = False) -> str:
-    """'auto' -> 'cudnn' on a GPU backend with a bf16/fp16 compute dtype, else 'jax_nn' for fp32 grouped-query
-    attention (`grouped`: fewer key/value heads than query heads) and 'xla' (the einsum path) for the rest; any other
-    name unchanged."""
+def attention_chunk_rows(batch: int, heads: int, keys: int) -> int:
+    """Query rows per 'chunked' block: the largest power of two whose fp32 logits fit CHUNK_LOGIT_BYTES, ≥ 8."""
+    fit = CHUNK_LOGIT_BYTES // max(1, 4 * batch * heads * keys)
+    return max(MIN_CHUNK_ROWS, 1 << max(0, fit.bit_length() - 1))
+
+
+def attention_impl(requested: str, dtype, *, grouped: bool = False, queries: int | None = None) -> str:
+    """'auto' -> 'cudnn' on a GPU backend with a bf16/fp16 compute dtype; on CPU, fp32 grouped-query attention
+    (`grouped`: fewer key/value than query heads) over more than 2 * MIN_CHUNK_ROWS `queries` (prefill, scoring,
+    training; not a decode step) -> 'chunked'; other fp32 grouped-query attention (decode, or a GPU) -> 'jax_nn';
+    the rest -> 'xla' (the einsum path). Any other name unchanged."""
     if requested not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl {requested!r}; expected one of {ATTENTION_IMPLS}")
     if requested != "auto":
         return requested
     if jax.default_backend() == "gpu" and jnp.dtype(dtype) in _HALF:
         return "cudnn"
-    return "jax_nn" if grouped and jnp.dtype(dtype) == jnp.dtype(jnp.float32) else "xla"
+    if not grouped or jnp.dtype(dtype) != jnp.dtype(jnp.float32):
+        return "xla"
+    if jax.default_backend() == "cpu" and queries is not None and queries > 2 * MIN_CHUNK_ROWS:
+        return "chunked"
+    return "jax_nn"
