@@ -250,10 +250,12 @@ def _chunked_attention(q, k, v, mask, scaled, rows: int) -> jax.Array:
     """The grouped einsum path over blocks of `rows` queries (`lax.map`): each block's [B, H, rows, S] logits and
     probabilities stay in cache instead of streaming a [B, H, T, S] tensor (and, in the backward, its transposed
     copies) through memory. Every query row still sees all S keys in one softmax, so the math is the einsum path's
-    (equal up to the products' rounding). Pad queries (T rounded up to a multiple of `rows`) are dropped."""
+    (equal up to the products' rounding). T is split into ceil(T / rows) blocks of equal size (≤ `rows`); the pad
+    queries of the last block are dropped."""
     b, t, h, hd = q.shape
     s_len = k.shape[1]
     n = -(-t // rows)
+    rows = -(-t // n)  # the same number of blocks, as few pad rows as possible
     pad = n * rows - t
     q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else q
     qc = q.reshape(b, n, rows, h, hd).swapaxes(0, 1)  # [n, B, rows, H, hd]
