@@ -44,7 +44,8 @@ def _parse(argv=None):
     p.add_argument("--reps", type=int, default=5, help="interleaved repeats per side (>= 5)")
     p.add_argument("--dtype", default="float32", help="JAX compute dtype (torch runs fp32)")
     p.add_argument("--no-ddim", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="1 = single-threaded XLA and torch (recordable); 0 = defaults")
+    p.add_argument("--threads", type=int, default=1,
+                   help="1 = single-threaded XLA and torch (recordable); 0 = defaults")
     p.add_argument("--profile", metavar="DIR", help="instead of timing: FLOP audit of the compiled JAX train step "
                                                     "vs torch and per-op profile of both (first of --vl-lens)")
     p.add_argument("--profile-side", choices=("both", "jax", "torch"), default="both")
@@ -386,7 +387,7 @@ def ab_config(args, cfg, jm, n: int) -> None:
     over, block_attrs = {}, {}
     for kv in (x for x in args.ab_config.split(",") if x):
         k, v = kv.split("=", 1)
-        if k.startswith("block."):  # an attribute of every DiT block, e.g. block.fold_key_norm=false
+        if k.startswith("block."):  # an attribute of every DiT block, e.g. block.fold_cross=false
             block_attrs[k[len("block."):]] = v.lower() in ("1", "true")
             continue
         cur = getattr(cfg, k)

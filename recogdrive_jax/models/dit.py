@@ -42,37 +42,46 @@ class TimestepEncoder(nnx.Module):
         return self.timestep_embedder(tau.astype(self.dtype))  # [B, D]
 
 
-def cross_attention_folded_key_norm(attn: Attention, x: jax.Array, memory: jax.Array, rope: tuple[jax.Array, jax.Array],
-                                    mask: jax.Array | None = None) -> jax.Array | None:
-    """`attn(x, memory, rope=rope, mask=mask)` with the key RMSNorm folded into the queries, or None where it does not
-    apply (bf16, no qk norm, a fused attention kernel): the fp32 einsum path only.
+def cross_attention_folded(attn: Attention, x: jax.Array, memory: jax.Array, rope: tuple[jax.Array, jax.Array],
+                           mask: jax.Array | None = None) -> jax.Array | None:
+    """`attn(x, memory, rope=rope, mask=mask)` reassociated for few queries on a long memory, or None where it does not
+    apply (bf16, no qk norm, a fused attention kernel): the fp32 einsum path only. Same math, the products' rounding
+    differs (tolerance, not bitwise, vs `attn`). Two folds (bench/RESULTS.md, planner train step profile):
 
-    The norm of a key row is k * r * w with r = rsqrt(mean(k^2) + eps) per (token, head) and w the norm weight, so
-    q . (k r w) = r (q w) . k: the logits come from the raw keys, the weight multiplies the 8 query rows instead of
-    the S memory rows, and the per-key factor r [B, H, S] scales the logits. The normalised [B, H, S, hd] keys of
-    every cross block (and, in the backward, their gradient and the weight's reduction over all B*S*H rows) are
-    never formed: the DiT's cross blocks stream the VL memory through these elementwise passes 8 times a step
-    (bench/RESULTS.md, planner train step profile). Same math; the products' rounding differs (tolerance, not
-    bitwise, vs the unfolded form)."""
+    - key norm into the queries: a normalised key row is k r w with r = rsqrt(mean(k^2) + eps) per (token, head) and
+      w the norm weight, so q . (k r w) = r ((q w) . k): the logits come from the raw keys, w multiplies the T query
+      rows instead of the S memory rows, and r [B, H, S] scales the logits. The normalised [B, H, S, hd] keys (and
+      in the backward their gradient and w's reduction over B*S*H rows) are never formed.
+    - value projection after the attention: sum_s p_s (m_s Wv + bv) = (sum_s p_s m_s) Wv + bv (the probabilities of
+      a row sum to 1), so the memory is averaged first ([B, H, T, S] x [B, S, D], no head split of the memory) and
+      only the B*H*T averages meet Wv, instead of projecting all B*S memory rows: with T = 8 queries on S = 256
+      memory tokens the cross block's value work (forward and backward) shrinks ~5x and no [B, H, S, hd] value
+      copy or transpose is made.
+    """
     k_norm = attn.k_norm
     if k_norm is None or attn.dtype != jnp.float32 or memory.dtype != jnp.float32:
         return None
     b, t, _ = x.shape
     if kernels.attention_impl(attn.attention_impl, jnp.float32, grouped=False, queries=t) != "xla":
         return None
+    nh, hd = attn.num_heads, attn.head_dim
     q = attn.q_norm(attn._split_heads(attn.to_q(x)))  # [B, H, T, hd]
     if rope is not None:
         q = apply_rope(q, *rope)
     k = attn._split_heads(attn.to_k(memory))  # [B, H, S, hd], not normalised
-    v = attn._split_heads(attn.to_v(memory))
     r = jax.lax.rsqrt(jnp.mean(jnp.square(k), axis=-1) + k_norm.eps)  # [B, H, S]
     q = q * k_norm.weight[...]
-    scores = jnp.einsum("bhtd,bhsd->bhts", q, k) * r[:, :, None, :] / math.sqrt(attn.head_dim)  # [B, H, T, S]
+    scores = jnp.einsum("bhtd,bhsd->bhts", q, k) * r[:, :, None, :] / math.sqrt(hd)  # [B, H, T, S]
     if mask is not None:
         scores = jnp.where(mask[:, None, None, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
-    o = checkpoint_name(jnp.einsum("bhts,bhsd->bhtd", probs, v).transpose(0, 2, 1, 3), ATTENTION_OUT)  # [B, T, H, hd]
-    return attn.to_out(o.reshape(b, t, attn.num_heads * attn.head_dim))
+    pooled = jnp.einsum("bhts,bsc->bhtc", probs, memory)  # [B, H, T, D]: each row's attention-weighted memory
+    wv = attn.to_v.kernel[...].reshape(memory.shape[-1], nh, hd)  # [D, H, hd]
+    o = jnp.einsum("bhtc,chd->bthd", pooled, wv)  # [B, T, H, hd]
+    if attn.to_v.bias is not None:
+        o = o + attn.to_v.bias[...].reshape(nh, hd)
+    o = checkpoint_name(o, ATTENTION_OUT)
+    return attn.to_out(o.reshape(b, t, nh * hd))
 
 
 class DiTBlock(nnx.Module):
@@ -83,7 +92,7 @@ class DiTBlock(nnx.Module):
                  param_dtype: Dtype = jnp.float32, attention_impl: str = "xla"):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.cross_attention = cross_attention
-        self.fold_key_norm = True  # cross-attention: `cross_attention_folded_key_norm` where it applies
+        self.fold_cross = True  # cross-attention via `cross_attention_folded` where it applies
         self.norm1 = RMSNorm(dim, order="cast_then_scale", eps=1e-6, **kw)
         # cross_attention_dim = inner_dim upstream: the memory is already projected to D.
         self.attn = Attention(dim, num_heads, head_dim, context_dim=dim, use_bias=attention_bias, rngs=rngs,
@@ -102,7 +111,7 @@ class DiTBlock(nnx.Module):
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = jnp.split(mod, 6, axis=-1)
         n = modulate(self.norm1(u), shift_a, scale_a)
         if cross:
-            o = cross_attention_folded_key_norm(self.attn, n, memory, rope, memory_mask) if self.fold_key_norm else None
+            o = cross_attention_folded(self.attn, n, memory, rope, memory_mask) if self.fold_cross else None
             if o is None:
                 o = self.attn(n, memory, rope=rope, mask=memory_mask)
         else:
