@@ -21,6 +21,21 @@ Each il row prints "held-out PDMS x vs constant-velocity baseline y" and writes 
   python -m recogdrive_jax.main --config=configs/see/cache_il.py:cv --workdir=runs/see/cv
 
 `--config.seed` reaches every step (the VLM's SFT, the planner's init and batches); the scenes stay fixed.
+
+Does the SFT'd VLM know the trajectory? The sft step's eval asks it the trajectory question on TRAJECTORY_SCENES
+held-out scenes (the planner's eval split), greedy text, parsed strictly (vlm/trajectory_eval.py; WORKDIR/sft/
+eval_trajectory/{metrics.json, answers.jsonl}). On a finished sft workdir the same command with
+`--config.eval.trajectory_scenes=N` trains nothing and runs that eval. Measured 2026-12-07 (5f8e5e7, seed 0, 64
+scenes, loaded 2-core machine; CV ADE 2.549 m / FDE 6.535 m; the history-only reference — least squares from the
+prompt's text (past poses, ego status, command) fitted on the 300 SFT scenes — ADE 1.763 m / FDE 4.722 m):
+  150 steps, max_seq_length 512 (before)  parsed 0/64: every answer '[PT, 0.000...' (no '(' ever); 4 min
+  150 steps, 640 tokens (now)             parsed 0/64, the same answers; 6 min
+  600 steps, 640 tokens                   parsed 64/64 (98% at step 400), ADE 6.28 m / FDE 10.99 m: 2.5x CV's; 39
+                                          distinct answers, all straight (y = h = 0.00) with x not monotonic; 17 min
+The tiny VLM does not know the trajectory: after 600 steps it has learned the answer's format, not its content
+(not even the history and speed it is given as text), so the cache cannot carry a trajectory for IL to read.
+The 512 tokens of the demo's SFT cut every ~600-token trajectory row after ~3 of its 8 poses (the list's end and
+the stop were never trained); this step now uses 640.
 """
 import ml_collections
 
@@ -43,6 +58,10 @@ def sft_config(vlm) -> ml_collections.ConfigDict:
     c = vlm.sft_config()
     c.data.synthetic_scenes = SFT_SCENES  # ~5 QA rows a scene, trajectory rows twice
     c.data.synthetic_eval_scenes = 16
+    # a trajectory row is ~600 tokens (456 prompt + ~145 answer): the demo's 512 cut it after ~3 of the 8 poses, so
+    # the end of the list and the stop were never trained (the sft stage warns when the eval's rows do not fit)
+    c.data.max_seq_length = 640
+    c.data.length_buckets = (640,)
     c.train.num_steps = SFT_STEPS
     c.train.eval_every = SFT_STEPS // 3  # (each eval answers TRAJECTORY_SCENES prompts greedily: ~20 s on 2 cores)
     c.train.checkpoint_every = SFT_STEPS // 4
