@@ -28,6 +28,7 @@ eval_trajectory/{metrics.json, answers.jsonl}). On a finished sft workdir the sa
 `--config.eval.trajectory_scenes=N` trains nothing and runs that eval. Measured 2026-12-07 (5f8e5e7, seed 0, 64
 scenes, loaded 2-core machine; CV ADE 2.549 m / FDE 6.535 m; the history-only reference — least squares from the
 prompt's text (past poses, ego status, command) fitted on the 300 SFT scenes — ADE 1.763 m / FDE 4.722 m):
+  the demo's 30 steps (configs/demo_vlm.py) parsed 0/64: every answer '.0000...'; 2.5 min
   150 steps, max_seq_length 512 (before)  parsed 0/64: every answer '[PT, 0.000...' (no '(' ever); 4 min
   150 steps, 640 tokens (now)             parsed 0/64, the same answers; 6 min
   600 steps, 640 tokens                   parsed 64/64 (98% at step 400), ADE 6.28 m / FDE 10.99 m: 2.5x CV's; 39
