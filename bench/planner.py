@@ -249,14 +249,18 @@ def hlo_dots(hlo_text: str) -> list[dict]:
     return dots
 
 
-def planner_part(shapes, cfg, b: int, n: int) -> str:
-    """Which part of the planner a product with these operand shapes belongs to (same rule for both sides)."""
+def planner_part(shapes, cfg, b: int, n: int, flops: float | None = None) -> str:
+    """Which part of the planner a product with these operand shapes (and FLOPs, one call) belongs to; the same rule
+    for both sides. A product on the memory is a K/V projection when it costs what one [B*L, D] x [D, D] product does
+    (forward, weight or input gradient), else an attention product (q.k, p.v; with the folded cross-attention p.m)."""
     dims = [d for s in shapes for d in s]
     if cfg.vl_dim in dims:
         return "VL projection (feature_encoder)"
     on_memory = b * n in dims or any(n in s and len(s) >= 3 for s in shapes)
-    if on_memory and cfg.embed_dim not in dims and 2 * cfg.embed_dim not in dims:
-        return "cross-attention products (q.k, p.v)"
+    d = cfg.embed_dim
+    projection = (d in dims or 2 * d in dims) if flops is None else round(flops) % (2 * b * n * d * d) == 0
+    if on_memory and not projection:
+        return "cross-attention products (q.k, p.v, p.m)"
     if on_memory:
         return "memory K/V projections (8 cross blocks)"
     return "rest (DiT tokens: self-attn, q/out, SwiGLU, adaLN; encoders, decoder)"
@@ -308,8 +312,8 @@ def gemm_floor(dots: list[dict], trows, cfg, b: int, n: int, reps: int = 3) -> t
     sigs: dict[tuple, list] = {}
     for d in dots:
         if d["flops"]:
-            key = (d["lhs"], d["rhs"], d["dims"])
-            sigs.setdefault(key, [0, d["flops"], planner_part([d["lhs"], d["rhs"]], cfg, b, n)])[0] += d["mult"]
+            part = planner_part([d["lhs"], d["rhs"]], cfg, b, n, d["flops"])
+            sigs.setdefault((d["lhs"], d["rhs"], d["dims"]), [0, d["flops"], part])[0] += d["mult"]
     jparts: dict[str, float] = {}
     for (lhs, rhs, (lc, rc, lb, rb)), (count, fl, part) in sigs.items():
         x, y = jnp.asarray(rand(lhs)), jnp.asarray(rand(rhs))
@@ -322,7 +326,7 @@ def gemm_floor(dots: list[dict], trows, cfg, b: int, n: int, reps: int = 3) -> t
             continue
         ts = [torch.from_numpy(rand(s)) for s in shapes if s]
         op = {"aten::mm": torch.mm, "aten::bmm": torch.bmm, "aten::addmm": torch.addmm}[key]
-        part = planner_part([s for s in shapes if s], cfg, b, n)
+        part = planner_part([s for s in shapes if s], cfg, b, n, fl / calls)
         tparts[part] = tparts.get(part, 0.0) + calls * _cpu_min(lambda: op(*ts[:3]), reps)
     tt, jt = sum(tparts.values()), sum(jparts.values())
     print(f"# GEMM floor (each product replayed alone, CPU ms a step): torch {tt * 1e3:.0f}, JAX {jt * 1e3:.0f} "
@@ -394,7 +398,7 @@ def ab_config(args, cfg, jm, n: int) -> None:
         over[k] = (v.lower() in ("1", "true")) if isinstance(cur, bool) else type(cur)(v) if cur is not None else v
     cfg_b = dataclasses.replace(cfg, **over)
     jb = build_planner(cfg_b, nnx.Rngs(0))
-    for _, mod in jb.iter_modules():
+    for _, mod in nnx.iter_modules(jb):
         if isinstance(mod, DiTBlock):
             for k, v in block_attrs.items():
                 setattr(mod, k, v)
@@ -443,9 +447,9 @@ def profile(args, cfg, tm, jm, opt, topt, n: int, top: int = 30) -> None:
     if args.profile_side != "jax":
         trows, ttotal = _torch_flop_rows(tm, torch_step, steps)
         parts: dict[str, float] = {}
-        for key, shapes, _, _, fl in trows:
+        for key, shapes, _, calls, fl in trows:
             if fl:
-                part = planner_part([tuple(s) for s in shapes if s], cfg, b, n)
+                part = planner_part([tuple(s) for s in shapes if s], cfg, b, n, fl / calls)
                 parts[part] = parts.get(part, 0.0) + fl
         _flop_table("torch FLOPs by part (torch.profiler: mm/addmm/bmm)", parts)
         print(f"# torch FlopCounterMode total (incl. sdpa): {ttotal / 1e9:.1f} GFLOP")
@@ -466,7 +470,7 @@ def profile(args, cfg, tm, jm, opt, topt, n: int, top: int = 30) -> None:
     parts, fwd_bwd, thunk_flops = {}, {}, {}
     for d in dots:
         fl = (d["flops"] or 0) * d["mult"]
-        part = planner_part([d["lhs"], d["rhs"]], cfg, b, n)
+        part = planner_part([d["lhs"], d["rhs"]], cfg, b, n, d["flops"])
         parts[part] = parts.get(part, 0) + fl
         key = f"{part} [{'bwd' if d['backward'] else 'fwd'}]"
         fwd_bwd[key] = fwd_bwd.get(key, 0) + fl
