@@ -247,32 +247,88 @@ def _grouped_attention(q, k, v, mask, scaled) -> jax.Array:
 
 
 def _chunked_attention(q, k, v, mask, scaled, rows: int) -> jax.Array:
-    """The grouped einsum path over blocks of `rows` queries (`lax.map`): each block's [B, H, rows, S] logits and
-    probabilities stay in cache instead of streaming a [B, H, T, S] tensor (and, in the backward, its transposed
-    copies) through memory. Every query row still sees all S keys in one softmax, so the math is the einsum path's
-    (equal up to the products' rounding). T is split into ceil(T / rows) blocks of equal size (≤ `rows`); the pad
-    queries of the last block are dropped."""
+    """The grouped einsum path over blocks of query rows (`lax.map`), with a flash-style backward.
+
+    Each block's [B, H, rows, S] logits and probabilities stay in cache instead of streaming a [B, H, T, S] tensor
+    (and, in the backward, its transposed copies) through memory. Every query row still takes one softmax over all S
+    keys, so the forward is the einsum path's math (equal up to the products' rounding). The forward keeps only the
+    output and each row's max and log-sum; the backward (a `lax.scan` over the same blocks) recomputes a block's
+    probabilities from them and accumulates dK, dV in fp32, instead of stacking every block's probabilities for the
+    backward. T is split into ceil(T / rows) equal blocks (≤ `rows`); the last block's pad rows are dropped.
+    """
     b, t, h, hd = q.shape
-    s_len = k.shape[1]
+    g = k.shape[2]
+    r = h // g
     n = -(-t // rows)
     rows = -(-t // n)  # the same number of blocks, as few pad rows as possible
     pad = n * rows - t
-    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else q
-    qc = q.reshape(b, n, rows, h, hd).swapaxes(0, 1)  # [n, B, rows, H, hd]
+
+    def blocks(x):  # [B, T, ...] -> [n, B, rows, ...]
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
+        return x.reshape((x.shape[0], n, rows) + x.shape[2:]).swapaxes(0, 1)
+
+    def unblock(x):  # [n, B, rows, ...] -> [B, T, ...]
+        x = x.swapaxes(0, 1)
+        return x.reshape((x.shape[0], n * rows) + x.shape[3:])[:, :t]
+
     per_query = mask is not None and mask.ndim >= 2 and mask.shape[-2] != 1
-    if per_query:  # [B|1, T, S] -> [n, B|1, rows, S]
-        m = mask.reshape((1,) * (3 - mask.ndim) + mask.shape)
-        m = jnp.pad(m, ((0, 0), (0, pad), (0, 0)), constant_values=True) if pad else m
-        blocks = (qc, m.reshape(m.shape[0], n, rows, s_len).swapaxes(0, 1))
-    else:  # no mask, or one key mask [B|1, 1, S] / [S] shared by every query block
-        blocks = (qc, None)
+    # a per-query mask [B|1, T, S] goes in blocks with the queries; a key mask [B|1, 1, S] is shared by every block
+    mask_blocks = blocks(mask.reshape((1,) * (3 - mask.ndim) + mask.shape)) if per_query else None
 
-    def block(args):
-        qi, mi = args
-        return _grouped_attention(qi, k, v, mi if per_query else mask, scaled)  # [B, rows, H, hd]
+    def logits(qi, mi, k):  # qi [B, rows, H, hd] -> [B, G, R, rows, S] fp32, scaled and masked
+        qg = qi.reshape(b, rows, g, r, hd)
+        s = scaled(jnp.einsum("btgrd,bsgd->bgrts", qg, k).astype(jnp.float32))
+        m = mi if per_query else mask
+        return s if m is None else jnp.where(m[:, None, None], s, NEG_INF)
 
-    out = jax.lax.map(block, blocks)  # [n, B, rows, H, hd]
-    return out.swapaxes(0, 1).reshape(b, n * rows, h, hd)[:, :t]
+    def forward(q, k, v, mb):
+        def block(a):
+            qi, mi = a
+            s = logits(qi, mi, k)
+            top = jnp.max(s, -1, keepdims=True)
+            e = jnp.exp(s - top)
+            total = jnp.sum(e, -1, keepdims=True)
+            out = jnp.einsum("bgrts,bsgd->btgrd", (e / total).astype(v.dtype), v).reshape(b, rows, h, hd)
+            # the row max and log-sum apart (not their sum, the log-sum-exp): a fully masked row's max is NEG_INF,
+            # which would absorb log(S) and turn its uniform 1/S probabilities into 1
+            return out, (top[..., 0], jnp.log(total)[..., 0])  # [B, rows, H, hd], 2 x [B, G, R, rows]
+
+        out, lse = jax.lax.map(block, (blocks(q), mb))
+        out = unblock(out)
+        return out, (q, k, v, mb, out, lse)
+
+    def backward(res, dout):
+        q, k, v, mb, out, lse = res
+        # D = rowsum(dO * O) per query and head: the softmax backward's correction term
+        d_all = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [B, T, H]
+        d_blocks = blocks(d_all).reshape(n, b, rows, g, r).transpose(0, 1, 3, 4, 2)  # [n, B, G, R, rows]
+
+        def block(acc, a):
+            dk, dv = acc
+            qi, doi, (top, log_total), di, mi = a
+            p = jnp.exp((logits(qi, mi, k) - top[..., None]) - log_total[..., None])  # [B, G, R, rows, S]
+            dog = doi.reshape(b, rows, g, r, hd)
+            dp = jnp.einsum("btgrd,bsgd->bgrts", dog, v).astype(jnp.float32)
+            ds = scaled(p * (dp - di[..., None]))  # the scaling is linear: its own transpose
+            m = mi if per_query else mask
+            if m is not None:  # masked logits are constants (the `where`): no gradient, even in a fully masked row
+                ds = jnp.where(m[:, None, None], ds, 0.0)
+            ds = ds.astype(q.dtype)
+            dq = jnp.einsum("bgrts,bsgd->btgrd", ds, k).reshape(b, rows, h, hd)
+            dk = dk + jnp.einsum("bgrts,btgrd->bsgd", ds, qi.reshape(b, rows, g, r, hd)).astype(jnp.float32)
+            dv = dv + jnp.einsum("bgrts,btgrd->bsgd", p.astype(v.dtype), dog).astype(jnp.float32)
+            return (dk, dv), dq
+
+        zero = jnp.zeros(k.shape, jnp.float32)
+        (dk, dv), dq = jax.lax.scan(block, (zero, zero), (blocks(q), blocks(dout), lse, d_blocks, mb))
+        return unblock(dq), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+    @jax.custom_vjp
+    def attention(q, k, v, mb):
+        return forward(q, k, v, mb)[0]
+
+    attention.defvjp(forward, backward)
+    return attention(q, k, v, mask_blocks)
 
 
 def _jax_nn_attention(q, k, v, mask, *, scale: float | None, implementation: str) -> jax.Array:
