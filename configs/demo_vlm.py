@@ -5,7 +5,8 @@ visibly falling), then the hidden-state cache of the planner's scenes, then IL o
 baseline: PDMS 0.810-0.822 on 5 seeds vs CV 0.807 (raw states 0.796-0.820: seed 0 below CV, as in the fresh-clone
 `make demo`, 0.794), and the planner now uses the scene: held-out ADE 1.26-1.59 m vs 1.69-2.08 m with raw, zeroed or
 another scene's states. Measured 2026-12-07 (issue 18, S6-3) on a loaded 2-core machine (3-4 people), one demo
-sft+cache (reused by every run), 128 held-out scenes, 2,500 steps, CV 0.8072; PDMS / ADE m:
+sft+cache (reused by every run), 128 held-out scenes, 2,500 steps, CV 0.8072 (issue 17 refactored the DiT's
+cross-attention while these ran, f8460cd / b02534b: loss equal, gradients within 2e-7); PDMS / ADE m:
 
 | seed | raw states | zeroed | whitened | whitened, shuffled | raw, standardised | raw, VL dropout 0.5 |
 |---|---|---|---|---|---|---|
