@@ -3,6 +3,8 @@
     python bench/planner.py                      # anchor shapes: DiT small, batch 16, vl_len 256 and 2800
     python bench/planner.py --vl-lens 256 --reps 5 --threads 1
     python bench/planner.py --vl-lens 256 --profile /tmp/planner_prof    # FLOP audit + per-op profile, no timing
+    python bench/planner.py --vl-lens 256 --ab-config block.fold_cross=false   # A/B a config / DiT block switch
+    python bench/planner.py --vl-lens 256 --ab xla_cpu_experimental_ynn_fusion_type=   # A/B XLA compile options
 
 Baseline: `tests/torch_ref/planner.py`, proven equal to the upstream ReCogDrive planner (its own Lightning checkpoint,
 IL forward, DDIM, chain log-probs to 1e-5) by tests/test_torch_ref_vs_upstream.py. Method: bench/common.py
@@ -18,7 +20,9 @@ projection, the cross blocks' K/V projections of the memory, cross-attention pro
 backward, next to torch's FLOPs for the same step (torch.profiler's per-op FLOPs, classified by the same rule, and
 FlopCounterMode's total); (2) per-op time of one step on each side (XLA CPU thunks from a jax.profiler trace;
 torch.profiler aten ops), with GFLOP/s per op and shares by kind. Shares are meaningful on a loaded machine,
-absolute times are not.
+absolute times are not; (3) both whole steps and their GEMM floors (every product replayed alone) in process CPU
+time, which a loaded machine does not inflate the way it does wall time. `--ab` / `--ab-config` print a bitwise or
+tolerance check and a CPU-time A/B (bench/RESULTS.md, planner train step profile findings).
 """
 from __future__ import annotations
 
