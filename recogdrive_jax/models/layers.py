@@ -233,16 +233,20 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return checkpoint_name(_grouped_attention(q, k, v, mask, scaled), ATTENTION_OUT)
 
 
-def _grouped_attention(q, k, v, mask, scaled) -> jax.Array:
-    """The grouped-query einsum path (Qwen2's GQA form, transformers' `repeat_kv` semantics): q [B, T, H, hd],
-    k/v [B, S, G, hd], mask broadcastable to [B, T, S] → [B, T, H, hd]."""
+def _grouped_logits(q, k, mask, scaled) -> jax.Array:
+    """q [B, T, H, hd], k [B, S, G, hd] → fp32 logits [B, G, R, T, S] (R = H / G), scaled and masked (mask
+    broadcastable to [B, T, S]): Qwen2's GQA form, transformers' `repeat_kv` semantics."""
     b, t, h, hd = q.shape
     g = k.shape[2]
     qg = q.reshape(b, t, g, h // g, hd)
-    scores = scaled(jnp.einsum("btgrd,bsgd->bgrts", qg, k).astype(jnp.float32))  # [B, G, R, T, S]
-    if mask is not None:
-        scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    scores = scaled(jnp.einsum("btgrd,bsgd->bgrts", qg, k).astype(jnp.float32))
+    return scores if mask is None else jnp.where(mask[:, None, None], scores, NEG_INF)
+
+
+def _grouped_attention(q, k, v, mask, scaled) -> jax.Array:
+    """The grouped-query einsum path: q [B, T, H, hd], k/v [B, S, G, hd] → [B, T, H, hd]."""
+    b, t, h, hd = q.shape
+    probs = jax.nn.softmax(_grouped_logits(q, k, mask, scaled), axis=-1).astype(v.dtype)
     return jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h, hd)
 
 
@@ -275,11 +279,8 @@ def _chunked_attention(q, k, v, mask, scaled, rows: int) -> jax.Array:
     # a per-query mask [B|1, T, S] goes in blocks with the queries; a key mask [B|1, 1, S] is shared by every block
     mask_blocks = blocks(mask.reshape((1,) * (3 - mask.ndim) + mask.shape)) if per_query else None
 
-    def logits(qi, mi, k):  # qi [B, rows, H, hd] -> [B, G, R, rows, S] fp32, scaled and masked
-        qg = qi.reshape(b, rows, g, r, hd)
-        s = scaled(jnp.einsum("btgrd,bsgd->bgrts", qg, k).astype(jnp.float32))
-        m = mi if per_query else mask
-        return s if m is None else jnp.where(m[:, None, None], s, NEG_INF)
+    def logits(qi, mi, k):  # qi [B, rows, H, hd] -> [B, G, R, rows, S]
+        return _grouped_logits(qi, k, mi if per_query else mask, scaled)
 
     def forward(q, k, v, mb):
         def block(a):
