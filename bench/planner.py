@@ -444,7 +444,7 @@ def ab_config(args, cfg, jm, n: int) -> None:
 
 def profile(args, cfg, tm, jm, opt, topt, n: int, top: int = 30) -> None:
     """FLOP audit of the compiled JAX step vs torch's, then per-op time on each side (see the module docstring)."""
-    from bench.sft import _categories, _hlo_kinds, _perfetto_events, _self_times
+    from bench.sft import _categories, _hlo_kinds, thunk_rows
     torch_step, jax_fn, batch = train_steps(args, cfg, tm, jm, opt, topt, n)
     steps, b = args.profile_steps, args.batch
     print(f"# profile at vl_len {n}, batch {b}; {steps} step(s) per side")
@@ -513,16 +513,7 @@ def profile(args, cfg, tm, jm, opt, topt, n: int, top: int = 30) -> None:
         tf, jf = gemm_floor(dots, trows, cfg, b, n)
         print(f"# step minus GEMM floor (norms, attention, copies, optimizer, framework): torch "
               f"{(ts - tf) * 1e3:.0f} ms, JAX {(js - jf) * 1e3:.0f} ms")
-    jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
-    for _ in range(steps):
-        run()
-    jax.profiler.stop_trace()
-    agg: dict[str, list[float]] = {}
-    for name, self_s in _self_times([e for e in _perfetto_events(args.profile) if e["name"] in kinds]):
-        agg.setdefault(name, [0.0, 0])
-        agg[name][0] += self_s / steps
-        agg[name][1] += 1 / steps
-    rows = sorted(((k, v[0], v[1], kinds[k]) for k, v in agg.items()), key=lambda r: -r[1])
+    rows = thunk_rows(args.profile, kinds, run, steps)
     jsum = sum(r[1] for r in rows)
     print(f"# JAX step, XLA CPU thunks ({len(rows)} seen): {jsum * 1e3:.1f} ms a step")
     print("# | thunk | kind | ms/step | share | calls | GFLOP/s |")

@@ -207,7 +207,7 @@ def split_phases(args, it, update, box, tp) -> None:
 def profile_ppo(args, it, update, box, tp, top: int = 25) -> None:
     """Per-op time of the PPO update and per-jitted-function time of the rollout, each side (shares within one
     process: meaningful on a loaded machine, absolute times are not)."""
-    from bench.sft import _categories, _hlo_kinds, _perfetto_events, _profile_torch, _self_times, _table
+    from bench.sft import _categories, _hlo_kinds, _perfetto_events, _profile_torch, _table, thunk_rows
     it.set_params(box["state"].params)
     batch = jax.block_until_ready(next(it))
     buf = tp.rollout(args.steps)
@@ -229,16 +229,7 @@ def profile_ppo(args, it, update, box, tp, top: int = 25) -> None:
         jax.block_until_ready(m["loss"])
 
     jax_update()
-    upd_dir = os.path.join(args.profile, "update")
-    jax.profiler.start_trace(upd_dir, create_perfetto_trace=True)
-    jax_update()
-    jax.profiler.stop_trace()
-    agg: dict[str, list[float]] = {}
-    for name, self_s in _self_times([e for e in _perfetto_events(upd_dir) if e["name"] in kinds]):
-        agg.setdefault(name, [0.0, 0])
-        agg[name][0] += self_s
-        agg[name][1] += 1
-    rows = sorted(((k, v[0], v[1], kinds[k]) for k, v in agg.items()), key=lambda r: -r[1])
+    rows = thunk_rows(os.path.join(args.profile, "update"), kinds, jax_update, 1)
     total = sum(r[1] for r in rows)
     print("# ---- JAX update")
     _table(rows, total, top, f"JAX PPO update, XLA CPU thunks ({len(rows)} ops seen)")

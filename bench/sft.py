@@ -309,6 +309,21 @@ def _self_times(events: list[dict]) -> list[tuple[str, float]]:
     return out
 
 
+def thunk_rows(log_dir: str, kinds: dict[str, str], fn, steps: int) -> list[tuple[str, float, float, str]]:
+    """Trace `steps` calls of `fn` into `log_dir` and return (thunk, self seconds a call, calls a call, kind) for
+    every XLA CPU thunk of the program `kinds` describes (`_hlo_kinds`), slowest first."""
+    jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
+    for _ in range(steps):
+        fn()
+    jax.profiler.stop_trace()
+    agg: dict[str, list[float]] = {}
+    for name, self_s in _self_times([e for e in _perfetto_events(log_dir) if e["name"] in kinds]):
+        agg.setdefault(name, [0.0, 0])
+        agg[name][0] += self_s / steps
+        agg[name][1] += 1 / steps
+    return sorted(((k, v[0], v[1], kinds[k]) for k, v in agg.items()), key=lambda r: -r[1])
+
+
 def _table(rows: list[tuple[str, float, int]], total: float, top: int, title: str) -> None:
     print(f"# {title}: {total * 1e3:.1f} ms a step")
     print("# | op | kind | ms/step | share | calls/step |")
@@ -354,16 +369,7 @@ def profile_sft(a, top: int = 25) -> None:
     jax_step()  # warm-up
     with open(os.path.join(a.profile, "sft_step.hlo.txt"), "w") as f:
         f.write(hlo)
-    jax.profiler.start_trace(a.profile, create_perfetto_trace=True)
-    for _ in range(n):
-        jax_step()
-    jax.profiler.stop_trace()
-    agg: dict[str, list[float]] = {}
-    for name, self_s in _self_times([e for e in _perfetto_events(a.profile) if e["name"] in kinds]):
-        agg.setdefault(name, [0.0, 0])
-        agg[name][0] += self_s / n
-        agg[name][1] += 1 / n
-    rows = sorted(((k, v[0], v[1], kinds[k]) for k, v in agg.items()), key=lambda r: -r[1])
+    rows = thunk_rows(a.profile, kinds, jax_step, n)
     jtotal = sum(r[1] for r in rows)
     _table(rows, jtotal, top, f"JAX SFT step, XLA CPU thunks ({len(rows)} ops seen)")
     _categories(rows, jtotal, "JAX")
