@@ -558,6 +558,9 @@ class SFTDataConfig(Block):
     system_message: str = "__default__"  # '__default__' = the internvl2_5 system message
     length_buckets: tuple = ()  # padded lengths; () = powers of two from 256 up to max_seq_length
     tile_buckets: tuple = ()  # tiles per row; () = (1, 2, 4, ..., max_dynamic_patch + thumbnail)
+    # real tiles of a tile group (the rows one device holds in one micro-batch, packed flat for the ViT:
+    # data/length_grouping.py); () = 1, 2, 3, 4, 6, 8, 12, ... up to the group's rows x max(tile_buckets)
+    group_tile_buckets: tuple = ()
     pack: bool = False  # pack several samples per row (segment-masked attention)
     per_device_batch_size: int = 0  # > 0: the accumulation is train.batch_size / (this x devices), as upstream
     num_epochs: int = 0  # > 0: the run is epochs x batches per epoch steps (upstream trains 3 epochs)
@@ -575,6 +578,10 @@ class SFTDataConfig(Block):
              f"expected positive ints, got {buckets}"),
             (not buckets or max(buckets) <= self.max_seq_length, "length_buckets",
              f"largest bucket {max(buckets) if buckets else 0} exceeds data.max_seq_length={self.max_seq_length}"),
+            (all(isinstance(b, int) and b > 0 for b in self.tile_buckets), "tile_buckets",
+             f"expected positive ints, got {self.tile_buckets}"),
+            (all(isinstance(b, int) and b > 0 for b in self.group_tile_buckets), "group_tile_buckets",
+             f"expected positive ints, got {self.group_tile_buckets}"),
             (self.per_device_batch_size >= 0, "per_device_batch_size",
              f"expected an int >= 0, got {self.per_device_batch_size!r}"),
             (self.num_epochs >= 0, "num_epochs", f"expected an int >= 0, got {self.num_epochs!r}"),

@@ -91,10 +91,13 @@ def test_labels_cover_exactly_the_assistant_tokens(tok, toy_meta, pack):
         assert sorted(set(seg[seg > 0])) == list(range(1, len(row) + 1))
         n_img = sum(len(records[i]["image_paths"]) for i in row)
         assert int((ids == ctx).sum()) == cfg.num_image_token * 3 * n_img  # (2,1) grid + thumbnail per image
-        assert int(batch["image_flags"][r].sum()) == 3 * n_img
         for s in range(1, len(row) + 1):  # positions restart in each packed segment
             p = batch["positions"][r][seg == s]
             np.testing.assert_array_equal(p, np.arange(len(p)))
+    # the batch's real tiles packed flat (one tile group: 8 rows on one device), padded to a bucket of the total
+    n_tiles = 3 * sum(len(records[i]["image_paths"]) for row in rows for i in row)
+    assert batch["image_flags"].shape == (1, lg.bucket_for(n_tiles, plan._group_buckets(len(rows))))
+    assert int(batch["image_flags"].sum()) == n_tiles and batch["image_flags"][0, :n_tiles].all()
     if pack:
         assert max(len(r) for r in plan.rows) > 1
 

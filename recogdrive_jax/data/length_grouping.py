@@ -13,7 +13,16 @@ carries `segment_ids` (1, 2, ... per sample, 0 = padding) and per-sample positio
 the same segment, so packed samples never see each other.
 
 Batch layout (process-local, `b` rows): input_ids/labels/attention_mask/segment_ids/positions [b, T] int32,
-pixel_values [b, M, S, S, 3] float32 and image_flags [b, M] int32 (a row's real tiles first; flag 0 = padding).
+pixel_values [G, N, S, S, 3] float32 and image_flags [G, N] int32: the batch's real tiles **packed flat** into G
+tile groups, each padded only up to a bucket of its total (`group_tile_buckets`), so the ViT runs on
+G x bucket(total) tiles instead of b x (the longest row's tiles) — upstream concatenates the batch's real tiles
+(pixel_values [N_real, ...]) the same way. A group holds the tiles of the rows one device sees in one micro-batch
+(`tile_group_of_rows`): the batch axis 0 of both layouts is split the same way over the data-parallel devices
+(contiguous) and over gradient-accumulation micro-batches (strided, train/state.split_microbatches), so every
+device's and micro-batch's tiles stay with its rows, in row order — which is all `models.internvl.
+merge_image_embeds` needs (it consumes real tiles in order over the flattened batch). G = 1 on one device without
+accumulation; one group a row (G = b, the old per-row layout) where the rows per device are not a multiple of the
+accumulation.
 """
 from __future__ import annotations
 
@@ -51,6 +60,51 @@ def bucket_for(n: int, buckets: Sequence[int], what: str = "sequence length") ->
         if n <= b:
             return int(b)
     raise BucketError(f"{what} {n} exceeds the largest bucket {max(buckets)}")
+
+
+def default_group_tile_buckets(max_total: int) -> tuple[int, ...]:
+    """1, 2, 3, 4, 6, 8, 12, 16, 24, ... below `max_total`, then `max_total`: ≤ 2·log2(max_total) + 1 shapes and at
+    most a third of a group's tiles padding (powers of two alone would pad 3 real tiles to 4)."""
+    out, b = [], 1
+    while b < max_total:
+        out.append(b)
+        if b >= 2 and b * 3 // 2 < max_total:
+            out.append(b * 3 // 2)
+        b *= 2
+    return tuple(sorted(set(out))) + (int(max_total),)
+
+
+def tile_group_of_rows(local_batch: int, devices: int = 1, grad_accum: int = 1) -> np.ndarray:
+    """[local_batch] tile group of each row: row r of device d (contiguous blocks of local_batch / devices rows)
+    in micro-batch r % grad_accum goes to group d·grad_accum + r % grad_accum, so splitting the groups like the rows
+    (contiguously over devices, strided over micro-batches) hands every device and micro-batch its own rows'
+    tiles. One group a row where that split does not exist (rows per device not a multiple of grad_accum)."""
+    b, d, a = int(local_batch), max(1, int(devices)), max(1, int(grad_accum))
+    r = np.arange(b)
+    if b % d or (b // d) % a:
+        return r
+    return (r // (b // d)) * a + r % a
+
+
+def flat_tiles(row_tiles: Sequence[np.ndarray], row_group: np.ndarray, buckets: Sequence[int], image_size: int,
+               what: str = "real tiles of a tile group") -> tuple[np.ndarray, np.ndarray]:
+    """Each row's real tiles ([k_r, S, S, 3], k_r ≥ 0) packed flat into their row's group, rows in order:
+    (pixel_values [G, N, S, S, 3] float32, image_flags [G, N] int32), N = the smallest bucket ≥ the largest
+    group's total (≥ 1: a text-only batch still has one padding tile)."""
+    groups = int(np.max(row_group)) + 1 if len(row_group) else 1
+    totals = np.zeros(groups, np.int64)
+    for r, t in enumerate(row_tiles):
+        totals[row_group[r]] += len(t)
+    n = bucket_for(max(int(totals.max()), 1), buckets, what)
+    pv = np.zeros((groups, n, image_size, image_size, 3), np.float32)
+    flags = np.zeros((groups, n), np.int32)
+    used = np.zeros(groups, np.int64)
+    for r, t in enumerate(row_tiles):
+        g, k = int(row_group[r]), len(t)
+        pv[g, used[g]:used[g] + k] = t
+        flags[g, used[g]:used[g] + k] = 1
+        used[g] += k
+    return pv, flags
 
 
 def pack_rows(lengths: np.ndarray, capacity: int, tiles: np.ndarray | None = None,
@@ -100,18 +154,25 @@ class GroupedBatches:
     `load(i)` returns sample i as `data/template.build_sample` does with `pad_to_max_length=False` (input_ids,
     labels, attention_mask [t]; pixel_values [n, S, S, 3]; image_flags [n]); `lengths[i]`/`tiles[i]` are its
     estimated token and tile counts (for grouping; the real counts decide the bucket). `source` (the meta JSON)
-    names the dataset in errors.
+    names the dataset in errors. `tile_buckets` bound a row's tiles (and a packed row's); `group_tile_buckets`
+    (() = `default_group_tile_buckets` up to a group's rows x max(tile_buckets)) pad a tile group's total;
+    `set_tile_groups(devices, grad_accum)` says how the batch is split (module docstring; default one group).
     """
 
     def __init__(self, load: Callable[[int], dict], lengths: np.ndarray, tiles: np.ndarray, *, global_batch: int,
                  process_index: int, process_count: int, buckets: Sequence[int], tile_buckets: Sequence[int],
-                 image_size: int, pad_token_id: int, seed: int = 0, pack: bool = False, source: str = "the dataset"):
+                 image_size: int, pad_token_id: int, seed: int = 0, pack: bool = False, source: str = "the dataset",
+                 group_tile_buckets: Sequence[int] = ()):
         if global_batch % process_count:
             raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
         self.load, self.lengths, self.tiles = load, np.asarray(lengths), np.asarray(tiles)
         self.global_batch, self.pi, self.pc = int(global_batch), int(process_index), int(process_count)
         self.local_batch = self.global_batch // self.pc
         self.buckets, self.tile_buckets = tuple(sorted(buckets)), tuple(sorted(tile_buckets))
+        self._group_tile_buckets = tuple(sorted(int(b) for b in group_tile_buckets))
+        if any(b < 1 for b in self._group_tile_buckets):
+            raise BucketError(f"config.data.group_tile_buckets={tuple(group_tile_buckets)}: expected ints >= 1")
+        self.set_tile_groups(1, 1)
         self.image_size, self.pad_token_id, self.seed, self.pack = int(image_size), int(pad_token_id), int(seed), pack
         cap = self.buckets[-1]
         if pack:
@@ -127,6 +188,16 @@ class GroupedBatches:
                 f"{self.global_batch} (config.train.batch_size); add data or lower config.train.batch_size")
         self._epoch_cache: dict[int, np.ndarray] = {}
         self.skipped = 0
+
+    def set_tile_groups(self, devices: int, grad_accum: int = 1) -> None:
+        """Tile groups for a batch this process splits over `devices` data-parallel devices and `grad_accum`
+        micro-batches (`tile_group_of_rows`); sets `group_tile_buckets` (the given ones, else the default up to a
+        group's rows x the largest row tile bucket)."""
+        self.row_group = tile_group_of_rows(self.local_batch, devices, grad_accum)
+        self.group_tile_buckets = self._group_buckets(self.local_batch // (int(self.row_group.max()) + 1))
+
+    def _group_buckets(self, rows_per_group: int) -> tuple[int, ...]:
+        return self._group_tile_buckets or default_group_tile_buckets(max(1, rows_per_group) * self.tile_buckets[-1])
 
     def epoch_plan(self, epoch: int) -> np.ndarray:
         plan = self._epoch_cache.get(epoch)  # one cached epoch; Grain's reader threads may race harmlessly
@@ -169,16 +240,18 @@ class GroupedBatches:
                 used += n
             loaded.append(samples)
         t = bucket_for(max([sum(len(s["input_ids"]) for s in r) for r in loaded] + [1]), self.buckets)
-        m = bucket_for(max([sum(int(np.sum(s["image_flags"] > 0)) for s in r) for r in loaded] + [1]),
-                       self.tile_buckets, "tiles per row")
-        b, sz = len(rows), self.image_size
+        bucket_for(max([sum(int(np.sum(s["image_flags"] > 0)) for s in r) for r in loaded] + [1]),
+                   self.tile_buckets, "tiles per row (config.data.tile_buckets)")
+        b = len(rows)  # a batch of another size than local_batch (tests, tools) is one tile group
+        groups, gbuckets = ((self.row_group, self.group_tile_buckets) if b == len(self.row_group) else
+                            (np.zeros(b, np.int64), self._group_buckets(b)))
         out = {"input_ids": np.full((b, t), self.pad_token_id, np.int32),
                "labels": np.full((b, t), IGNORE_INDEX, np.int32),
                "attention_mask": np.zeros((b, t), np.int32), "segment_ids": np.zeros((b, t), np.int32),
-               "positions": np.zeros((b, t), np.int32),
-               "pixel_values": np.zeros((b, m, sz, sz, 3), np.float32), "image_flags": np.zeros((b, m), np.int32)}
+               "positions": np.zeros((b, t), np.int32)}
+        row_tiles = []
         for r, samples in enumerate(loaded):
-            pos, tile = 0, 0
+            pos, tiles = 0, []
             for seg, s in enumerate(samples, start=1):
                 n = len(s["input_ids"])
                 out["input_ids"][r, pos:pos + n] = s["input_ids"]
@@ -186,11 +259,13 @@ class GroupedBatches:
                 out["attention_mask"][r, pos:pos + n] = 1
                 out["segment_ids"][r, pos:pos + n] = seg
                 out["positions"][r, pos:pos + n] = np.arange(n)
-                real = np.asarray(s["image_flags"]) > 0
-                k = int(real.sum())
-                out["pixel_values"][r, tile:tile + k] = np.asarray(s["pixel_values"])[real]
-                out["image_flags"][r, tile:tile + k] = 1
-                pos, tile = pos + n, tile + k
+                tiles.append(np.asarray(s["pixel_values"])[np.asarray(s["image_flags"]) > 0])
+                pos += n
+            row_tiles.append(np.concatenate(tiles) if tiles else
+                             np.zeros((0, self.image_size, self.image_size, 3), np.float32))
+        out["pixel_values"], out["image_flags"] = flat_tiles(
+            row_tiles, groups, gbuckets, self.image_size,
+            "real tiles of a tile group (config.data.group_tile_buckets)")
         return out
 
     def batch(self, k: int) -> dict:
@@ -212,11 +287,14 @@ class GroupedBatches:
 
 
 def shapes_in_epoch(plan: GroupedBatches, epoch: int = 0) -> set[tuple[int, int]]:
-    """The (T, M) bucket pairs an epoch would use, from the estimated lengths (diagnostics and tests)."""
+    """The (T, N) bucket pairs (tokens a row, tiles a group) an epoch would use, from the estimated lengths and
+    tile counts (diagnostics and tests)."""
     out = set()
     for k in range(plan.batches_per_epoch):
         rows = plan.local_rows(epoch * plan.batches_per_epoch + k)
         t = bucket_for(max(sum(int(plan.lengths[i]) for i in r) for r in rows), plan.buckets)
-        m = bucket_for(max(sum(int(plan.tiles[i]) for i in r) for r in rows), plan.tile_buckets, "tiles per row")
-        out.add((t, m))
+        totals = np.zeros(int(plan.row_group.max()) + 1, np.int64)
+        for r, row in enumerate(rows):
+            totals[plan.row_group[r]] += sum(int(plan.tiles[i]) for i in row)
+        out.add((t, bucket_for(max(int(totals.max()), 1), plan.group_tile_buckets, "real tiles of a tile group")))
     return out

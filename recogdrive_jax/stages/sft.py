@@ -103,6 +103,10 @@ def run(config, workdir: str) -> dict:
     drop_path = cfg.vision_config.drop_path_rate > 0
     loss_fn = lm_loss.make_loss_fn(mdef, chunk=chunk, drop_path=drop_path, grad_accum=grad_accum)
     rt = runtime_lib.from_config(config)
+    local_devices = max(1, rt.batch_shards // jax.process_count())  # tiles packed flat per device and micro-batch
+    plan.set_tile_groups(local_devices, grad_accum)
+    if eval_plan is not None:
+        eval_plan.set_tile_groups(local_devices, 1)
     eval_step = jax.jit(lambda p, b: lm_loss.forward_sums(mdef.bind(p), b, None, chunk=chunk, drop_path=False))
     trajectory = trajectory_eval.from_sft_config(config.eval, config.data, cfg, tok)  # None when off
 
@@ -137,7 +141,7 @@ def run(config, workdir: str) -> dict:
                      else None)
     if jax.process_index() == 0:
         print(f"[sft] {len(plan.rows)} rows, {plan.batches_per_epoch} batches/epoch of {gbs}; buckets "
-              f"{plan.buckets} x tiles {plan.tile_buckets}; init "
+              f"{plan.buckets} x tiles {plan.tile_buckets} a row, {plan.group_tile_buckets} a tile group; init "
               f"{run_config.train.init_from or 'random ' + config.model.variant}", flush=True)
     state, final = loop.train(config, workdir, task, runtime=rt, derived=derived)
     if config.export.at_end:

@@ -56,10 +56,14 @@ def chunked_ce(lm, hidden, labels, chunk: int):
 
 
 def forward_sums(model, batch, rng, *, chunk: int, drop_path: bool):
-    """Model forward on a collated batch (data/length_grouping.py) → (nll_sum, correct, count)."""
-    b, m = batch["image_flags"].shape
+    """Model forward on a collated batch (data/length_grouping.py) → (nll_sum, correct, count).
+
+    The tiles [G, N, S, S, 3] / image_flags [G, N] are flattened to one ViT batch of G·N tiles: the batch's real
+    tiles packed flat into tile groups (or one group a row); either way the real tiles come in row order, as
+    `merge_image_embeds` consumes them."""
+    g, n = batch["image_flags"].shape
     pv = batch["pixel_values"]
-    pv = pv.reshape(b * m, *pv.shape[2:]).astype(model.dtype)
+    pv = pv.reshape(g * n, *pv.shape[2:]).astype(model.dtype)
     emb, _ = model.embed_inputs(batch["input_ids"], pv, batch["image_flags"].reshape(-1),
                                 rng=rng if drop_path else None)
     hidden, _ = model.language_model.model(emb, batch["positions"], segment_mask(batch["segment_ids"]))

@@ -76,4 +76,4 @@ def build_batches(meta_path: str, tok, cfg, data_cfg, *, global_batch: int, seed
                              process_index=jax.process_index(), process_count=jax.process_count(),
                              buckets=buckets, tile_buckets=tile_buckets, image_size=cfg.force_image_size,
                              pad_token_id=tok.pad_token_id, seed=seed, pack=bool(data_cfg.pack) and not for_eval,
-                             source=meta_path)
+                             source=meta_path, group_tile_buckets=tuple(data_cfg.group_tile_buckets))
