@@ -229,7 +229,29 @@ class ActionEncoder(nnx.Module):
         return self.fc3(jax.nn.silu(self.fc2(jnp.concatenate([a0, tau], axis=-1))))
 
 
-class DiffusionPlanner(nnx.Module):
+class _PlannerInputs(nnx.Module):
+    """The three input encoders both planner heads share (upstream names, so checkpoints convert either way):
+    VL states -> memory [B, L, D] (`feature_encoder`), history -> [B, D], ego status -> [B, D]."""
+
+    def _build_input_encoders(self, cfg: PlannerConfig, kw: dict) -> None:
+        d = cfg.embed_dim
+        self.feature_encoder = dense(cfg.vl_dim, d, (None, "embed"), **kw)
+        self.his_traj_encoder = Mlp(cfg.history_len * cfg.action_dim, cfg.mlp_hidden, d, **kw)
+        self.ego_status_encoder = Mlp(cfg.status_dim, cfg.mlp_hidden, d, **kw)
+
+    def _encode_inputs(self, cond: Mapping[str, jax.Array]):
+        """cond -> (memory [B, L, D], vl mask [B, L] or None, his [B, D], ego [B, D])."""
+        cfg = self.cfg
+        _check_cond(cond, cfg)
+        memory = self.feature_encoder(cond["vl_states"].astype(self.dtype))  # [B, L, D]
+        memory = constrain(memory, ("batch", "seq", "embed"))
+        b = memory.shape[0]
+        his = self.his_traj_encoder(cond["history"].reshape(b, -1).astype(self.dtype))  # [B, D]
+        ego = self.ego_status_encoder(cond["status"].astype(self.dtype))  # [B, D]
+        return memory, _vl_mask(cond, cfg), his, ego
+
+
+class DiffusionPlanner(_PlannerInputs):
     """ReCogDrive `TrajectoryHead`: encoders, fusion, LightningDiT, decoder; predicts epsilon (or flow velocity)."""
 
     def __init__(self, cfg: PlannerConfig, *, rngs: nnx.Rngs):
@@ -238,9 +260,7 @@ class DiffusionPlanner(nnx.Module):
         self.dtype = dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=pdt)
         d = cfg.embed_dim
-        self.feature_encoder = dense(cfg.vl_dim, d, (None, "embed"), **kw)
-        self.his_traj_encoder = Mlp(cfg.history_len * cfg.action_dim, cfg.mlp_hidden, d, **kw)
-        self.ego_status_encoder = Mlp(cfg.status_dim, cfg.mlp_hidden, d, **kw)
+        self._build_input_encoders(cfg, kw)
         self.action_encoder = ActionEncoder(cfg.action_dim, d, **kw)
         self.fusion_projector = dense(3 * d, d, ("mlp", "embed"), **kw)
         self.position_embedding = nnx.Param(
@@ -264,14 +284,7 @@ class DiffusionPlanner(nnx.Module):
     # -- network -----------------------------------------------------------------------------------------------
     def encode(self, cond: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Step-independent conditioning, computed once per sample and reused by every denoising step."""
-        cfg = self.cfg
-        _check_cond(cond, cfg)
-        mask = _vl_mask(cond, cfg)
-        memory = self.feature_encoder(cond["vl_states"].astype(self.dtype))  # [B, L, D]
-        memory = constrain(memory, ("batch", "seq", "embed"))
-        b = memory.shape[0]
-        his = self.his_traj_encoder(cond["history"].reshape(b, -1).astype(self.dtype))  # [B, D]
-        ego = self.ego_status_encoder(cond["status"].astype(self.dtype))  # [B, D]
+        memory, mask, his, ego = self._encode_inputs(cond)
         ctx = {"memory": memory, "vl_mean": _masked_mean(memory, mask), "his": his, "ego": ego}
         if mask is not None:
             ctx["memory_mask"] = mask
@@ -404,7 +417,7 @@ def repeat_context(ctx: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]
     return {k: jnp.repeat(v, n, axis=0) for k, v in ctx.items()}
 
 
-class RegressionPlanner(nnx.Module):
+class RegressionPlanner(_PlannerInputs):
     """MLP regression head (DESIGN §8.4, seed 002) on the same inputs as the diffusion planner.
 
     Pooled VL feature ('last' token, the [ACT]-style position, or masked 'mean') || history || ego encodings ->
@@ -418,9 +431,7 @@ class RegressionPlanner(nnx.Module):
         self.dtype = dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=pdt)
         d = cfg.embed_dim
-        self.feature_encoder = dense(cfg.vl_dim, d, (None, "embed"), **kw)
-        self.his_traj_encoder = Mlp(cfg.history_len * cfg.action_dim, cfg.mlp_hidden, d, **kw)
-        self.ego_status_encoder = Mlp(cfg.status_dim, cfg.mlp_hidden, d, **kw)
+        self._build_input_encoders(cfg, kw)
         self.fc1 = dense(3 * d, cfg.mlp_hidden, ("embed", "mlp"), **kw)
         self.fc2 = dense(cfg.mlp_hidden, cfg.mlp_hidden, ("mlp", "mlp"), **kw)
         self.fc3 = dense(cfg.mlp_hidden, cfg.horizon * cfg.action_dim, ("mlp", None), **kw)
@@ -443,13 +454,9 @@ class RegressionPlanner(nnx.Module):
     def forward(self, cond: Mapping[str, jax.Array]) -> jax.Array:
         """-> tanh outputs [B, H, A] in [-1, 1] (normalised pose / alpha)."""
         cfg = self.cfg
-        _check_cond(cond, cfg)
-        memory = self.feature_encoder(cond["vl_states"].astype(self.dtype))
-        memory = constrain(memory, ("batch", "seq", "embed"))
+        memory, mask, his, ego = self._encode_inputs(cond)
         b = memory.shape[0]
-        pooled = self._pool(memory, _vl_mask(cond, cfg))
-        his = self.his_traj_encoder(cond["history"].reshape(b, -1).astype(self.dtype))
-        ego = self.ego_status_encoder(cond["status"].astype(self.dtype))
+        pooled = self._pool(memory, mask)
         z = jnp.concatenate([pooled, his, ego], axis=-1)
         z = self.fc3(jax.nn.gelu(self.fc2(jax.nn.gelu(self.fc1(z), approximate=False)), approximate=False))
         return jnp.tanh(z.astype(jnp.float32)).reshape(b, cfg.horizon, cfg.action_dim)
