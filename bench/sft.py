@@ -9,8 +9,9 @@
    loop's jitted train step (`train/state.make_train_step`, `train/optim.make_optimizer`) with donated state;
    PyTorch runs `InternVLForConditionalGeneration(..., labels=...)` (default `sdpa` attention, full-vocab fp32 CE as
    transformers computes it) + `clip_grad_norm_` + `torch.optim.AdamW`. Same padded token count, loss mask (labels
-   on the last 40 % of each row), remat off on both sides; the JAX batch pads each row's tiles to the longest row
-   (the `sft` collator's layout, data/length_grouping.py), torch gets the real tiles only. fp32 by default
+   on the last 40 % of each row), remat off on both sides; the JAX batch has the `sft` collator's tile layout
+   (data/length_grouping.py: the batch's real tiles packed flat into one tile group on one device, padded to a
+   bucket of the total: 3 tiles for the anchor's rows of 2 and 1), torch gets the real tiles. fp32 by default
    (`--dtype bfloat16`: JAX bf16 compute, torch CPU autocast bf16). Method: bench/common.py (ABAB repeats, ≥ 5,
    min/median, compile apart, single-threaded both sides by default, the quiet gate on the RESULTS row).
    Prints `sft_tokens_per_s_jax_vs_torch: 1.23x` (real tokens/s ratio, > 1 = JAX faster; min over repeats).
@@ -57,6 +58,10 @@ def _parse(argv=None):
     ap.add_argument("--ops", action="store_true", help="instead of the step: the step's heavy ops alone at anchor "
                                                        "shapes (LM head products, CE, ViT/LLM MLP, ViT attention)")
     ap.add_argument("--ops-rows", type=int, default=256, help="rows of the vocab-sized ops in --ops")
+    ap.add_argument("--ab-layout", action="store_true", help="instead of the torch comparison: the JAX step on "
+                    "the collator's flat tile layout (B) vs the per-row padded layout it replaced (A; each row's "
+                    "tiles padded to the longest row), interleaved, wall and process CPU time, loss and parameters "
+                    "after one step compared (no torch model: half the memory)")
     ap.add_argument("--ab", metavar="OPT=VAL[,OPT=VAL]", help="instead of the torch comparison: the JAX step "
                     "compiled with these XLA options vs without, interleaved, and whether both give bitwise the same "
                     "loss and parameters after one step (e.g. "
@@ -79,11 +84,13 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from recogdrive_jax.convert import internvl as cv  # noqa: E402
+from recogdrive_jax.data import length_grouping as lg  # noqa: E402
 from recogdrive_jax.models import internvl as iv  # noqa: E402
 from recogdrive_jax.train import optim  # noqa: E402
 from recogdrive_jax.train.state import init_train_state, make_train_step  # noqa: E402
 from recogdrive_jax.vlm import checkpoint as vlm_ckpt  # noqa: E402
 from recogdrive_jax.vlm import lm_loss  # noqa: E402
+from recogdrive_jax.vlm import qa_batches  # noqa: E402
 
 
 def row_tiles(tiles: int | str | Sequence[int], b: int) -> list[int]:
@@ -100,9 +107,10 @@ def row_tiles(tiles: int | str | Sequence[int], b: int) -> list[int]:
     return tiles
 
 
-def make_batch(cfg, b: int, t: int, tiles, seed: int = 0) -> dict:
-    """Right-padded rows (lengths 75-100% of t, row 0 full), row r with tiles[r] real tiles (padded to the longest
-    row, flag 0, as the sft collator does); labels on the last 40% of each row."""
+def make_batch(cfg, b: int, t: int, tiles, seed: int = 0, layout: str = "flat") -> dict:
+    """Right-padded rows (lengths 75-100% of t, row 0 full), row r with tiles[r] real tiles; labels on the last 40%
+    of each row. layout 'flat': the sft collator's tiles on one device (`length_grouping.flat_tiles`, one tile group,
+    its default buckets); 'rows': each row's tiles padded to the longest row (flag 0), the layout before it."""
     rng = np.random.default_rng(seed)
     per_row = row_tiles(tiles, b)
     m = max(per_row)
@@ -127,6 +135,11 @@ def make_batch(cfg, b: int, t: int, tiles, seed: int = 0) -> dict:
     pv = rng.standard_normal((b, m, s, s, 3)).astype(np.float32)
     flags = (np.arange(m)[None] < np.asarray(per_row)[:, None]).astype(np.int32)
     pv = pv * flags[:, :, None, None, None]
+    if layout == "flat":  # as GroupedBatches.collate on one device without accumulation
+        buckets = lg.default_group_tile_buckets(b * max(qa_batches.default_tile_buckets(cfg)))
+        pv, flags = lg.flat_tiles([pv[r, :n] for r, n in enumerate(per_row)], lg.tile_group_of_rows(b), buckets, s)
+    elif layout != "rows":
+        raise ValueError(f"layout {layout!r}: expected 'flat' or 'rows'")
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "segment_ids": mask.copy(),
             "positions": np.where(mask > 0, np.arange(t)[None], 0).astype(np.int32), "pixel_values": pv,
             "image_flags": flags}
@@ -194,7 +207,8 @@ def bench_sft(a) -> common.Timing:
     print(f"# sft bench: vit {cfg.vision_config.hidden_size}x{cfg.vision_config.num_hidden_layers} @"
           f"{cfg.vision_config.image_size}px, llm {cfg.llm_config.hidden_size}x{cfg.llm_config.num_hidden_layers} "
           f"vocab {cfg.llm_config.vocab_size}; batch {a.batch} x {a.seq} tokens ({tokens} real, tiles "
-          f"{row_tiles(a.tiles, a.batch)}, {int((batch['labels'] != -100).sum())} label tokens), {a.dtype}; jax "
+          f"{row_tiles(a.tiles, a.batch)}, jax ViT batch {int(np.prod(batch['image_flags'].shape))} tiles, "
+          f"{int((batch['labels'] != -100).sum())} label tokens), {a.dtype}; jax "
           f"{jax.default_backend()}, torch threads {torch.get_num_threads()}, {common.load_average()}")
     t0 = time.perf_counter()
     first_jax = jax_step()  # compiles
@@ -417,6 +431,47 @@ def ab_xla_options(a) -> common.Timing:
     return t
 
 
+def ab_tile_layout(a) -> common.Timing:
+    """Interleaved A/B of the JAX SFT step on the per-row padded tile layout (A) and the collator's flat layout
+    (B): same weights (random init, no torch model), same tokens and real tiles; one compiled program a layout, one
+    running state each. Prints the first step's loss and parameters on both (equal up to fp32 summation order),
+    then wall and process CPU time (min over repeats: on a loaded machine read the CPU times)."""
+    cfg = bench_config(a)
+    batches = {k: jax.tree.map(jnp.asarray, make_batch(cfg, a.batch, a.seq, a.tiles, layout=k))
+               for k in ("rows", "flat")}
+    mdef = vlm_ckpt.module_def(cfg, a.dtype)
+    params = mdef.init(jax.random.key(0))
+    tx = optim.make_optimizer(optim_cfg(), 1000, params)
+    step = jax.jit(make_train_step(lm_loss.make_loss_fn(mdef, chunk=a.chunk, drop_path=False, grad_accum=1), tx,
+                                   schedule=optim.make_schedule(optim_cfg(), 1000)), donate_argnums=(0,))
+    rng = jax.random.key(7)
+    state = init_train_state(params, tx)
+    del params
+    comp = {k: step.lower(state, b, rng).compile() for k, b in batches.items()}
+    for k, b in batches.items():
+        print(f"# layout {k}: pixel_values {tuple(b['pixel_values'].shape)}, ViT batch "
+              f"{int(np.prod(b['image_flags'].shape))} tiles ({int(b['image_flags'].sum())} real)")
+    sa, ma = comp["rows"](jax.tree.map(jnp.copy, state), batches["rows"], rng)
+    sb, mb = comp["flat"](state, batches["flat"], rng)
+    diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params)))
+    print(f"# first step: loss rows {float(ma['loss']):.7f} flat {float(mb['loss']):.7f}; grad norm rows "
+          f"{float(ma['grad_norm']):.7f} flat {float(mb['grad_norm']):.7f}; max |param diff| after it {diff:.2e}")
+    boxes = {"rows": sa, "flat": sb}
+
+    def run(k):
+        def f():
+            boxes[k], m = comp[k](boxes[k], batches[k], rng)
+            return float(m["loss"])
+        return f
+
+    t = common.interleaved("sft_step_flat_tiles_vs_rows", run("rows"), run("flat"), reps=a.reps)
+    t.print()
+    ca, cb = min(t.baseline_cpu_s), min(t.jax_cpu_s)  # os.times(): 10 ms ticks
+    print(f"# process CPU time min: rows {ca * 1e3:.0f} ms, flat {cb * 1e3:.0f} ms -> "
+          + (f"{ca / cb:.2f}x" if cb > 0 else "n/a (under a clock tick)"))
+    return t
+
+
 def bench_ops(a) -> list[common.Timing]:
     """Each heavy op of the anchor SFT step alone, JAX (jitted) vs torch, interleaved: per-op speed without the
     memory of two whole models (GFLOP/s printed where the op is a product)."""
@@ -478,6 +533,9 @@ def main(a) -> int:
         return 0
     if a.ab:
         ab_xla_options(a)
+        return 0
+    if a.ab_layout:
+        ab_tile_layout(a)
         return 0
     if a.profile:
         os.makedirs(a.profile, exist_ok=True)

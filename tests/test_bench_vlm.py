@@ -25,12 +25,16 @@ def test_sft_quick_same_first_loss_and_ratio_line(capsys):
     assert "sft_tokens_per_s_jax_vs_torch" in _ratio_lines(out), out
 
 
-def test_sft_batch_pads_tiles_per_row_like_the_collator():
+def test_sft_batch_packs_tiles_flat_like_the_collator():
     from bench import sft
     from recogdrive_jax.models import internvl as iv
     cfg = iv.get_config("tiny")
-    b = sft.make_batch(cfg, 2, 64, "2,1")
-    assert b["image_flags"].tolist() == [[1, 1], [1, 0]] and not b["pixel_values"][1, 1].any()
+    b = sft.make_batch(cfg, 2, 64, "2,1")  # one device: one tile group of the 3 real tiles, no padding tile
+    assert b["image_flags"].tolist() == [[1, 1, 1]] and b["pixel_values"].shape[:2] == (1, 3)
+    rows = sft.make_batch(cfg, 2, 64, "2,1", layout="rows")  # the per-row layout it replaced, same real tiles
+    assert rows["image_flags"].tolist() == [[1, 1], [1, 0]] and not rows["pixel_values"][1, 1].any()
+    real = rows["pixel_values"].reshape(-1, *rows["pixel_values"].shape[2:])[rows["image_flags"].reshape(-1) > 0]
+    assert (real == b["pixel_values"][0]).all()
     assert [(r == cfg.image_token_id).sum() for r in b["input_ids"]] == [8, 4]
     with pytest.raises(ValueError, match="one count >= 1 per row"):
         sft.make_batch(cfg, 2, 64, "2,1,1")
