@@ -233,11 +233,15 @@ class _PlannerInputs(nnx.Module):
     """The three input encoders both planner heads share (upstream names, so checkpoints convert either way):
     VL states -> memory [B, L, D] (`feature_encoder`), history -> [B, D], ego status -> [B, D]."""
 
-    def _build_input_encoders(self, cfg: PlannerConfig, kw: dict) -> None:
+    def _init_inputs(self, cfg: PlannerConfig, rngs: nnx.Rngs) -> dict:
+        """Sets cfg, dtype and the encoders; returns the layer kwargs (rngs, dtype, fp32 params) for the head."""
+        self.cfg, self.dtype = cfg, to_dtype(cfg.dtype)
+        kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=jnp.float32)
         d = cfg.embed_dim
         self.feature_encoder = dense(cfg.vl_dim, d, (None, "embed"), **kw)
         self.his_traj_encoder = Mlp(cfg.history_len * cfg.action_dim, cfg.mlp_hidden, d, **kw)
         self.ego_status_encoder = Mlp(cfg.status_dim, cfg.mlp_hidden, d, **kw)
+        return kw
 
     def _encode_inputs(self, cond: Mapping[str, jax.Array]):
         """cond -> (memory [B, L, D], vl mask [B, L] or None, his [B, D], ego [B, D])."""
@@ -255,12 +259,8 @@ class DiffusionPlanner(_PlannerInputs):
     """ReCogDrive `TrajectoryHead`: encoders, fusion, LightningDiT, decoder; predicts epsilon (or flow velocity)."""
 
     def __init__(self, cfg: PlannerConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        dtype, pdt = to_dtype(cfg.dtype), jnp.float32
-        self.dtype = dtype
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=pdt)
-        d = cfg.embed_dim
-        self._build_input_encoders(cfg, kw)
+        kw = self._init_inputs(cfg, rngs)
+        d, pdt = cfg.embed_dim, kw["param_dtype"]
         self.action_encoder = ActionEncoder(cfg.action_dim, d, **kw)
         self.fusion_projector = dense(3 * d, d, ("mlp", "embed"), **kw)
         self.position_embedding = nnx.Param(
@@ -426,12 +426,8 @@ class RegressionPlanner(_PlannerInputs):
     """
 
     def __init__(self, cfg: PlannerConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        dtype, pdt = to_dtype(cfg.dtype), jnp.float32
-        self.dtype = dtype
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=pdt)
+        kw = self._init_inputs(cfg, rngs)
         d = cfg.embed_dim
-        self._build_input_encoders(cfg, kw)
         self.fc1 = dense(3 * d, cfg.mlp_hidden, ("embed", "mlp"), **kw)
         self.fc2 = dense(cfg.mlp_hidden, cfg.mlp_hidden, ("mlp", "mlp"), **kw)
         self.fc3 = dense(cfg.mlp_hidden, cfg.horizon * cfg.action_dim, ("mlp", None), **kw)
