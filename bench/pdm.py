@@ -22,7 +22,6 @@ single-threaded on both sides by default (the subprocess inherits OMP/MKL/OPENBL
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -60,10 +59,7 @@ import pdm_cases  # noqa: E402
 import pdm_reference  # noqa: E402
 from recogdrive_jax.sim import navsim_arrays, pdm, scene_store, world  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("navsim_real_make", os.path.join(ROOT, "tests", "fixtures",
-                                                                               "navsim_real", "make_fixture.py"))
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
+from bench.navsim_real import Subprocess, tool  # noqa: E402
 
 # Run by navsim-real's venv: argv = tool dir, cache dir, number of scenes timed, scene files (with `trajectories`).
 # Builds and dumps the metric cache ("cached"), loads it back with NAVSIM's loader ("ready"), then per stdin line
@@ -115,56 +111,36 @@ class RealScorer:
     `pdm_score` call (setup and pipe time excluded) and the PDMS of every timed pair."""
 
     def __init__(self, scenes, trajs, n_timed: int, work: str):
-        tool_dir, python, src = tool.tool_paths()
         paths = []
         for i, sc in enumerate(scenes):
             paths.append(os.path.join(work, f"s{i:04d}.npz"))
             navsim_arrays.save(paths[-1], navsim_arrays.scene_to_arrays(sc, trajs[i]))
         self.cache_dir = os.path.join(work, "metric_cache")
-        self.env = dict(os.environ, NAVSIM_REAL_SRC=src, PYTHONWARNINGS="ignore",
-                        PYTHONPATH=os.pathsep.join([os.path.abspath(ROOT), src]))
-        self.python = python
-        self.proc = subprocess.Popen([python, "-c", _REAL, tool_dir, self.cache_dir, str(n_timed)] + paths,
-                                     env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.sub = Subprocess(_REAL, [self.cache_dir, str(n_timed)] + paths, pythonpath=[os.path.abspath(ROOT)])
         self.per_traj_s: list[float] = []
         self.pdms: np.ndarray | None = None
-        self._expect("cached")
-
-    def _expect(self, word: str) -> None:
-        line = self.proc.stdout.readline().strip()
-        if line != word:
-            self.proc.kill()
-            raise RuntimeError(f"navsim-real scorer subprocess: expected {word!r}, got {line!r} (see its stderr)")
+        self.sub.expect("cached")
 
     def convert(self, out: str) -> world.Scene:
         """The metric cache through `python -m recogdrive_jax.convert navsim-metric-cache` (NAVSIM's venv: the
         pickles hold navsim/nuplan classes) -> the batched scenes in the order they were exported."""
-        r = subprocess.run([self.python, "-m", "recogdrive_jax.convert", "navsim-metric-cache", self.cache_dir, out],
-                           cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=1800)
+        r = subprocess.run([self.sub.python, "-m", "recogdrive_jax.convert", "navsim-metric-cache", self.cache_dir,
+                            out], cwd=ROOT, env=self.sub.env, capture_output=True, text=True, timeout=1800)
         if r.returncode != 0:
             raise RuntimeError(f"convert navsim-metric-cache {self.cache_dir} failed: {r.stderr.strip()[-2000:]}")
         tokens = list(scene_store.load_tokens(out))
         order = [tokens.index(f"tok{i:04d}") for i in range(len(tokens))]
         batch = scene_store.load_scenes(out)
-        self._expect("ready")
+        self.sub.expect("ready")
         return type(batch)(**{k: np.asarray(v)[order] for k, v in vars(batch).items()})
 
     def __call__(self):
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        fields = [float(x) for x in self.proc.stdout.readline().split()]
-        if not fields:
-            raise RuntimeError("navsim-real scorer subprocess ended (see its stderr)")
+        fields = self.sub.ask()
         self.per_traj_s.append(fields[0])
         self.pdms = np.asarray(fields[1:])
 
     def close(self):
-        self.proc.stdin.close()  # the subprocess ends at EOF
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.sub.close()
 
 
 def per_trajectory(t: common.Timing, baseline_s: list[float], jax_n: int) -> common.Timing:
@@ -225,7 +201,7 @@ def main(args) -> int:
                 fn, count = jax_fn(converted, n)
                 name = "pdm_jax_vs_navsim" + ("_b1" if n == 1 else "")
                 real.per_traj_s.clear()
-                t = common.interleaved(name, real, fn, reps=args.reps, helper_pids=(real.proc.pid,))
+                t = common.interleaved(name, real, fn, reps=args.reps, helper_pids=(real.sub.proc.pid,))
                 t = per_trajectory(t, real.per_traj_s[-args.reps:], count)
                 print(f"# {name}: real NAVSIM pdm_score on {n_real} scenes x {args.per_scene} trajectories a "
                       f"request (MetricCache from NAVSIM's loader); JAX batch {count} trajectories; per trajectory:")

@@ -11,9 +11,7 @@ Prints `pdm_closed_jax_vs_navsim_b1: Nx` and `..._b64: Nx` (per scene, min over 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,10 +42,7 @@ import numpy as np  # noqa: E402
 
 from recogdrive_jax.sim import navsim_arrays, pdm_closed, world  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("navsim_real_make", os.path.join(ROOT, "tests", "fixtures",
-                                                                               "navsim_real", "make_fixture.py"))
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
+from bench.navsim_real import Subprocess, tool  # noqa: E402
 
 _REAL = r"""
 import sys, time, numpy as np
@@ -80,26 +75,19 @@ class RealPlanner:
     records the planner's own mean seconds per scene (setup and pipe time excluded)."""
 
     def __init__(self, scenes, limits, work: str):
-        tool_dir, python, src = tool.tool_paths()
         paths = []
         for i, (sc, lim) in enumerate(zip(scenes, limits)):
             paths.append(os.path.join(work, f"s{i}.npz"))
             navsim_arrays.save(paths[-1], navsim_arrays.scene_to_arrays(sc, with_reference=False, speed_limit=lim))
-        env = dict(os.environ, NAVSIM_REAL_SRC=src, PYTHONWARNINGS="ignore")
-        self.proc = subprocess.Popen([python, "-c", _REAL, tool_dir] + paths, env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        if self.proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("navsim-real planner subprocess failed to start")
+        self.sub = Subprocess(_REAL, paths)
+        self.sub.expect("ready")
         self.per_scene_s: list[float] = []
 
     def __call__(self):
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        self.per_scene_s.append(float(self.proc.stdout.readline()))
+        self.per_scene_s.append(self.sub.ask()[0])
 
     def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        self.sub.close()
 
 
 def main(argv=None) -> int:
@@ -128,7 +116,7 @@ def main(argv=None) -> int:
             for n in (1, args.scenes):
                 real.per_scene_s.clear()
                 t = common.interleaved(f"pdm_closed_jax_vs_navsim_b{n}", real, jax_fn(n), reps=args.reps,
-                                       helper_pids=(real.proc.pid,))
+                                       helper_pids=(real.sub.proc.pid,))
                 # per scene on both sides: the planner's own seconds per scene vs the JAX call / batch size
                 t.baseline_s = list(real.per_scene_s[-args.reps:])
                 t.jax_s = [s / n for s in t.jax_s]
