@@ -7,7 +7,8 @@ Both sides run in this process on the same weights (converted from the torch mod
 (every token real; row r carries tiles[r] image tiles, 256 `<IMG_CONTEXT>` tokens each at the anchor):
 * prefill: ViT + mlp1 + LLM over the prompt, filling the KV cache, logits of the last token (JAX: jitted
   `internvl.prefill` into a fixed-size cache; torch: `model(..., use_cache=True, logits_to_keep=1)`);
-* decode: `--new` greedy steps from a prefilled cache (JAX: one jitted `fori_loop` of `internvl.decode_step`;
+* decode: `--new` greedy steps from a prefilled cache (JAX: one jitted `fori_loop` of `internvl.decode_step` on the
+  per-layer weights sliced once before the loop, as `internvl.generate` runs it;
   torch: the cached forward loop that `generate` runs, its DynamicCache cropped back after each repeat);
 * generate: prompt → `--new` greedy tokens (JAX: `internvl.generate`; torch: `model.generate(do_sample=False)`).
 Baseline attention: transformers' default `sdpa`. Method: bench/common.py (ABAB repeats, ≥ 5, min/median, compile
@@ -120,11 +121,12 @@ def main(a) -> int:
     @jax.jit
     def j_decode(state, cache, logits):
         model = nnx.merge(graphdef, state)
+        layer_states = model.language_model.model.layer_states()  # as internvl.generate: sliced once
 
         def body(_, c):
             cache, logits, out = c
             tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            cache, logits = iv.decode_step(model, cache, tok)
+            cache, logits = iv.decode_step(model, cache, tok, layer_states)
             return cache, logits, out + tok  # keeps the tokens live
 
         return jax.lax.fori_loop(0, n_new, body, (cache, logits, jnp.zeros((b,), jnp.int32)))[2]

@@ -463,15 +463,20 @@ def prefill(model: InternVLModel, cache: dict, input_ids: jax.Array, attention_m
     return new, model.language_model.logits(h_last)
 
 
-def decode_step(model: InternVLModel, cache: dict, tokens: jax.Array) -> tuple[dict, jax.Array]:
-    """Feeds one token per row [B] at slot `cache['index']`; returns (cache, logits [B, V])."""
+def decode_step(model: InternVLModel, cache: dict, tokens: jax.Array,
+                layer_states: tuple | None = None) -> tuple[dict, jax.Array]:
+    """Feeds one token per row [B] at slot `cache['index']`; returns (cache, logits [B, V]).
+
+    Inside a decode loop pass `layer_states = model.language_model.model.layer_states()`, taken once before the
+    loop: the layers then read their weights in place instead of copying a slice of the stacked weights every
+    token (the same math)."""
     s = cache["k"].shape[2]
     idx = cache["index"]
     emb = model.language_model.model.embed_tokens(tokens[:, None])
     key_valid = jax.lax.dynamic_update_slice(cache["key_valid"], jnp.ones((tokens.shape[0], 1), bool), (0, idx))
     mask = ((jnp.arange(s) <= idx)[None, :] & key_valid)[:, None, :]  # [B, 1, S]
     hidden, kv = model.language_model.model(emb, cache["next_pos"][:, None], mask,
-                                            {"k": cache["k"], "v": cache["v"]}, idx)
+                                            {"k": cache["k"], "v": cache["v"]}, idx, layer_states=layer_states)
     new = {**kv, "key_valid": key_valid, "index": idx + 1, "next_pos": cache["next_pos"] + 1}
     return new, model.language_model.logits(hidden[:, 0])
 
@@ -500,6 +505,7 @@ def _generate(graphdef, state, input_ids, attention_mask, pixel_values, image_fl
     cache, logits = prefill(model, cache, input_ids, attention_mask, pixel_values, image_flags)
     out = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
     done = jnp.zeros((b,), bool)
+    layer_states = model.language_model.model.layer_states()  # sliced once, read in place by every step
 
     def cond(c):
         return (c["step"] < max_new_tokens) & ~jnp.all(c["done"])
@@ -510,7 +516,7 @@ def _generate(graphdef, state, input_ids, attention_mask, pixel_values, image_fl
         tok = jnp.where(c["done"], pad_token_id, tok)
         out = c["out"].at[:, c["step"]].set(tok)
         done = c["done"] | (tok == eos_token_id)
-        cache, logits = decode_step(model, c["cache"], tok)
+        cache, logits = decode_step(model, c["cache"], tok, layer_states)
         return {"cache": cache, "logits": logits, "out": out, "done": done, "step": c["step"] + 1, "rng": key}
 
     c = jax.lax.while_loop(cond, body, {"cache": cache, "logits": logits, "out": out, "done": done,

@@ -13,13 +13,16 @@ attention kernel come from `models/layers.py`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recogdrive_jax.models.layers import RMSNorm, apply_rope, dense, dot_product_attention, remat, rope_cos_sin
+from recogdrive_jax.models.layers import (RMSNorm, apply_rope, dense, dot_product_attention, matvec_rows, remat,
+                                          rope_cos_sin)
+from recogdrive_jax.parallel import kernels
 from recogdrive_jax.parallel.activations import constrain
 
 Dtype = Any
@@ -156,9 +159,11 @@ class Qwen2Model(nnx.Module):
         self.norm = _rms_norm(cfg, dtype, param_dtype)
 
     def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, mask: jax.Array,
-                 cache: dict | None = None, cache_index: jax.Array | None = None):
+                 cache: dict | None = None, cache_index: jax.Array | None = None, *,
+                 layer_states: tuple | None = None):
         """inputs_embeds [B, T, D], positions [B, T], mask [B, T, S] → (hidden after final norm [B, T, D],
-        new cache {'k','v': [L, B, S, KV, hd]} or None)."""
+        new cache {'k','v': [L, B, S, KV, hd]} or None). `layer_states` (from `layer_states()`, taken outside a
+        decode loop): run the layers unrolled on those per-layer weights instead of scanning the stacked ones."""
         cfg = self.cfg
         cos, sin = (a[:, :, None, :] for a in rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta))  # [B, T, 1, hd]
         graphdef, state = nnx.split(self.layers)
@@ -173,10 +178,29 @@ class Qwen2Model(nnx.Module):
 
         if self.remat:
             body = remat(body, self.remat_policy, prevent_cse=False)
+        if layer_states is not None:  # per-layer weights sliced once by the caller: a Python loop over layers
+            kvs = []
+            for i, layer_state in enumerate(layer_states):
+                xs = (layer_state,) if cache is None else (layer_state, cache["k"][i], cache["v"][i])
+                x, kv = body(x, xs)
+                kvs.append(kv)
+            new_cache = None if cache is None else {"k": jnp.stack([kv[0] for kv in kvs]),
+                                                    "v": jnp.stack([kv[1] for kv in kvs])}
+            return self.norm(x), new_cache
         xs = (state,) if cache is None else (state, cache["k"], cache["v"])
         x, kvs = jax.lax.scan(body, x, xs)
         new_cache = None if cache is None else {"k": kvs[0], "v": kvs[1]}
         return self.norm(x), new_cache
+
+    def layer_states(self) -> tuple:
+        """The stacked layers' parameters as one state per layer, for `__call__(..., layer_states=...)`.
+
+        Why: inside a decode loop, `lax.scan` over the stacked layers slices each layer's weights with a
+        dynamic-slice, which XLA's CPU backend copies (every weight byte read and written once more per token: ~11 %
+        of a decode step at InternVL3-1B widths). Slicing once before the loop and passing the slices in makes them
+        loop invariants that the dots read in place."""
+        _, state = nnx.split(self.layers)
+        return tuple(jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.cfg.num_hidden_layers))
 
 
 class Qwen2ForCausalLM(nnx.Module):
@@ -195,6 +219,8 @@ class Qwen2ForCausalLM(nnx.Module):
         """hidden [..., D] → fp32 logits [..., V]."""
         if self.cfg.tie_word_embeddings:
             out = self.model.embed_tokens.attend(hidden)
+        elif math.prod(hidden.shape[:-1]) <= kernels.MATVEC_MAX_ROWS:  # a decode step's few rows
+            out = matvec_rows(hidden, self.lm_head.kernel[...], self.lm_head.dtype)
         else:
             out = self.lm_head(hidden)
         return out.astype(jnp.float32)

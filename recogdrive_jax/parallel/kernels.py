@@ -27,6 +27,10 @@ _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # (the CPU's L2/L3 share; 1-4 MiB measured equally good at the PPO and 1B-prefill shapes)
 CHUNK_LOGIT_BYTES = 2 << 20
 MIN_CHUNK_ROWS = 8
+# Products with at most this many rows (a decode step's LM head) run as one matrix-vector product a row
+# (models/layers.matvec_rows): XLA's CPU matvec streams the weight once, its GEMM packs it first. Two rows: 40 vs
+# 58 ms for the 1B LM head (one core, CPU time); three would read the weight three times and lose to the GEMM.
+MATVEC_MAX_ROWS = 2
 
 
 def attention_chunk_rows(batch: int, heads: int, keys: int) -> int:
