@@ -116,20 +116,23 @@ def ddim_sample(eps_fn: EpsFn, x_init: jax.Array, step_noise: jax.Array, ddim: D
 def chain_log_prob(eps_fn: EpsFn, chain: jax.Array, ddim: DDIMSchedule, *, min_std: float = 0.1, eta: float = 1.0,
                    denoised_clip: float | None = 1.0, eps_clip: float | None = None) -> jax.Array:
     """log N(chain[k+1]; mu(chain[k], t_k), max(sigma_k, min_std)) per coordinate; chain [K+1, B, H, A] ->
-    [K, B, H, A]. Differentiable w.r.t. whatever `eps_fn` closes over (the current policy's params)."""
+    [K, B, H, A]. Differentiable w.r.t. whatever `eps_fn` closes over (the current policy's params).
+
+    The K steps are independent given the chain, so they run as one `vmap`ped network call over [K, B] rather than a
+    sequential scan (bench/RESULTS.md, GRPO step profile): every weight gradient is one product over all K*B rows
+    instead of K products summed into a parameter-sized accumulator per step, and work that does not depend on the
+    step (the memory's key projection and key norms in the cross blocks) is done once, not K times."""
     ts, alphas, alphas_prev = _step_table(ddim)
     b = chain.shape[1]
     chain = chain.astype(jnp.float32)
 
-    def step(carry, inputs):
-        t, a, a_prev, x, x_next = inputs
+    def step(t, a, a_prev, x, x_next):
         eps = eps_fn(x, jnp.full((b,), t, jnp.int32))
         s = ddim_mean_logvar(x, eps, a, a_prev, eta=eta, denoised_clip=denoised_clip, eps_clip=eps_clip)
         std = jnp.maximum(jnp.exp(0.5 * s.logvar), min_std)
-        return carry, gaussian_log_prob(x_next, s.mean, std)
+        return gaussian_log_prob(x_next, s.mean, std)
 
-    _, lps = jax.lax.scan(step, None, (ts, alphas, alphas_prev, chain[:-1], chain[1:]))
-    return lps
+    return jax.vmap(step)(ts, alphas, alphas_prev, chain[:-1], chain[1:])
 
 
 def q_sample(ddpm: DDPMSchedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from recogdrive_jax import config_types
-from recogdrive_jax.models.planner import DiffusionPlanner, denormalize_pose, repeat_context
+from recogdrive_jax.models.planner import DiffusionPlanner, denormalize_pose
 from recogdrive_jax.sim import pdm
 from recogdrive_jax.train.state import TrainState
 
@@ -158,8 +158,42 @@ def clamped_step_log_prob(log_probs: jax.Array, lo: float = -5.0, hi: float = 2.
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sampling and log-probs go through the planner's public API on an encoded context (`encode` once per scene,
-# `repeat_context` for its G chains): `sample_with_chain(None, rng, ctx=)` and `chain_log_prob(chain, None, ctx=)`.
+# Sampling and log-probs go through the planner's public API on an encoded context (`encode` once per scene):
+# `sample_with_chain(None, rng, ctx=)` and `chain_log_prob(chain, None, ctx=)`, `vmap`ped over the G chains of a
+# scene with the scene's context unbatched (`group_sample`, `group_log_prob`).
+
+def _ungroup(x: jax.Array) -> jax.Array:
+    """[G, B, ...] -> [B*G, ...] scene-major (b0 g0, b0 g1, ..., b1 g0, ...)."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def _group(x: jax.Array, b: int, axis: int = 0) -> jax.Array:
+    """[..., B*G (at `axis`), ...] scene-major -> [G, ..., B, ...]: the group member first."""
+    x = x.reshape(*x.shape[:axis], b, -1, *x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis + 1, 0)
+
+
+def group_sample(planner: DiffusionPlanner, ctx: Mapping[str, jax.Array], rng: jax.Array, g: int) -> dict:
+    """G rollouts per scene: `sample_with_chain` on `repeat_context(ctx, g)` (the same noise draws from `rng`,
+    outputs [B*G, ...] scene-major), computed as a `vmap` over the G members with each scene's context unbatched.
+
+    Same math as the repeated context; what depends only on the scene and the step (the memory's key projection and
+    key norms in every cross block, the adaLN modulation of c = temb(t) + ego) is computed once per scene instead of
+    once per chain (bench/RESULTS.md, GRPO step profile)."""
+    b = ctx["memory"].shape[0]
+    x_init, step_noise = planner.draw_noise(rng, b * g)  # [B*G, H, A], [K, B*G, H, A]
+    out = jax.vmap(lambda x, z: planner.sample_with_chain(None, rng, x_init=x, step_noise=z, ctx=ctx))(
+        _group(x_init, b), _group(step_noise, b, axis=1))
+    return jax.tree.map(_ungroup, out)
+
+
+def group_log_prob(planner: DiffusionPlanner, chain: jax.Array, ctx: Mapping[str, jax.Array]) -> jax.Array:
+    """`chain_log_prob(chain, None, ctx=repeat_context(ctx, G))` for chains [B*G, K+1, H, A] scene-major ->
+    [B*G, K, H, A], as a `vmap` over the G members with the scene's context unbatched (see `group_sample`)."""
+    b = ctx["memory"].shape[0]
+    lp = jax.vmap(lambda c: planner.chain_log_prob(c, None, ctx=ctx))(_group(chain, b))
+    return _ungroup(lp)
+
 
 def take_ctx(ctx: Mapping[str, jax.Array], idx: jax.Array) -> dict:
     """Rows `idx` of an encoded context (a minibatch's scenes)."""
@@ -200,8 +234,7 @@ def reinforce_loss(params, bind: Callable, cond, chain: jax.Array, adv: jax.Arra
     (logged, never trained)."""
     planner = bind(params)
     ctx = planner.encode(cond)
-    g = chain.shape[0] // ctx["memory"].shape[0]
-    lp = planner.chain_log_prob(chain, None, ctx=repeat_context(ctx, g))
+    lp = group_log_prob(planner, chain, ctx)
     ell = clamped_step_log_prob(lp, cfg.logp_min, cfg.logp_max)
     k = ell.shape[-1]
     contrib = jnp.where(valid[:, None], ell * adv[:, None] * weights[None], 0.0)  # [N, K]
@@ -259,7 +292,7 @@ def rollout(params, ref_params, bind: Callable, cond, scene, rng: jax.Array, cfg
     planner = bind(jax.lax.stop_gradient(params))
     ctx = planner.encode(cond)
     b = ctx["memory"].shape[0]
-    out = planner.sample_with_chain(None, k_roll, ctx=repeat_context(ctx, g))
+    out = group_sample(planner, ctx, k_roll, g)
     chain, lps = jax.lax.stop_gradient(out["chain"]), jax.lax.stop_gradient(out["log_probs"])
     traj = denormalize_pose(chain[:, -1]).reshape(b, g, *chain.shape[2:])  # [B, G, H, 3]
     scores = dict(reward_fn(scene, traj))
