@@ -2,6 +2,7 @@
 
     python bench/vlm.py                  # anchor: InternVL3-1B widths, 2+2 layers, 2 prompts x 532 tokens, tiles 2,1
     python bench/vlm.py --quick          # tiny config smoke path (what tests/test_bench_vlm.py runs)
+    python bench/vlm.py --profile DIR    # per-op tables of the decode loop, both sides (--profile-side jax|torch)
 
 Both sides run in this process on the same weights (converted from the torch model, fp32) and the same prompts
 (every token real; row r carries tiles[r] image tiles, 256 `<IMG_CONTEXT>` tokens each at the anchor):
@@ -42,6 +43,9 @@ def _parse(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="1 = single-threaded XLA and torch (recordable); 0 = "
                                                            "defaults")
     ap.add_argument("--quick", action="store_true", help="tiny config, 2 x 32 tokens: a smoke run, not a figure")
+    ap.add_argument("--profile", metavar="DIR", help="instead of timing: per-op profile of the decode loop (XLA "
+                                                     "per-thunk self time, torch.profiler per aten op), tables printed")
+    ap.add_argument("--profile-side", choices=("both", "jax", "torch"), default="both")
     a = ap.parse_args(argv)
     if a.quick:
         a.batch, a.prompt, a.new = 2, 32, 4
@@ -51,6 +55,8 @@ def _parse(argv=None):
 ARGS = _parse() if __name__ == "__main__" else None
 if ARGS is not None and ARGS.threads == 1:
     common.single_thread()  # before jax and torch initialise
+if ARGS is not None and ARGS.profile:  # one trace event per XLA CPU thunk (fusion, dot, ...)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -144,6 +150,9 @@ def main(a) -> int:
             t_cache.crop(-n_new)  # back to the prompt for the next repeat
         return tok
 
+    if a.profile:
+        profile_decode(a, j_decode, (state, cache0, logits0), torch_decode)
+        return 0
     timings.append(common.interleaved("vlm_decode_jax_vs_torch", torch_decode,
                                       lambda: jax.block_until_ready(j_decode(state, cache0, logits0)), reps=a.reps))
 
@@ -169,6 +178,45 @@ def main(a) -> int:
     if not a.quick:
         common.print_results_row(timings, "python bench/vlm.py")
     return 0
+
+
+def profile_decode(a, j_decode, args, torch_decode, top: int = 20) -> None:
+    """Per-op self time of the `--new`-token decode loop on each side, per token (shares within one process:
+    meaningful on a loaded machine), then each side's loop in process CPU time (min of 3)."""
+    from bench import sft as bs  # noqa: PLC0415  (the shared trace/table helpers)
+    n = a.new
+    if a.profile_side != "jax":
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+        torch_decode()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            torch_decode()
+        rows = sorted(((e.key, e.self_cpu_time_total * 1e-6 / n, e.count / n, f"{e.key} {e.input_shapes}")
+                       for e in prof.key_averages(group_by_input_shape=True)), key=lambda r: -r[1])
+        total = sum(r[1] for r in rows)
+        bs._table(rows, total, top, "torch decode, aten ops (self time) a token")
+        bs._categories(rows, total, "torch")
+        del torch
+    if a.profile_side != "torch":
+        compiled = j_decode.lower(*args).compile()
+        hlo = compiled.as_text()
+        with open(os.path.join(a.profile, "vlm_decode.hlo.txt"), "w") as f:
+            f.write(hlo)
+        jax_decode = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
+        jax_decode()
+        rows = [(k, s / n, c / n, kind) for k, s, c, kind in bs.thunk_rows(a.profile, bs._hlo_kinds(hlo), jax_decode,
+                                                                            1)]
+        total = sum(r[1] for r in rows)
+        bs._table(rows, total, top, "jax decode, XLA thunks (self time) a token")
+        bs._categories(rows, total, "jax")
+    for name, fn in (("torch", torch_decode), ("jax", lambda: jax.block_until_ready(j_decode(*args)))):
+        if a.profile_side in ("both", name):
+            cpu = []
+            for _ in range(3):
+                c0 = time.process_time()
+                fn()
+                cpu.append(time.process_time() - c0)
+            print(f"# {name} decode loop: {min(cpu) * 1e3 / n:.1f} ms CPU a token (min of 3, {n} tokens, no tracing)")
 
 
 if __name__ == "__main__":

@@ -482,7 +482,7 @@ DTYPES = ("bfloat16", "float32")
 # the model's run options (models/layers.REMAT_POLICIES, parallel/kernels.ATTENTION_IMPLS; repeated here so config
 # code imports no model: tests/test_attention_remat.py checks they agree)
 REMAT_POLICIES = ("full", "dots_saveable", "dots_with_no_batch_dims_saveable", "save_attention_out")
-ATTENTION_IMPLS = ("auto", "xla", "jax_nn", "cudnn", "chunked")
+ATTENTION_IMPLS = ("auto", "xla", "jax_nn", "cudnn", "chunked", "per_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -496,6 +496,7 @@ class ModelConfig(Block):
     remat: bool = True  # gradient checkpointing per layer (both towers)
     remat_policy: str = "full"  # what a checkpointed layer keeps: models/layers.REMAT_POLICIES
     attention_impl: str = "auto"  # 'auto' (parallel/kernels.attention_impl) | 'xla' | 'jax_nn' | 'cudnn' | 'chunked'
+    #                               | 'per_head'
     drop_path_rate: float = -1.0  # ViT drop path; < 0 keeps the checkpoint's / variant's value
     freeze_vision: bool = False  # upstream freeze_backbone
     freeze_llm: bool = False

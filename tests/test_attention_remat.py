@@ -35,14 +35,15 @@ def _rand(g, *shape):
 # (query heads, kv heads, mask, scaling): the DiT's call (MHA, key mask [B, 1, S], divided by sqrt(hd)), the ViT's
 # (MHA, no mask), Qwen2's (GQA, causal + padding [B, T, S]), MQA with a key mask and an explicit scale.
 CASES = [(4, 4, "key", dict(divide_by=float(np.sqrt(8)))), (4, 4, None, dict()), (4, 2, "causal", dict()),
-         (6, 1, "key", dict(scale=0.3))]
+         (6, 1, "key", dict(scale=0.3)), (4, 4, "causal", dict())]
 
 
-@pytest.mark.parametrize("impl", ["jax_nn", "chunked"])
+@pytest.mark.parametrize("impl", ["jax_nn", "chunked", "per_head"])
 def test_attention_impls_match_the_einsum_path(impl, monkeypatch):
-    """fp32: jax.nn's XLA path and the query-blocked path = the einsum path (outputs and q/k/v gradients) for the mask
-    forms and scalings the models use; a fully masked row (batch row 1 of the key mask) attends uniformly in all.
-    19 queries in blocks of 8: three blocks, the last padded by 5 rows, a per-query (causal) and a shared key mask."""
+    """fp32: jax.nn's XLA path, the query-blocked path and the per-(batch row, head) forward = the einsum path (outputs
+    and q/k/v gradients) for the mask forms and scalings the models use; a fully masked row (batch row 1 of the key
+    mask) attends uniformly in all. 19 queries in blocks of 8: three blocks, the last padded by 5 rows, a per-query
+    (causal) and a shared key mask. 'per_head' (multi-head only) takes its gradients from the einsum path."""
     monkeypatch.setattr(kernels, "CHUNK_LOGIT_BYTES", 1)  # -> MIN_CHUNK_ROWS rows a block at these tiny shapes
     assert kernels.attention_chunk_rows(2, 4, 7) == kernels.MIN_CHUNK_ROWS == 8
     g = np.random.default_rng(0)
@@ -79,7 +80,8 @@ def test_auto_on_cpu_and_names_are_checked():
     assert kernels.attention_impl("auto", jnp.float32, grouped=True) == "jax_nn"
     assert kernels.attention_impl("auto", jnp.float32, grouped=True, queries=1) == "jax_nn"  # a decode step
     assert kernels.attention_impl("auto", jnp.float32, grouped=True, queries=1024) == "chunked"  # prefill, training
-    assert kernels.attention_impl("auto", jnp.float32, queries=1024) == "xla"  # multi-head (the ViT, the DiT)
+    assert kernels.attention_impl("auto", jnp.float32, queries=1024) == "per_head"  # multi-head, many queries: ViT
+    assert kernels.attention_impl("auto", jnp.float32, queries=8) == "xla"  # multi-head, few queries: the DiT
     assert kernels.attention_impl("auto", jnp.bfloat16, grouped=True, queries=1024) == "xla"
     assert kernels.attention_impl("jax_nn", jnp.float32) == "jax_nn"
     with pytest.raises(ValueError, match="attention_impl 'flash'"):
@@ -93,6 +95,25 @@ def test_auto_on_cpu_and_names_are_checked():
     c.planner.scan_layers, c.planner.remat_policy = True, "dots_saveable"  # reachable by --config.planner.<key>
     assert PlannerConfig.from_mapping(c.planner) == planner_config("tiny", scan_layers=True,
                                                                    remat_policy="dots_saveable")
+
+
+def test_vit_per_head_forward_equals_the_einsum_path_and_keeps_its_gradients(monkeypatch):
+    """The tiny InternViT (17 tokens a tile) with 'auto' picking 'per_head' (threshold lowered to 1): features within
+    1e-6 of the einsum path's, and its parameter gradients bitwise the einsum path's (the custom VJP is that path)."""
+    monkeypatch.setattr(kernels, "PER_HEAD_MIN_QUERIES", 1)
+    cfg = iv.get_config("tiny")
+    models = {impl: iv.init_model(dataclasses.replace(cfg, attention_impl=impl), seed=1) for impl in ("xla", "auto")}
+    pv = _rand(np.random.default_rng(2), 3, 56, 56, 3)
+
+    def run(m):
+        graphdef, state = nnx.split(m.vision_model)
+        f = lambda st: jnp.sum(nnx.merge(graphdef, st)(pv) ** 2)  # noqa: E731
+        return jax.jit(lambda st: nnx.merge(graphdef, st)(pv))(state), jax.jit(jax.grad(f))(state)
+
+    (ref, ref_g), (got, got_g) = run(models["xla"]), run(models["auto"])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6, rtol=0)
+    for a, c in zip(jax.tree.leaves(ref_g), jax.tree.leaves(got_g)):
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(a))
 
 
 # 'auto' (the default) is what the existing parity tests run; here every model on the jax.nn kernel.

@@ -195,9 +195,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     `impl` (a model's `attention_impl`): 'xla' this einsum path; 'jax_nn' `jax.nn.dot_product_attention`'s XLA
     path (logits from fp32-accumulating products, multiplied by the scale: equal to 'xla' at fp32 up to rounding);
     'cudnn' its cuDNN fused kernel (GPU, bf16/fp16 only); 'chunked' the einsum path over blocks of query rows
-    (`_chunked_attention`: cache-sized logits; the same math); 'auto' whatever `parallel/kernels.attention_impl`
+    (`_chunked_attention`: cache-sized logits; the same math); 'per_head' multi-head attention one (batch row,
+    head) at a time where no gradient is taken, the einsum path under differentiation (`_per_head_attention`; the
+    einsum path for grouped-query attention); 'auto' whatever `parallel/kernels.attention_impl`
     picks for the backend being traced for (cuDNN on a GPU in half precision; on CPU 'chunked' for fp32
-    grouped-query attention over many queries, jax.nn for a decode step, the einsum path for the rest: the
+    grouped-query attention over many queries, jax.nn for a decode step, 'per_head' for fp32 multi-head attention
+    over many queries (the ViT), the einsum path for the rest: the
     fastest measured on CPU that keeps bf16 dot operands). Mask and GQA semantics are the same in all: a fully masked
     row attends uniformly.
     """
@@ -223,14 +226,63 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         rows = kernels.attention_chunk_rows(b, h, k.shape[1])
         if t > rows:
             return checkpoint_name(_chunked_attention(q, k, v, mask, scaled, rows), ATTENTION_OUT)
-    if g == h:  # products on [B, H, T, hd] (XLA's CPU results depend on the layout: this is the DiT's)
-        qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-        scores = scaled(jnp.einsum("bhtd,bhsd->bhts", qh, kh).astype(jnp.float32))  # [B, H, T, S]
-        if mask is not None:
-            scores = jnp.where(mask[:, None], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return checkpoint_name(jnp.einsum("bhts,bhsd->bhtd", probs, vh).transpose(0, 2, 1, 3), ATTENTION_OUT)
+    if g == h and chosen == "per_head":
+        return checkpoint_name(_per_head_attention(q, k, v, mask, scaled), ATTENTION_OUT)
+    if g == h:
+        return checkpoint_name(_multi_head_attention(q, k, v, mask, scaled), ATTENTION_OUT)
     return checkpoint_name(_grouped_attention(q, k, v, mask, scaled), ATTENTION_OUT)
+
+
+def _multi_head_attention(q, k, v, mask, scaled) -> jax.Array:
+    """The multi-head einsum path: products on [B, H, T, hd] (XLA's CPU results depend on the layout: this is the
+    DiT's). q, k, v [B, T|S, H, hd] → [B, T, H, hd]."""
+    qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    scores = scaled(jnp.einsum("bhtd,bhsd->bhts", qh, kh).astype(jnp.float32))  # [B, H, T, S]
+    if mask is not None:
+        scores = jnp.where(mask[:, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bhsd->bhtd", probs, vh).transpose(0, 2, 1, 3)
+
+
+def _per_head_attention(q, k, v, mask, scaled) -> jax.Array:
+    """The multi-head einsum path's math one (batch row, head) at a time (`lax.map`) when no gradient is taken;
+    under differentiation the einsum path itself (`jax.custom_vjp`: forward and backward are `_multi_head_attention`
+    and its VJP, so gradients are exactly the einsum path's).
+
+    Why: a [T, S] block's logits and probabilities stay in cache instead of streaming a [B, H, T, S] tensor through
+    memory: the ViT's attention at InternVL3-1B widths (3 tiles x 1,025 tokens, 16 heads x 64) took 194 vs 395 ms
+    forward (one core, CPU time, loaded machine). Its backward in blocks was slower than the einsum path's
+    (bench/RESULTS.md, seventh session), hence forward-only. q, k, v [B, T|S, H, hd] → [B, T, H, hd]."""
+    b, t, h, hd = q.shape
+    s = k.shape[1]
+
+    def primal(q, k, v, mask):
+        qh, kh, vh = (a.transpose(0, 2, 1, 3).reshape(b * h, a.shape[1], hd) for a in (q, k, v))
+        if mask is not None:  # [B, T|1, S]: row i of the map reads its batch row's mask
+            mask = jnp.broadcast_to(mask.reshape((1,) * (3 - mask.ndim) + mask.shape),
+                                    (b,) + mask.shape[-2:] if mask.ndim >= 2 else (b, 1, s))
+
+        def one(a):
+            qi, ki, vi, i = a  # [T, hd], [S, hd], [S, hd], index into B*H
+            scores = scaled(jnp.einsum("td,sd->ts", qi, ki).astype(jnp.float32))
+            if mask is not None:
+                scores = jnp.where(jax.lax.dynamic_index_in_dim(mask, i // h, keepdims=False), scores, NEG_INF)
+            probs = jax.nn.softmax(scores, axis=-1).astype(vi.dtype)
+            return jnp.einsum("ts,sd->td", probs, vi)
+
+        out = jax.lax.map(one, (qh, kh, vh, jnp.arange(b * h)))  # [B*H, T, hd]
+        return out.reshape(b, h, t, hd).transpose(0, 2, 1, 3)
+
+    def forward(q, k, v, mask):  # differentiated: the einsum path, its VJP kept for the backward
+        out, vjp = jax.vjp(lambda q, k, v: _multi_head_attention(q, k, v, mask, scaled), q, k, v)
+        return out, vjp
+
+    def backward(vjp, dout):
+        return (*vjp(dout), None)
+
+    attention = jax.custom_vjp(primal)
+    attention.defvjp(forward, backward)
+    return attention(q, k, v, mask)
 
 
 def _grouped_logits(q, k, mask, scaled) -> jax.Array:
@@ -478,7 +530,8 @@ def count_params(tree: Any) -> int:
 
 
 __all__: Sequence[str] = [
-    "dense", "matvec_rows", "RMSNorm", "RMS_ORDERS", "LayerNorm", "Mlp", "SwiGLU", "Attention", "dot_product_attention", "NEG_INF",
+    "dense", "matvec_rows", "RMSNorm", "RMS_ORDERS", "LayerNorm", "Mlp", "SwiGLU", "Attention", "dot_product_attention",
+    "NEG_INF",
     "ATTENTION_OUT", "REMAT_POLICIES", "remat_policy", "remat",
     "rope_inv_freq", "rope_cos_sin", "rotate_half", "apply_rope", "sinusoidal_embedding", "TimestepEmbedding",
     "modulate", "token_logprobs", "to_dtype", "count_params",

@@ -14,14 +14,16 @@ tests/test_mixed_precision.py wants bf16 operands in every dot) although it too 
 cache. Measured interleaved on CPU, one core, loaded machine (2026-12-07, so indicative), against jax.nn's XLA path
 for fp32 grouped-query attention: 2.0x (1B prefill, 1,064 tokens, 14/2 heads x 64) and 2.9x (the PPO bench's
 scoring pass, 4 x 1,048 tokens, 4/2 heads x 16) forward; 1.1x and 1.4x forward + backward. Multi-head attention
-(the ViT: 3 x 1,025 tokens, 16 heads x 64) was 0.3-0.6x of the einsum path in blocks, so 'auto' keeps it there.
+(the ViT: 3 x 1,025 tokens, 16 heads x 64) was 0.3-0.6x of the einsum path in query blocks, so 'auto' keeps it
+there under differentiation; its forward one (batch row, head) at a time is 2.0x the einsum path ('per_head':
+prefill, generate, the hidden-state cache; 194 vs 395 ms a ViT layer, one core, CPU time, loaded machine).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ("auto", "xla", "jax_nn", "cudnn", "chunked")
+ATTENTION_IMPLS = ("auto", "xla", "jax_nn", "cudnn", "chunked", "per_head")
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 # 'chunked': the query rows per block are sized so one block's fp32 logits [B, H, rows, S] take about this much
 # (the CPU's L2/L3 share; 1-4 MiB measured equally good at the PPO and 1B-prefill shapes)
@@ -31,6 +33,10 @@ MIN_CHUNK_ROWS = 8
 # (models/layers.matvec_rows): XLA's CPU matvec streams the weight once, its GEMM packs it first. Two rows: 40 vs
 # 58 ms for the 1B LM head (one core, CPU time); three would read the weight three times and lose to the GEMM.
 MATVEC_MAX_ROWS = 2
+# 'per_head' (models/layers._per_head_attention): fp32 multi-head attention over at least this many queries runs its
+# forward one (batch row, head) at a time when no gradient is taken (the ViT at 1,025 tokens: 2.0x the einsum path);
+# the DiT's few-token self-attention stays on the einsum path (not measured faster there)
+PER_HEAD_MIN_QUERIES = 256
 
 
 def attention_chunk_rows(batch: int, heads: int, keys: int) -> int:
@@ -43,15 +49,20 @@ def attention_impl(requested: str, dtype, *, grouped: bool = False, queries: int
     """'auto' -> 'cudnn' on a GPU backend with a bf16/fp16 compute dtype; on CPU, fp32 grouped-query attention
     (`grouped`: fewer key/value than query heads) over more than 2 * MIN_CHUNK_ROWS `queries` (prefill, scoring,
     training; not a decode step) -> 'chunked'; other fp32 grouped-query attention (decode, or a GPU) -> 'jax_nn';
-    the rest -> 'xla' (the einsum path). Any other name unchanged."""
+    fp32 multi-head attention on CPU over ≥ PER_HEAD_MIN_QUERIES queries (the ViT) -> 'per_head' (its forward per
+    (batch row, head) where no gradient is taken; exactly the einsum path under differentiation); the rest -> 'xla'
+    (the einsum path). Any other name unchanged."""
     if requested not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl {requested!r}; expected one of {ATTENTION_IMPLS}")
     if requested != "auto":
         return requested
     if jax.default_backend() == "gpu" and jnp.dtype(dtype) in _HALF:
         return "cudnn"
-    if not grouped or jnp.dtype(dtype) != jnp.dtype(jnp.float32):
+    if jnp.dtype(dtype) != jnp.dtype(jnp.float32):
         return "xla"
+    if not grouped:
+        cpu_many = jax.default_backend() == "cpu" and queries is not None and queries >= PER_HEAD_MIN_QUERIES
+        return "per_head" if cpu_many else "xla"
     if jax.default_backend() == "cpu" and queries is not None and queries > 2 * MIN_CHUNK_ROWS:
         return "chunked"
     return "jax_nn"
