@@ -131,7 +131,7 @@ def main(a) -> int:
 
         def body(_, c):
             cache, logits, out = c
-            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            tok = iv.greedy_token(logits)  # = argmax, as internvl.generate picks it
             cache, logits = iv.decode_step(model, cache, tok, layer_states)
             return cache, logits, out + tok  # keeps the tokens live
 

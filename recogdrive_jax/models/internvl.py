@@ -481,10 +481,21 @@ def decode_step(model: InternVLModel, cache: dict, tokens: jax.Array,
     return new, model.language_model.logits(hidden[:, 0])
 
 
+def greedy_token(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, -1)` (the first maximum; the first NaN if any) as two plain reductions, max then the
+    lowest index holding it: XLA's CPU backend runs argmax's (value, index) pair reduction unvectorised, 1.34 vs
+    0.24 ms over a [2, 151,674] vocabulary (one core), ~2 % of a 1B-width decode step. logits [..., V] → int32 [...]."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    nan = jnp.isnan(logits)
+    hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, logits == top)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, logits.shape[-1]), axis=-1)
+
+
 def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
     """Greedy when temperature == 0, else temperature + nucleus (top-p) sampling. logits [B, V] → [B]."""
     if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_token(logits)
     logits = logits.astype(jnp.float32) / temperature
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
