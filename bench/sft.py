@@ -58,6 +58,8 @@ def _parse(argv=None):
     ap.add_argument("--ops", action="store_true", help="instead of the step: the step's heavy ops alone at anchor "
                                                        "shapes (LM head products, CE, ViT/LLM MLP, ViT attention)")
     ap.add_argument("--ops-rows", type=int, default=256, help="rows of the vocab-sized ops in --ops")
+    ap.add_argument("--ops-only", default="", help="comma list of --ops case names (e.g. lm_head_grad_x,"
+                                                   "lm_head_grad_x_wt_copy); '' = all")
     ap.add_argument("--ab-layout", action="store_true", help="instead of the torch comparison: the JAX step on "
                     "the collator's flat tile layout (B) vs the per-row padded layout it replaced (A; each row's "
                     "tiles padded to the longest row), interleaved, wall and process CPU time, loss and parameters "
@@ -406,18 +408,21 @@ def _profile_torch(torch_step, n: int, top: int) -> None:
 def ab_xla_options(a) -> common.Timing:
     """Interleaved A/B of the JAX SFT step compiled without (A) and with (B) `a.ab`'s XLA options; prints whether
     one step from the same state gives bitwise-equal loss and parameters."""
-    cfg, tm, jax_step, torch_step, batch, step, box, jb = setup(a)
+    cfg = bench_config(a)  # random init, no torch model: two JAX states are what memory holds
+    jb = jax.tree.map(jnp.asarray, make_batch(cfg, a.batch, a.seq, a.tiles))
+    step, state = _jax_step(a, cfg)
     opts = dict(kv.split("=", 1) for kv in a.ab.split(",") if kv)
     rng = jax.random.key(7)
-    copy = lambda: jax.tree.map(jnp.copy, box["state"])  # noqa: E731  (each compiled step donates its state)
-    lowered = step.lower(box["state"], jb, rng)
+    lowered = step.lower(state, jb, rng)
     comp_a = lowered.compile()
     comp_b = lowered.compile(compiler_options=opts)
-    (sa, ma), (sb, mb) = comp_a(copy(), jb, rng), comp_b(copy(), jb, rng)
+    sa, ma = comp_a(jax.tree.map(jnp.copy, state), jb, rng)  # each compiled step donates its state
+    sb, mb = comp_b(state, jb, rng)
     same = all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves((sa.params, ma)),
                                                            jax.tree.leaves((sb.params, mb))))
+    diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params)))
     print(f"# ab {opts}: loss A {float(ma['loss']):.7f} B {float(mb['loss']):.7f}; params and metrics after one "
-          f"step bitwise equal: {same}")
+          f"step bitwise equal: {same} (max |param diff| {diff:.2e})")
     boxes = {"a": sa, "b": sb}
 
     def run(which, comp):
@@ -428,7 +433,24 @@ def ab_xla_options(a) -> common.Timing:
 
     t = common.interleaved("sft_xla_options_b_vs_a", run("a", comp_a), run("b", comp_b), reps=a.reps)
     t.print()
+    _print_cpu(t, "A", "B")
     return t
+
+
+def _print_cpu(t: common.Timing, a_name: str, b_name: str) -> None:
+    ca, cb = min(t.baseline_cpu_s), min(t.jax_cpu_s)  # os.times(): 10 ms ticks
+    print(f"# process CPU time min: {a_name} {ca * 1e3:.0f} ms, {b_name} {cb * 1e3:.0f} ms -> "
+          + (f"{ca / cb:.2f}x" if cb > 0 else "n/a (under a clock tick)"))
+
+
+def _jax_step(a, cfg):
+    """(jitted SFT train step donating its state, a random-init train state): the JAX side of setup() alone."""
+    mdef = vlm_ckpt.module_def(cfg, a.dtype)
+    params = mdef.init(jax.random.key(0))
+    tx = optim.make_optimizer(optim_cfg(), 1000, params)
+    step = jax.jit(make_train_step(lm_loss.make_loss_fn(mdef, chunk=a.chunk, drop_path=False, grad_accum=1), tx,
+                                   schedule=optim.make_schedule(optim_cfg(), 1000)), donate_argnums=(0,))
+    return step, init_train_state(params, tx)
 
 
 def ab_tile_layout(a) -> common.Timing:
@@ -439,14 +461,8 @@ def ab_tile_layout(a) -> common.Timing:
     cfg = bench_config(a)
     batches = {k: jax.tree.map(jnp.asarray, make_batch(cfg, a.batch, a.seq, a.tiles, layout=k))
                for k in ("rows", "flat")}
-    mdef = vlm_ckpt.module_def(cfg, a.dtype)
-    params = mdef.init(jax.random.key(0))
-    tx = optim.make_optimizer(optim_cfg(), 1000, params)
-    step = jax.jit(make_train_step(lm_loss.make_loss_fn(mdef, chunk=a.chunk, drop_path=False, grad_accum=1), tx,
-                                   schedule=optim.make_schedule(optim_cfg(), 1000)), donate_argnums=(0,))
+    step, state = _jax_step(a, cfg)
     rng = jax.random.key(7)
-    state = init_train_state(params, tx)
-    del params
     comp = {k: step.lower(state, b, rng).compile() for k, b in batches.items()}
     for k, b in batches.items():
         print(f"# layout {k}: pixel_values {tuple(b['pixel_values'].shape)}, ViT batch "
@@ -466,9 +482,7 @@ def ab_tile_layout(a) -> common.Timing:
 
     t = common.interleaved("sft_step_flat_tiles_vs_rows", run("rows"), run("flat"), reps=a.reps)
     t.print()
-    ca, cb = min(t.baseline_cpu_s), min(t.jax_cpu_s)  # os.times(): 10 ms ticks
-    print(f"# process CPU time min: rows {ca * 1e3:.0f} ms, flat {cb * 1e3:.0f} ms -> "
-          + (f"{ca / cb:.2f}x" if cb > 0 else "n/a (under a clock tick)"))
+    _print_cpu(t, "rows", "flat")
     return t
 
 
@@ -499,13 +513,23 @@ def bench_ops(a) -> list[common.Timing]:
     cases = [("lm_head_fwd", mm, (x, w), mm, 2 * r * 896 * v),
              ("lm_head_grad_w", lambda p, q_: p.T @ q_, (x, gl), lambda p, q_: p.T @ q_, 2 * r * 896 * v),
              ("lm_head_grad_x", lambda p, q_: p @ q_.T, (gl, w), lambda p, q_: p @ q_.T, 2 * r * 896 * v),
+             # the same product on a materialised [V, 896] copy of the kernel (the copy is timed too): the vocab
+             # axis major in the right operand, as torch's [V, 896] weight has it
+             ("lm_head_grad_x_wt_copy", lambda p, q_: p @ jax.lax.optimization_barrier(q_.T), (gl, w),
+              lambda p, q_: p @ q_.T, 2 * r * 896 * v),
              ("vit_fc1", mm, (arr(1025, 1024), arr(1024, 4096)), mm, 2 * 1025 * 1024 * 4096),
              ("llm_gate_proj", mm, (arr(532, 896), arr(896, 4864)), mm, 2 * 532 * 896 * 4864),
              ("ce_fwd_bwd", jce, (gl, g.integers(0, v, r).astype(np.int32)), tce, None),
              ("vit_attention_fwd", lambda q_, k, v_: dot_product_attention(q_, k, v_), (q, q, q), tsdpa,
               4 * 16 * 1025 * 1025 * 64)]
     out = []
+    only = {n for n in a.ops_only.split(",") if n}
+    unknown = only - {c[0] for c in cases}
+    if unknown:
+        raise SystemExit(f"--ops-only: unknown case(s) {sorted(unknown)}; known: {[c[0] for c in cases]}")
     for name, jf, args, tf, flops in cases:
+        if only and name not in only:
+            continue
         jargs = [jnp.asarray(x_) for x_ in args]
         targs = [torch.from_numpy(x_).long() if x_.dtype == np.int32 else torch.from_numpy(x_) for x_ in args]
         comp = jax.jit(jf).lower(*jargs).compile()
@@ -517,9 +541,13 @@ def bench_ops(a) -> list[common.Timing]:
         t = common.interleaved(f"op_{name}_jax_vs_torch", torch_call,
                                lambda comp=comp, jargs=jargs: jax.block_until_ready(comp(*jargs)), reps=a.reps)
         t.print()
+        cb, cj = min(t.baseline_cpu_s), min(t.jax_cpu_s)  # process CPU time: what a loaded machine cannot skew
+        print(f"# {name}: CPU time min torch {cb * 1e3:.1f} ms, jax {cj * 1e3:.1f} ms -> "
+              + (f"{cb / cj:.2f}x" if cj > 0 else "n/a"))
         if flops:
             print(f"# {name}: torch {flops / min(t.baseline_s) / 1e9:.1f} GFLOP/s, jax "
-                  f"{flops / min(t.jax_s) / 1e9:.1f} GFLOP/s")
+                  f"{flops / min(t.jax_s) / 1e9:.1f} GFLOP/s (wall); by CPU time torch "
+                  f"{flops / max(cb, 1e-9) / 1e9:.1f}, jax {flops / max(cj, 1e-9) / 1e9:.1f}")
         out.append(t)
     return out
 
