@@ -2,6 +2,7 @@
 
     python bench/grpo.py                 # DiT small, 4 scenes x G 8, vl_len 32
     python bench/grpo.py --quick         # tiny planner, 2 scenes x G 4, vl_len 8: the smoke path (tests)
+    python bench/grpo.py --profile       # instead of timing: FLOPs and CPU time of each part of the step, both sides
 
 JAX: `rl/grpo.py` — G chains per scene, the vectorised PDM reward (`sim/pdm.py`), advantages, log-probs, BC on the
 reference's chains and the AdamW update, all in one jit.
@@ -40,6 +41,10 @@ def _parse(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for both frameworks (1 = single-threaded XLA and torch: fair and stable on a "
                         "shared machine); 0 = defaults")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: the JAX step's parts (G-chain sampling, reference chain, PDM reward, loss "
+                        "value_and_grad, optimizer) jitted apart, each with its GFLOP (dots of the compiled HLO x loop "
+                        "trip counts) and process CPU time, and torch's FLOPs (FlopCounterMode) and part times")
     a = p.parse_args(argv)
     if a.quick:
         a.config, a.batch, a.group, a.vl_len = "tiny", 2, 4, 8
@@ -165,6 +170,9 @@ def main(args) -> int:
 
     algo = TorchGRPO(tm, ref, scenes, rl)
     tvl, this, tst = torch.from_numpy(vl), torch.from_numpy(his), torch.from_numpy(st)
+    if args.profile:
+        profile(args, mdef, rl, tx, params, ref_params, batch, algo, (tvl, this, tst))
+        return 0
     t = common.interleaved("grpo_step_jax_vs_torch", lambda: algo.step(tvl, this, tst), jax_step, reps=args.reps)
     t.print()
     n_calls = args.reps + 1  # + the warm-up call
@@ -175,6 +183,83 @@ def main(args) -> int:
     if not args.quick:
         common.print_results_row([t], "python bench/grpo.py")
     return 0
+
+
+def _cpu_ms(fn, reps: int) -> float:
+    """Least process CPU ms of `reps` calls after a warm-up (pinned single-threaded: the work itself, whatever
+    share of the core other processes took)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t)
+    return best * 1e3
+
+
+def profile(args, mdef, rl, tx, params, ref_params, batch, algo, tin) -> None:
+    """Where the step's time goes: each part of the JAX step jitted on its own (GFLOP of its compiled HLO's dots x
+    while-loop trip counts, CPU ms) next to the whole step, and torch's FLOPs and part times."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.planner import hlo_dots
+    cond, scene, g = batch["cond"], batch["scene"], rl.group_size
+    weights = jnp.asarray(grpo.discount_weights(5, rl.gamma))
+    reward_fn = grpo.pdm_reward_fn(rl)
+    key = jax.random.key(0)
+    ro = jax.jit(lambda p, k: grpo.rollout(p, ref_params, mdef.bind, cond, scene, k, rl, reward_fn))(params, key)
+    state = init_train_state(params, tx)
+    grads = jax.tree.map(jnp.ones_like, params)
+
+    def sample(p, k):
+        pl = mdef.bind(p)
+        return grpo.group_sample(pl, pl.encode(cond), k, g)
+
+    def sample_ref(p, k):
+        pl = mdef.bind(p)
+        return pl.sample_with_chain(None, k, ctx=pl.encode(cond))
+
+    def loss_grad(p):
+        return jax.value_and_grad(grpo.reinforce_loss, has_aux=True)(
+            p, mdef.bind, cond, ro["chain"], ro["adv"].reshape(-1), ro["valid"].reshape(-1), ro["ref_chain"], rl,
+            weights)
+
+    def pg_fwd(p):
+        pl = mdef.bind(p)
+        return grpo.group_log_prob(pl, ro["chain"], pl.encode(cond))
+
+    parts = [("whole step", grpo.make_update(mdef.bind, rl, tx, num_denoise_steps=5), (state, batch, key, ref_params)),
+             ("sample G chains (encode + 5 DDIM steps)", sample, (params, key)),
+             ("reference chain (frozen planner)", sample_ref, (ref_params, key)),
+             ("PDM reward", lambda t: reward_fn(scene, t), (ro["trajectory"],)),
+             ("loss value_and_grad (log-probs of the G chains + BC)", loss_grad, (params,)),
+             ("... G chains' log-probs, forward only", pg_fwd, (params,)),
+             ("optimizer (clip + AdamW)", lambda s, gr: grpo._apply(s, gr, tx), (state, grads))]
+    print("# JAX part | GFLOP (dots) | CPU ms (min) | GFLOP/s")
+    for name, fn, fargs in parts:
+        c = jax.jit(fn).lower(*fargs).compile()
+        fl = sum((d["flops"] or 0) * d["mult"] for d in hlo_dots(c.as_text())) / 1e9
+        ms = _cpu_ms(lambda: jax.block_until_ready(c(*fargs)), args.reps)
+        print(f"#   {name} | {fl:.2f} | {ms:.0f} | {fl / ms * 1e3:.0f}", flush=True)
+    tm, b, k = algo.tm, tin[0].shape[0], algo.tm.K
+    rep = lambda x: x.repeat_interleave(g, dim=0)  # noqa: E731
+    with FlopCounterMode(display=False) as fc:
+        algo.step(*tin)
+    total = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        ctx = tm.encode(*(rep(x) for x in (tin[0], tin[1], tin[2])))
+        tm.sample_chain(ctx, torch.randn(b * g, 8, 3), torch.randn(k, b * g, 8, 3))
+    sample_fl = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        algo.ref.sample_chain(algo.ref.encode(*tin), torch.randn(b, 8, 3), torch.randn(k, b, 8, 3))
+    ref_fl = fc.get_total_flops()
+    algo.timing = {key: 0.0 for key in algo.timing}
+    step_ms = _cpu_ms(lambda: algo.step(*tin), args.reps)
+    share = {key: v / (args.reps + 1) * 1e3 for key, v in algo.timing.items()}  # wall means (warm-up included)
+    print(f"# torch: {total / 1e9:.1f} GFLOP a step (FlopCounterMode): sample G chains {sample_fl / 1e9:.1f}, "
+          f"reference chain {ref_fl / 1e9:.1f}, update (encode, get_logprobs x2, backward) "
+          f"{(total - sample_fl - ref_fl) / 1e9:.1f}; step {step_ms:.0f} CPU ms (min); wall means: sample "
+          f"{share['sample']:.0f} ms, score {share['score']:.0f} ms, update {share['update']:.0f} ms")
 
 
 def _as_pure(mdef: ModuleDef, params) -> dict:
