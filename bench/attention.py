@@ -6,7 +6,9 @@
 Baseline = the einsum path, "jax" side = jax.nn: a ratio > 1 means jax.nn is faster. Cases: the planner's IL train
 step (DiT small, batch 16, vl_len 256: attention inside the whole step), and the attention op alone, forward +
 backward, at InternVL3-1B widths: ViT (3 tiles x 1025 tokens, 16 heads x 64), LLM prefill (1064 tokens, 14 query /
-2 kv heads x 64, causal), and a decode step (forward only, 1 query over a 2048-slot cache).
+2 kv heads x 64, causal), and a decode step (forward only, 1 query over a 2048-slot cache). Last case: the ViT's
+forward with `'per_head'` (one (batch row, head) at a time, what 'auto' runs where no gradient is taken) as the
+"jax" side against the einsum path.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from recogdrive_jax.models import layers  # noqa: E402
 from recogdrive_jax.models.planner import build_planner, planner_config  # noqa: E402
 
 
-def _op_case(name, b, t, s, h, g, hd, dtype, reps, *, causal=False, grad=True):
+def _op_case(name, b, t, s, h, g, hd, dtype, reps, *, causal=False, grad=True, impls=("xla", "jax_nn")):
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(b, t, h, hd)), dtype)
     k, v = (jnp.asarray(rng.normal(size=(b, s, g, hd)), dtype) for _ in range(2))
@@ -41,7 +43,7 @@ def _op_case(name, b, t, s, h, g, hd, dtype, reps, *, causal=False, grad=True):
                      if grad else f)
         return lambda: jax.block_until_ready(fn(q, k, v))
 
-    return common.interleaved(name, make("xla"), make("jax_nn"), reps=reps)
+    return common.interleaved(name, make(impls[0]), make(impls[1]), reps=reps)
 
 
 def _planner_case(dtype, reps):
@@ -75,6 +77,8 @@ def main(argv=None) -> int:
         _op_case("LLM prefill attention fwd+bwd (1064, 14/2x64, causal)", 1, 1064, 1064, 14, 2, 64, dt, a.reps,
                  causal=True),
         _op_case("LLM decode attention fwd (1 over 2048, 14/2x64)", 1, 1, 2048, 14, 2, 64, dt, a.reps, grad=False),
+        _op_case("ViT attention fwd, 'per_head' as 'jax' side (3x1025, 16x64)", 3, 1025, 1025, 16, 16, 64, dt,
+                 a.reps, grad=False, impls=("xla", "per_head")),
     ]
     for t in timings:
         t.print()
