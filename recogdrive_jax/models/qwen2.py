@@ -219,7 +219,7 @@ class Qwen2ForCausalLM(nnx.Module):
         """hidden [..., D] → fp32 logits [..., V]."""
         if self.cfg.tie_word_embeddings:
             out = self.model.embed_tokens.attend(hidden)
-        elif math.prod(hidden.shape[:-1]) <= kernels.MATVEC_MAX_ROWS:  # a decode step's few rows
+        elif kernels.matvec_rows(math.prod(hidden.shape[:-1])):  # a decode step's few rows, on CPU
             out = matvec_rows(hidden, self.lm_head.kernel[...], self.lm_head.dtype)
         else:
             out = self.lm_head(hidden)

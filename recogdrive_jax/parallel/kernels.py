@@ -39,6 +39,12 @@ MATVEC_MAX_ROWS = 2
 PER_HEAD_MIN_QUERIES = 256
 
 
+def matvec_rows(rows: int) -> bool:
+    """Whether a product with `rows` rows against a large weight should run as per-row matvecs: on CPU only (a GPU
+    GEMM does not pack its operand this way; nothing measured there)."""
+    return jax.default_backend() == "cpu" and rows <= MATVEC_MAX_ROWS
+
+
 def attention_chunk_rows(batch: int, heads: int, keys: int) -> int:
     """Query rows per 'chunked' block: the largest power of two whose fp32 logits fit CHUNK_LOGIT_BYTES, ≥ 8."""
     fit = CHUNK_LOGIT_BYTES // max(1, 4 * batch * heads * keys)
