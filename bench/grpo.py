@@ -212,11 +212,11 @@ def profile(args, mdef, rl, tx, params, ref_params, batch, algo, tin) -> None:
     grads = jax.tree.map(jnp.ones_like, params)
 
     def sample(p, k):
-        pl = mdef.bind(p)
+        pl = grpo.shared_memory_planner(mdef.bind, p)
         return grpo.group_sample(pl, pl.encode(cond), k, g)
 
     def sample_ref(p, k):
-        pl = mdef.bind(p)
+        pl = grpo.shared_memory_planner(mdef.bind, p)
         return pl.sample_with_chain(None, k, ctx=pl.encode(cond))
 
     def loss_grad(p):
@@ -225,7 +225,7 @@ def profile(args, mdef, rl, tx, params, ref_params, batch, algo, tin) -> None:
             weights)
 
     def pg_fwd(p):
-        pl = mdef.bind(p)
+        pl = grpo.shared_memory_planner(mdef.bind, p)
         return grpo.group_log_prob(pl, ro["chain"], pl.encode(cond))
 
     parts = [("whole step", grpo.make_update(mdef.bind, rl, tx, num_denoise_steps=5), (state, batch, key, ref_params)),

@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from recogdrive_jax import config_types
+from recogdrive_jax.models.dit import DiTBlock
 from recogdrive_jax.models.planner import DiffusionPlanner, denormalize_pose
 from recogdrive_jax.sim import pdm
 from recogdrive_jax.train.state import TrainState
@@ -162,6 +164,22 @@ def clamped_step_log_prob(log_probs: jax.Array, lo: float = -5.0, hi: float = 2.
 # `sample_with_chain(None, rng, ctx=)` and `chain_log_prob(chain, None, ctx=)`, `vmap`ped over the G chains of a
 # scene with the scene's context unbatched (`group_sample`, `group_log_prob`).
 
+def shared_memory_planner(bind: Callable, params) -> DiffusionPlanner:
+    """`bind(params)` with every DiT cross block on the module path (`DiTBlock.fold_cross` off).
+
+    The folded cross-attention (models/dit.cross_attention_folded) pays off when each query row has its own long
+    memory (IL training: T = 8 queries on S memory rows per sample). Here one scene's memory serves the G chains and
+    the K denoising steps (`vmap` with the context unbatched), so the module path projects each scene's B*S memory
+    rows to keys and values once, while the fold would average the memory for every (chain, step, head, query) row
+    first: [G*K*B*H*T, D] = 10,240 x 384 at 4 scenes x G 8, vl_len 32, against 128 memory rows. Same math, fp32
+    rounding (bench/RESULTS.md, GRPO step profile: 1.18x on the step)."""
+    planner = bind(params)
+    for _, mod in nnx.iter_modules(planner):
+        if isinstance(mod, DiTBlock):
+            mod.fold_cross = False
+    return planner
+
+
 def _ungroup(x: jax.Array) -> jax.Array:
     """[G, B, ...] -> [B*G, ...] scene-major (b0 g0, b0 g1, ..., b1 g0, ...)."""
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
@@ -232,7 +250,7 @@ def reinforce_loss(params, bind: Callable, cond, chain: jax.Array, adv: jax.Arra
 
     L = -sum_{valid, k} l_k A w_k / (n_valid K) + bc_weight * BC; BC on stop_gradient(params) when its weight is 0
     (logged, never trained)."""
-    planner = bind(params)
+    planner = shared_memory_planner(bind, params)
     ctx = planner.encode(cond)
     lp = group_log_prob(planner, chain, ctx)
     ell = clamped_step_log_prob(lp, cfg.logp_min, cfg.logp_max)
@@ -242,7 +260,7 @@ def reinforce_loss(params, bind: Callable, cond, chain: jax.Array, adv: jax.Arra
     if cfg.bc_weight > 0:
         bc = bc_loss(planner, ctx, ref_chain, cfg)
     else:
-        frozen = bind(jax.lax.stop_gradient(params))
+        frozen = shared_memory_planner(bind, jax.lax.stop_gradient(params))
         bc = bc_loss(frozen, frozen.encode(cond), ref_chain, cfg)
     loss = pg + cfg.bc_weight * bc
     return loss, {"policy_loss": pg, "bc_loss": bc, "logp_mean": _safe_mean(jnp.mean(ell, -1), valid)}
@@ -253,7 +271,7 @@ def clip_loss(params, bind: Callable, cond, chain_mb: jax.Array, scene_mb: jax.A
               mean_weight: float) -> tuple[jax.Array, dict]:
     """`grpo_clip` minibatch loss. chain_mb [M, K+1, H, A] with scene index scene_mb [M], old per-sample mean
     log-prob old_mb [M], advantages adv_mb [M] (scaled here by mean_k w_k); BC on the minibatch's scenes."""
-    planner = bind(params)
+    planner = shared_memory_planner(bind, params)
     ctx = planner.encode(cond)
     b = ctx["memory"].shape[0]
     lp = planner.chain_log_prob(chain_mb, None, ctx=take_ctx(ctx, scene_mb))
@@ -267,7 +285,7 @@ def clip_loss(params, bind: Callable, cond, chain_mb: jax.Array, scene_mb: jax.A
     if cfg.bc_weight > 0:
         bc = bc_loss(planner, ctx, ref_chain, cfg, present)
     else:
-        frozen = bind(jax.lax.stop_gradient(params))
+        frozen = shared_memory_planner(bind, jax.lax.stop_gradient(params))
         bc = bc_loss(frozen, frozen.encode(cond), ref_chain, cfg, present)
     loss = pg + cfg.bc_weight * bc
     aux = {"policy_loss": pg, "bc_loss": bc, "logp_mean": _safe_mean(ell, valid_mb),
@@ -289,7 +307,7 @@ def rollout(params, ref_params, bind: Callable, cond, scene, rng: jax.Array, cfg
     trajectory [B, G, H, 3], scores {key: [B, G]}, reward / valid / adv [B, G], ref_chain [B, K+1, H, A]."""
     k_roll, k_ref = jax.random.split(rng)
     g = cfg.group_size
-    planner = bind(jax.lax.stop_gradient(params))
+    planner = shared_memory_planner(bind, jax.lax.stop_gradient(params))
     ctx = planner.encode(cond)
     b = ctx["memory"].shape[0]
     out = group_sample(planner, ctx, k_roll, g)
@@ -305,7 +323,7 @@ def rollout(params, ref_params, bind: Callable, cond, scene, rng: jax.Array, cfg
     vflat = valid.reshape(-1)
     chain = jnp.where(vflat[:, None, None, None], chain, 0.0)
     old_ell = jnp.where(vflat[:, None], clamped_step_log_prob(lps, cfg.logp_min, cfg.logp_max), 0.0)
-    ref = bind(jax.lax.stop_gradient(ref_params))
+    ref = shared_memory_planner(bind, jax.lax.stop_gradient(ref_params))
     ref_chain = jax.lax.stop_gradient(ref.sample_with_chain(None, k_ref, ctx=ref.encode(cond))["chain"])
     return dict(chain=chain, old_ell=old_ell, trajectory=traj, scores=scores, reward=reward, valid=valid, adv=adv,
                 ref_chain=ref_chain)
