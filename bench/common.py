@@ -153,6 +153,18 @@ def interleaved(name: str, baseline: Callable[[], object], jax_fn: Callable[[], 
     return Timing(name, bs, js, compile_s, mon.other_share, bc, jc)
 
 
+def cpu_min(fn: Callable[[], object], reps: int) -> float:
+    """Least process CPU seconds of `reps` calls after one warm-up: on a pinned single-threaded process this is the
+    time the work itself took, whatever share of the core other processes got (wall time is not, under load)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t)
+    return best
+
+
 def load_average() -> str:
     try:
         return "load average %.2f %.2f %.2f" % os.getloadavg()

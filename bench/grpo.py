@@ -185,18 +185,6 @@ def main(args) -> int:
     return 0
 
 
-def _cpu_ms(fn, reps: int) -> float:
-    """Least process CPU ms of `reps` calls after a warm-up (pinned single-threaded: the work itself, whatever
-    share of the core other processes took)."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t)
-    return best * 1e3
-
-
 def profile(args, mdef, rl, tx, params, ref_params, batch, algo, tin) -> None:
     """Where the step's time goes: each part of the JAX step jitted on its own (GFLOP of its compiled HLO's dots x
     while-loop trip counts, CPU ms) next to the whole step, and torch's FLOPs and part times."""
@@ -239,7 +227,7 @@ def profile(args, mdef, rl, tx, params, ref_params, batch, algo, tin) -> None:
     for name, fn, fargs in parts:
         c = jax.jit(fn).lower(*fargs).compile()
         fl = sum((d["flops"] or 0) * d["mult"] for d in hlo_dots(c.as_text())) / 1e9
-        ms = _cpu_ms(lambda: jax.block_until_ready(c(*fargs)), args.reps)
+        ms = 1e3 * common.cpu_min(lambda: jax.block_until_ready(c(*fargs)), args.reps)
         print(f"#   {name} | {fl:.2f} | {ms:.0f} | {fl / ms * 1e3:.0f}", flush=True)
     tm, b, k = algo.tm, tin[0].shape[0], algo.tm.K
     rep = lambda x: x.repeat_interleave(g, dim=0)  # noqa: E731
@@ -254,7 +242,7 @@ def profile(args, mdef, rl, tx, params, ref_params, batch, algo, tin) -> None:
         algo.ref.sample_chain(algo.ref.encode(*tin), torch.randn(b, 8, 3), torch.randn(k, b, 8, 3))
     ref_fl = fc.get_total_flops()
     algo.timing = {key: 0.0 for key in algo.timing}
-    step_ms = _cpu_ms(lambda: algo.step(*tin), args.reps)
+    step_ms = 1e3 * common.cpu_min(lambda: algo.step(*tin), args.reps)
     share = {key: v / (args.reps + 1) * 1e3 for key, v in algo.timing.items()}  # wall means (warm-up included)
     print(f"# torch: {total / 1e9:.1f} GFLOP a step (FlopCounterMode): sample G chains {sample_fl / 1e9:.1f}, "
           f"reference chain {ref_fl / 1e9:.1f}, update (encode, get_logprobs x2, backward) "

@@ -293,19 +293,6 @@ def _flop_table(title: str, by: dict) -> None:
         print(f"#   {k}: {v / 1e9:.2f} GFLOP ({100 * v / max(tot, 1):.0f}%)")
 
 
-def _cpu_min(fn, reps: int) -> float:
-    """Least process CPU seconds of `reps` calls after one warm-up: on a pinned single-threaded process this is the
-    time the work itself took, whatever share of the core other processes got (wall time is not, under load)."""
-    import time
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t)
-    return best
-
-
 def gemm_floor(dots: list[dict], trows, cfg, b: int, n: int, reps: int = 3) -> tuple[float, float]:
     """Each side's matrix products replayed alone (random operands, same shapes and dimension order; JAX: every dot
     of the compiled step, one jitted `dot_general` per distinct signature; torch: every mm/addmm/bmm the profiler
@@ -322,7 +309,7 @@ def gemm_floor(dots: list[dict], trows, cfg, b: int, n: int, reps: int = 3) -> t
     for (lhs, rhs, (lc, rc, lb, rb)), (count, fl, part) in sigs.items():
         x, y = jnp.asarray(rand(lhs)), jnp.asarray(rand(rhs))
         f = jax.jit(lambda x, y, dn=((lc, rc), (lb, rb)): jax.lax.dot_general(x, y, dn)).lower(x, y).compile()
-        jparts[part] = jparts.get(part, 0.0) + count * _cpu_min(lambda: f(x, y).block_until_ready(), reps)
+        jparts[part] = jparts.get(part, 0.0) + count * common.cpu_min(lambda: f(x, y).block_until_ready(), reps)
     tparts: dict[str, float] = {}
     for key, shapes, _, calls, fl in trows:
         shapes = [tuple(s) for s in shapes]
@@ -331,7 +318,7 @@ def gemm_floor(dots: list[dict], trows, cfg, b: int, n: int, reps: int = 3) -> t
         ts = [torch.from_numpy(rand(s)) for s in shapes if s]
         op = {"aten::mm": torch.mm, "aten::bmm": torch.bmm, "aten::addmm": torch.addmm}[key]
         part = planner_part([s for s in shapes if s], cfg, b, n, fl / calls)
-        tparts[part] = tparts.get(part, 0.0) + calls * _cpu_min(lambda: op(*ts[:3]), reps)
+        tparts[part] = tparts.get(part, 0.0) + calls * common.cpu_min(lambda: op(*ts[:3]), reps)
     tt, jt = sum(tparts.values()), sum(jparts.values())
     print(f"# GEMM floor (each product replayed alone, CPU ms a step): torch {tt * 1e3:.0f}, JAX {jt * 1e3:.0f} "
           f"({len(sigs)} distinct JAX dots)")
@@ -359,7 +346,7 @@ def compiled_step(jm, opt, batch, options: dict | None = None):
 
 def ab_xla_options(args, cfg, jm, opt, n: int) -> None:
     """`--ab k=v,...`: the JAX train step compiled without (A) and with (B) these XLA options; whether one step from
-    the same state gives bitwise-equal loss and state, then A/B interleaved by CPU time (load-robust, see _cpu_min)."""
+    the same state gives bitwise-equal loss and state, then A/B interleaved by CPU time (load-robust, see common.cpu_min)."""
     import time
     opts = dict(kv.split("=", 1) for kv in args.ab.split(",") if kv)
     vl, st, his, fut = make_inputs(cfg, args.batch, n)
@@ -499,7 +486,7 @@ def profile(args, cfg, tm, jm, opt, topt, n: int, top: int = 30) -> None:
         return float(loss)
 
     run()  # warm-up
-    if args.profile_side == "both":  # whole steps and their GEMM floors, by CPU time (see _cpu_min)
+    if args.profile_side == "both":  # whole steps and their GEMM floors, by CPU time (see common.cpu_min)
         import time
         cpu = {"torch": [], "jax": []}
         for _ in range(args.reps):  # interleaved
