@@ -1,6 +1,7 @@
 """The planner's IL loss and gradients on a tensor-parallel mesh equal the single-device ones, with the DiT's folded
 cross-attention (`dit.cross_attention_folded` reads `to_v`'s kernel as [D, H, hd] while it is head-sharded) and
-with the module path; 8 forced CPU devices (conftest)."""
+with the module path; the CPU attention paths that loop inside the jit on a split batch and split heads; 8 forced
+CPU devices (conftest)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,3 +65,34 @@ def test_planner_loss_and_grads_on_a_tensor_parallel_mesh_equal_one_device(fold,
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref_grads), jax.tree.leaves(grads)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-5,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("impl,heads,kv_heads", [("per_head", 4, 4), ("chunked", 4, 2)])
+def test_blocked_attention_on_a_sharded_batch_equals_one_device(impl, heads, kv_heads):
+    """The CPU attention paths that loop over (batch row, head) or query blocks inside the jit ('per_head', and
+    'chunked' whose no-gradient forward is per head) give one device's output and gradients with the batch split over
+    `data` and the heads over `tensor` (8 forced CPU devices)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from recogdrive_jax.models import layers
+    g = np.random.default_rng(0)
+    b, t, hd = 4, 19, 8
+    q = jnp.asarray(g.normal(size=(b, t, heads, hd)), jnp.float32)
+    k, v = (jnp.asarray(g.normal(size=(b, t, kv_heads, hd)), jnp.float32) for _ in range(2))
+    mask = jnp.tril(jnp.ones((t, t), bool))[None] & jnp.asarray(g.random((b, 1, t)) > 0.2)
+    cot = jnp.asarray(g.normal(size=q.shape), jnp.float32)
+
+    def fn(q, k, v, mask):
+        out = layers.dot_product_attention(q, k, v, mask, impl=impl)
+        grads = jax.grad(lambda *a: jnp.sum(layers.dot_product_attention(*a, mask, impl=impl) * cot),
+                         argnums=(0, 1, 2))(q, k, v)
+        return out, grads
+
+    ref = jax.jit(fn)(q, k, v, mask)
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+    heads_spec = NamedSharding(mesh, P("data", None, "tensor" if kv_heads % 4 == 0 else None, None))
+    qs = jax.device_put(q, NamedSharding(mesh, P("data", None, "tensor", None)))
+    ks, vs = (jax.device_put(x, heads_spec) for x in (k, v))
+    got = jax.jit(fn)(qs, ks, vs, jax.device_put(mask, NamedSharding(mesh, P("data"))))
+    # rtol: dK/dV sum the R query heads of a kv head, which the head split puts on different devices (another order)
+    for a, c in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=1e-6, rtol=1e-6)
