@@ -378,7 +378,7 @@ def ab_config(args, cfg, jm, n: int) -> None:
     import dataclasses
     import time
     from recogdrive_jax.models.planner import stack_blocks
-    from recogdrive_jax.models.dit import DiTBlock
+    from recogdrive_jax.models.dit import set_fold_cross
     over, block_attrs = {}, {}
     for kv in (x for x in args.ab_config.split(",") if x):
         k, v = kv.split("=", 1)
@@ -389,10 +389,10 @@ def ab_config(args, cfg, jm, n: int) -> None:
         over[k] = (v.lower() in ("1", "true")) if isinstance(cur, bool) else type(cur)(v) if cur is not None else v
     cfg_b = dataclasses.replace(cfg, **over)
     jb = build_planner(cfg_b, nnx.Rngs(0))
-    for _, mod in nnx.iter_modules(jb):
-        if isinstance(mod, DiTBlock):
-            for k, v in block_attrs.items():
-                setattr(mod, k, v)
+    for k, v in block_attrs.items():
+        if k != "fold_cross":
+            raise SystemExit(f"--ab-config: unknown DiT block switch block.{k} (known: block.fold_cross)")
+        set_fold_cross(jb, v)
     over.update({f"block.{k}": v for k, v in block_attrs.items()})
     params = planner_params(jm)
     load_planner_params(jb, stack_blocks(params) if cfg_b.scan_layers else params)

@@ -65,6 +65,7 @@ from flax import nnx  # noqa: E402
 
 from recogdrive_jax.convert import internvl as cv  # noqa: E402
 from recogdrive_jax.models import internvl as iv  # noqa: E402
+from recogdrive_jax.models.layers import first_argmax  # noqa: E402
 
 
 def make_prompts(cfg, b: int, t: int, tiles: list[int], seed: int = 0):
@@ -131,7 +132,7 @@ def main(a) -> int:
 
         def body(_, c):
             cache, logits, out = c
-            tok = iv.greedy_token(logits)  # = argmax, as internvl.generate picks it
+            tok = first_argmax(logits)  # = argmax, as internvl.generate picks it
             cache, logits = iv.decode_step(model, cache, tok, layer_states)
             return cache, logits, out + tok  # keeps the tokens live
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recogdrive_jax.models import internvl as iv
+from recogdrive_jax.models import layers
 from recogdrive_jax.models.layers import matvec_rows
 from recogdrive_jax.parallel import kernels
 
@@ -61,13 +62,13 @@ def test_matvec_rows_equals_the_dot_and_logits_pick_it_for_few_rows():
             np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
 
 
-def test_greedy_token_is_argmax_with_its_ties_nans_and_infinities():
+def test_first_argmax_is_argmax_with_its_ties_nans_and_infinities():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((4, 3, 1000)), jnp.float32)
     x = x.at[0, 0, 7].set(9.0).at[0, 0, 3].set(9.0)  # a tie: the first wins
     x = x.at[1, 2, 500].set(jnp.nan).at[1, 2, 900].set(jnp.nan)  # NaN: the first NaN, as jnp.argmax
     x = x.at[2, 1].set(-jnp.inf)  # all -inf: index 0
     x = x.at[3, 0, 999].set(jnp.inf)
-    got = jax.jit(iv.greedy_token)(x)
+    got = jax.jit(layers.first_argmax)(x)
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(x, axis=-1)))

@@ -6,10 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from recogdrive_jax.models import dit
-from recogdrive_jax.models.dit import DiTBlock
 from recogdrive_jax.models.planner import build_planner, planner_config
 from recogdrive_jax.parallel import activations as act
 from recogdrive_jax.parallel import mesh as mesh_lib
@@ -30,10 +28,7 @@ def _batch(cfg, b=4, n=6, seed=0):
 
 def _loss_and_grads(mdef, params, batch, fold: bool):
     def loss(p):
-        m = mdef.bind(p)
-        for _, blk in nnx.iter_modules(m):
-            if isinstance(blk, DiTBlock):
-                blk.fold_cross = fold
+        m = dit.set_fold_cross(mdef.bind(p), fold)
         return m.loss(batch, jax.random.key(3))[0]
     return jax.value_and_grad(loss)(params)
 

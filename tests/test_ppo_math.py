@@ -110,6 +110,27 @@ def test_token_logprobs_temperature():
     np.testing.assert_allclose(lp[0, 0], jax.nn.log_softmax(logits[0, 0] / 0.2)[0], rtol=1e-6)
 
 
+def test_token_logprobs_gradient_is_onehot_minus_softmax():
+    """The written-out VJP of `token_logprobs` against float64 onehot - softmax (and the temperature's chain rule),
+    including a masked (-inf) logit, a row whose target holds the max, and bf16 logits."""
+    g = np.random.default_rng(0)
+    logits = g.normal(size=(2, 3, 11)).astype(np.float32) * 4
+    logits[0, 1, 5] = -np.inf
+    tgt = np.array([[3, 4, 0], [10, 7, 2]])
+    logits[1, 0, 10] = logits[1, 0].max() + 1.0
+    w = g.normal(size=(2, 3)).astype(np.float32)
+    for temperature in (1.0, 0.7):
+        got = jax.grad(lambda x: jnp.sum(w * token_logprobs(x, jnp.asarray(tgt), temperature)))(jnp.asarray(logits))
+        z = logits.astype(np.float64) / temperature
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        want = (np.eye(11)[tgt] - p) * w[..., None] / temperature
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
+        assert np.asarray(got)[0, 1, 5] == 0.0
+    lp16 = jax.grad(lambda x: jnp.sum(token_logprobs(x, jnp.asarray(tgt))))(jnp.asarray(logits, jnp.bfloat16))
+    assert lp16.dtype == jnp.bfloat16
+
+
 def test_value_head_shape_placement_and_init():
     D = 32
     head = ValueHead(D, rngs=nnx.Rngs(0))

@@ -24,6 +24,7 @@ from recogdrive_jax.eval import planner_eval
 from recogdrive_jax.rl import grpo
 
 from test_upstream_planner import FIXTURE, TOL, _norm
+from upstream_buffers import assert_entry_equal
 
 SCENES = dict(num_train_scenes=16, num_eval_scenes=8)
 
@@ -108,7 +109,7 @@ def test_upstream_checkpoint_through_every_stage(tmp_path, capsys):
             assert back[k].dtype == v.dtype and back[k].shape == v.shape, (name, k)
             if name != "rl" or not v.is_floating_point() or "ddpm_" in k or "ddim_" in k or k.endswith(
                     ("inv_freq", "eta_logit")):
-                assert torch.equal(back[k], v), (name, k)
+                assert_entry_equal(k, back[k], v, name)  # schedule buffers of torch's sqrt/log: within 2 ulps
     rl_sd = _state_dict(tmp_path / "rl.ckpt")
     changed = [k for k in upstream_sd if not torch.equal(rl_sd[k], upstream_sd[k])]
     assert any("transformer_blocks" in k for k in changed)

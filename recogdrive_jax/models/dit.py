@@ -84,6 +84,17 @@ def cross_attention_folded(attn: Attention, x: jax.Array, memory: jax.Array, rop
     return attn.to_out(o.reshape(b, t, nh * hd))
 
 
+def set_fold_cross(module: nnx.Module, on: bool) -> nnx.Module:
+    """Switch every DiT block under `module` to the folded cross-attention (`on`) or the module path; returns it.
+
+    The fold is the faster form where each query row has its own long memory (IL training); where one memory serves
+    many rows (RL: G chains x K steps of a scene) projecting it once on the module path is cheaper (rl/grpo.py)."""
+    for _, mod in nnx.iter_modules(module):
+        if isinstance(mod, DiTBlock):
+            mod.fold_cross = on
+    return module
+
+
 class DiTBlock(nnx.Module):
     """adaLN-zero block: u += gate_a * attn(mod(RMS(u))); u += gate_f * ffn(mod(RMS(u)))."""
 

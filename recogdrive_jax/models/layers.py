@@ -30,11 +30,31 @@ default_kernel_init = nnx.initializers.xavier_uniform()
 def dense(in_features: int, out_features: int, axes: Axes, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
           param_dtype: Dtype = jnp.float32, use_bias: bool = True, kernel_init=default_kernel_init,
           bias_init=nnx.initializers.zeros_init()) -> nnx.Linear:
-    """`nnx.Linear` whose kernel [in, out] carries `axes` and whose bias [out] carries `axes[1]`."""
+    """`nnx.Linear` whose kernel [in, out] carries `axes` and whose bias [out] carries `axes[1]`; its product is
+    `flat_dot_general` (rows flattened)."""
     return nnx.Linear(
         in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
         kernel_init=nnx.with_partitioning(kernel_init, tuple(axes)),
-        bias_init=nnx.with_partitioning(bias_init, (axes[1],)), rngs=rngs)
+        bias_init=nnx.with_partitioning(bias_init, (axes[1],)), dot_general=flat_dot_general, rngs=rngs)
+
+
+def flat_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, preferred_element_type=None,
+                     out_sharding=None) -> jax.Array:
+    """`lax.dot_general` for a dense layer's x [..., D] x kernel [D, N], with x's leading axes flattened into one
+    row axis first (any other product, or an explicit `out_sharding`, goes to `lax.dot_general` unchanged).
+
+    Why: for x [B, T, D] autodiff derives the kernel gradient as a dot contracting two axes (B and T) of x and of
+    the output gradient, which XLA's CPU backend lays out with a transposed copy of the gradient and runs as a slower
+    product; on [B*T, D] rows it is one plain [D, B*T] x [B*T, N] GEMM. Forward and gradients are bitwise the same
+    (one core, fwd + bwd: ViT fc1 [3, 1025, 1024] x [1024, 4096] 1.40x, Qwen2 gate_proj 1.37x, the LM head
+    [2, 532, 896] x [896, 151,674] 1.74x; bench/RESULTS.md, ninth session)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+    if (out_sharding is None and lhs.ndim > 2 and rhs.ndim == 2 and tuple(lc) == (lhs.ndim - 1,)
+            and tuple(rc) == (0,) and not lb and not rb):
+        y = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())), **kw)
+        return y.reshape(*lhs.shape[:-1], rhs.shape[-1])
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, out_sharding=out_sharding, **kw)
 
 
 RMS_ORDERS = ("cast_then_scale", "scale_then_cast")
@@ -244,34 +264,36 @@ def _multi_head_attention(q, k, v, mask, scaled) -> jax.Array:
     return jnp.einsum("bhts,bhsd->bhtd", probs, vh).transpose(0, 2, 1, 3)
 
 
-def _per_head_attention(q, k, v, mask, scaled) -> jax.Array:
-    """The multi-head einsum path's math one (batch row, head) at a time (`lax.map`) when no gradient is taken;
-    under differentiation the einsum path itself (`jax.custom_vjp`: forward and backward are `_multi_head_attention`
-    and its VJP, so gradients are exactly the einsum path's).
+def _per_head_forward(q, k, v, mask, scaled) -> jax.Array:
+    """The multi-head einsum path's math one (batch row, head) at a time (`lax.map`); forward only.
 
     Why: a [T, S] block's logits and probabilities stay in cache instead of streaming a [B, H, T, S] tensor through
     memory: the ViT's attention at InternVL3-1B widths (3 tiles x 1,025 tokens, 16 heads x 64) took 194 vs 395 ms
     forward (one core, CPU time, loaded machine). Its backward in blocks was slower than the einsum path's
-    (bench/RESULTS.md, seventh session), hence forward-only. q, k, v [B, T|S, H, hd] → [B, T, H, hd]."""
+    (bench/RESULTS.md, seventh session), hence only where no gradient is taken. q, k, v [B, T|S, H, hd] → [B, T, H, hd]
+    (as many key/value heads as query heads: a grouped caller repeats them first)."""
     b, t, h, hd = q.shape
     s = k.shape[1]
+    qh, kh, vh = (a.transpose(0, 2, 1, 3).reshape(b * h, a.shape[1], hd) for a in (q, k, v))
+    if mask is not None:  # [B, T|1, S]: row i of the map reads its batch row's mask
+        mask = jnp.broadcast_to(mask.reshape((1,) * (3 - mask.ndim) + mask.shape),
+                                (b,) + mask.shape[-2:] if mask.ndim >= 2 else (b, 1, s))
 
-    def primal(q, k, v, mask):
-        qh, kh, vh = (a.transpose(0, 2, 1, 3).reshape(b * h, a.shape[1], hd) for a in (q, k, v))
-        if mask is not None:  # [B, T|1, S]: row i of the map reads its batch row's mask
-            mask = jnp.broadcast_to(mask.reshape((1,) * (3 - mask.ndim) + mask.shape),
-                                    (b,) + mask.shape[-2:] if mask.ndim >= 2 else (b, 1, s))
+    def one(a):
+        qi, ki, vi, i = a  # [T, hd], [S, hd], [S, hd], index into B*H
+        scores = scaled(jnp.einsum("td,sd->ts", qi, ki).astype(jnp.float32))
+        if mask is not None:
+            scores = jnp.where(jax.lax.dynamic_index_in_dim(mask, i // h, keepdims=False), scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(vi.dtype)
+        return jnp.einsum("ts,sd->td", probs, vi)
 
-        def one(a):
-            qi, ki, vi, i = a  # [T, hd], [S, hd], [S, hd], index into B*H
-            scores = scaled(jnp.einsum("td,sd->ts", qi, ki).astype(jnp.float32))
-            if mask is not None:
-                scores = jnp.where(jax.lax.dynamic_index_in_dim(mask, i // h, keepdims=False), scores, NEG_INF)
-            probs = jax.nn.softmax(scores, axis=-1).astype(vi.dtype)
-            return jnp.einsum("ts,sd->td", probs, vi)
+    out = jax.lax.map(one, (qh, kh, vh, jnp.arange(b * h)))  # [B*H, T, hd]
+    return out.reshape(b, h, t, hd).transpose(0, 2, 1, 3)
 
-        out = jax.lax.map(one, (qh, kh, vh, jnp.arange(b * h)))  # [B*H, T, hd]
-        return out.reshape(b, h, t, hd).transpose(0, 2, 1, 3)
+
+def _per_head_attention(q, k, v, mask, scaled) -> jax.Array:
+    """`_per_head_forward` when no gradient is taken; under differentiation the einsum path itself (`jax.custom_vjp`:
+    forward and backward are `_multi_head_attention` and its VJP, so gradients are exactly the einsum path's)."""
 
     def forward(q, k, v, mask):  # differentiated: the einsum path, its VJP kept for the backward
         out, vjp = jax.vjp(lambda q, k, v: _multi_head_attention(q, k, v, mask, scaled), q, k, v)
@@ -280,7 +302,7 @@ def _per_head_attention(q, k, v, mask, scaled) -> jax.Array:
     def backward(vjp, dout):
         return (*vjp(dout), None)
 
-    attention = jax.custom_vjp(primal)
+    attention = jax.custom_vjp(lambda q, k, v, mask: _per_head_forward(q, k, v, mask, scaled))
     attention.defvjp(forward, backward)
     return attention(q, k, v, mask)
 
@@ -311,7 +333,7 @@ def _chunked_attention(q, k, v, mask, scaled, rows: int) -> jax.Array:
     output and each row's max and log-sum; the backward (a `lax.scan` over the same blocks) recomputes a block's
     probabilities from them and accumulates dK, dV in fp32, instead of stacking every block's probabilities for the
     backward. T is split into ceil(T / rows) equal blocks (≤ `rows`); the last block's pad rows are dropped. Where
-    no gradient is taken the forward is `_per_head_attention`'s (faster forward-only; same math, see `primal`).
+    no gradient is taken the forward is `_per_head_forward` (faster forward-only; same math, see `primal`).
     """
     b, t, h, hd = q.shape
     g = k.shape[2]
@@ -381,7 +403,7 @@ def _chunked_attention(q, k, v, mask, scaled, rows: int) -> jax.Array:
         # no gradient taken (prefill, scoring, the cache stage): the per-(batch row, head) forward with each key/value
         # head repeated for its R query heads was 1.8x these query blocks at the PPO scoring shape (4 x 1,048 tokens,
         # 4/2 heads x 16) and 1.5x at the 1B prefill (2 x 1,064, 14/2 x 64), one core, CPU time; same math
-        return _per_head_attention(q, jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2), mask, scaled)
+        return _per_head_forward(q, jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2), mask, scaled)
 
     attention = jax.custom_vjp(primal)
     attention.defvjp(forward, backward)
@@ -509,13 +531,51 @@ def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1
 
     `jax.nn.log_softmax`'s arithmetic (shift by the max first, so a near-certain token keeps its small log-prob
     exactly instead of losing it in max + log(sum)), gathering the target before the subtraction so no [..., V]
-    log-prob array is needed."""
+    log-prob array is needed. Its gradient is written out (`_picked_log_softmax`), the same arithmetic autodiff
+    derives, so that nothing [..., V]-sized but the logits is kept for the backward."""
     logits = logits.astype(jnp.float32)
     if not (isinstance(temperature, (int, float)) and temperature == 1.0):  # may be traced
         logits = logits / temperature
-    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    picked = jnp.take_along_axis(shifted, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+    return _picked_log_softmax(logits, targets.astype(jnp.int32))
+
+
+@jax.custom_vjp
+def _picked_log_softmax(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return _picked_log_softmax_fwd(logits, targets)[0]
+
+
+def _picked_log_softmax_fwd(logits, targets):
+    top = jnp.max(logits, axis=-1, keepdims=True)  # [..., 1]
+    shifted = logits - top
+    picked = jnp.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
+    total = jnp.sum(jnp.exp(shifted), axis=-1)  # [...]
+    return picked - jnp.log(total), (logits, top, total, targets)
+
+
+def _picked_log_softmax_bwd(res, g):
+    """d lp / d logits = onehot(target) - softmax, as autodiff of the forward computes it (the max is a constant:
+    shifting by it does not change the log-softmax): g at the target plus exp(shifted) x (-g / total), the one
+    [..., V] pass of the backward. Without it, the SFT step's remat of the saved logits copied them once more
+    (`reduce_precision` on a residual) and re-ran the max and exp passes (bench/RESULTS.md, ninth session)."""
+    logits, top, total, targets = res
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    d = jnp.exp(logits - top) * (-g / total)[..., None] + jnp.where(iota == targets[..., None], g[..., None], 0.0)
+    return d, None
+
+
+_picked_log_softmax.defvjp(_picked_log_softmax_fwd, _picked_log_softmax_bwd)
+
+
+def first_argmax(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, -1)` (the first maximum; the first NaN if any) as two plain reductions, max then the
+    lowest index holding it: XLA's CPU backend runs argmax's (value, index) pair reduction unvectorised, 1.34 vs
+    0.24 ms over a [2, 151,674] vocabulary (one core), ~2 % of a 1B-width decode step.
+    logits [..., V] → int32 [...]."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    nan = jnp.isnan(logits)
+    hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, logits == top)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, logits.shape[-1]), axis=-1)
 
 
 def to_dtype(name: str | Dtype) -> Dtype:
@@ -534,9 +594,9 @@ def count_params(tree: Any) -> int:
 
 
 __all__: Sequence[str] = [
-    "dense", "matvec_rows", "RMSNorm", "RMS_ORDERS", "LayerNorm", "Mlp", "SwiGLU", "Attention", "dot_product_attention",
+    "dense", "flat_dot_general", "matvec_rows", "RMSNorm", "RMS_ORDERS", "LayerNorm", "Mlp", "SwiGLU", "Attention", "dot_product_attention",
     "NEG_INF",
     "ATTENTION_OUT", "REMAT_POLICIES", "remat_policy", "remat",
     "rope_inv_freq", "rope_cos_sin", "rotate_half", "apply_rope", "sinusoidal_embedding", "TimestepEmbedding",
-    "modulate", "token_logprobs", "to_dtype", "count_params",
+    "modulate", "token_logprobs", "first_argmax", "to_dtype", "count_params",
 ]

@@ -7,8 +7,10 @@ regression head (DESIGN §8.4). Both expose the same interface so stages pick on
     # diffusion only (DiffGRPO); the one sampling API of the rl stage, evaluation and tests:
     out = planner.sample_with_chain(cond, rng)        # {'chain' [B, K+1, 8, 3], 'log_probs' [B, K, 8, 3], 'trajectory'}
     lp = planner.chain_log_prob(out['chain'], cond)   # [B, K, 8, 3] under the current params
-    ctx = repeat_context(planner.encode(cond), G)     # encode once per scene for its G rollouts, then
-    out = planner.sample_with_chain(None, rng, ctx=ctx); lp = planner.chain_log_prob(out['chain'], None, ctx=ctx)
+    ctx = planner.encode(cond)                        # encode once per scene for its G rollouts, then
+    out = planner.sample_with_chain(None, rng, ctx=repeat_context(ctx, G))   # the plain form, or (faster, same
+    out = rl.grpo.group_sample(planner, ctx, rng, G)  # math) the G chains vmapped over the unbatched scene context
+    lp = rl.grpo.group_log_prob(planner, out['chain'], ctx)   # = chain_log_prob(chain, None, ctx=repeat_context(..))
 
 cond = {'vl_states': [B, L, Hv], 'status': [B, 8], 'history': [B, 4, 3], optional 'vl_mask': [B, L] bool}.
 Upstream uses no VL mask (the padded sequence, pads included, is pooled and cross-attended); `use_vl_mask=True`

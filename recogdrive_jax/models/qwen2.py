@@ -179,16 +179,13 @@ class Qwen2Model(nnx.Module):
         if self.remat:
             body = remat(body, self.remat_policy, prevent_cse=False)
         if layer_states is not None:  # per-layer weights sliced once by the caller: a Python loop over layers
-            kvs = []
+            outs = []
             for i, layer_state in enumerate(layer_states):
-                xs = (layer_state,) if cache is None else (layer_state, cache["k"][i], cache["v"][i])
-                x, kv = body(x, xs)
-                kvs.append(kv)
-            new_cache = None if cache is None else {"k": jnp.stack([kv[0] for kv in kvs]),
-                                                    "v": jnp.stack([kv[1] for kv in kvs])}
-            return self.norm(x), new_cache
-        xs = (state,) if cache is None else (state, cache["k"], cache["v"])
-        x, kvs = jax.lax.scan(body, x, xs)
+                x, kv = body(x, (layer_state,) if cache is None else (layer_state, cache["k"][i], cache["v"][i]))
+                outs.append(kv)
+            kvs = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)  # as the scan stacks them
+        else:
+            x, kvs = jax.lax.scan(body, x, (state,) if cache is None else (state, cache["k"], cache["v"]))
         new_cache = None if cache is None else {"k": kvs[0], "v": kvs[1]}
         return self.norm(x), new_cache
 
@@ -217,8 +214,9 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] → fp32 logits [..., V]."""
-        if self.cfg.tie_word_embeddings:
-            out = self.model.embed_tokens.attend(hidden)
+        if self.cfg.tie_word_embeddings:  # rows flattened as `layers.flat_dot_general` does for the untied head
+            out = self.model.embed_tokens.attend(hidden.reshape(-1, hidden.shape[-1]))
+            out = out.reshape(*hidden.shape[:-1], out.shape[-1])
         elif kernels.matvec_rows(math.prod(hidden.shape[:-1])):  # a decode step's few rows, on CPU
             out = matvec_rows(hidden, self.lm_head.kernel[...], self.lm_head.dtype)
         else:

@@ -28,10 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from recogdrive_jax import config_types
-from recogdrive_jax.models.dit import DiTBlock
+from recogdrive_jax.models.dit import set_fold_cross
 from recogdrive_jax.models.planner import DiffusionPlanner, denormalize_pose
 from recogdrive_jax.sim import pdm
 from recogdrive_jax.train.state import TrainState
@@ -173,11 +172,7 @@ def shared_memory_planner(bind: Callable, params) -> DiffusionPlanner:
     rows to keys and values once, while the fold would average the memory for every (chain, step, head, query) row
     first: [G*K*B*H*T, D] = 10,240 x 384 at 4 scenes x G 8, vl_len 32, against 128 memory rows. Same math, fp32
     rounding (bench/RESULTS.md, GRPO step profile: 1.18x on the step)."""
-    planner = bind(params)
-    for _, mod in nnx.iter_modules(planner):
-        if isinstance(mod, DiTBlock):
-            mod.fold_cross = False
-    return planner
+    return set_fold_cross(bind(params), False)
 
 
 def _ungroup(x: jax.Array) -> jax.Array:

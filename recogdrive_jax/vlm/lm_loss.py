@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from recogdrive_jax.models.layers import token_logprobs
 from recogdrive_jax.parallel.activations import constrain
 
-_SAVE_LOGITS = jax.checkpoint_policies.save_only_these_names("ce_logits")
+_KEEP_LOGITS = True  # one fp32 chunk keeps its logits for the backward (False: the full remat; tests compare both)
 
 
 def segment_mask(segment_ids):
@@ -24,12 +23,14 @@ def chunked_ce(lm, hidden, labels, chunk: int):
     """Next-token CE over labels != -100 without the full [B, T, V] logits: scans T in chunks (each
     rematerialised in the backward). hidden [B, T, D], labels [B, T]. Returns (nll_sum, correct, count).
 
-    One chunk (T <= chunk, or T not a multiple of it) keeps its logits for the backward instead of recomputing
-    them: the CE ends the forward and its backward starts the backward pass, so the saved [B, T, V] logits live no
-    longer than recomputed ones would; recomputing would only add a [T, D] x [D, V] matmul (17 % of an SFT step's
-    FLOPs at InternVL3-1B widths, 2 x 532 tokens; bench/RESULTS.md) for no saving in peak memory. The rest of the
-    chunk is still rematerialised, so at fp32 the numbers are bitwise those of the full remat. In bf16 compute the
-    full remat stays: there the saved logits move some gradients by one bf16 ulp, a change not made silently."""
+    One chunk (T <= chunk, or T not a multiple of it) at fp32 is not rematerialised: its logits are kept for the
+    backward (`token_logprobs` keeps only them), since the CE ends the forward and its backward starts the backward
+    pass, the saved [B, T, V] logits live no longer than recomputed ones would; recomputing would only add a [T, D] x
+    [D, V] matmul (17 % of an SFT step's FLOPs at InternVL3-1B widths, 2 x 532 tokens; bench/RESULTS.md) for no
+    saving in peak memory. (A `jax.checkpoint` saving the logits by name did the same but copied them once more:
+    JAX guards every remat residual with a `reduce_precision`, a [B, T, V] pass of its own.) In bf16 compute the
+    full remat stays: there the saved logits moved some gradients by one bf16 ulp, a change not made silently.
+    """
     b, t, d = hidden.shape
     tgt = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), -100, labels.dtype)], axis=1)  # [B, T]
     c = chunk if (chunk and t % chunk == 0) else t
@@ -37,7 +38,7 @@ def chunked_ce(lm, hidden, labels, chunk: int):
     ts = tgt.reshape(b, t // c, c).swapaxes(0, 1)
 
     def one(h, y):
-        logits = checkpoint_name(constrain(lm.logits(h), ("batch", "seq", "vocab")), "ce_logits")  # [B, c, V] fp32
+        logits = constrain(lm.logits(h), ("batch", "seq", "vocab"))  # [B, c, V] fp32
         valid = y != -100
         yy = jnp.where(valid, y, 0)
         lp = token_logprobs(logits, yy)
@@ -49,8 +50,8 @@ def chunked_ce(lm, hidden, labels, chunk: int):
         return tuple(a + o.astype(a.dtype) for a, o in zip(acc, out)), None
 
     zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-    if t // c == 1 and hidden.dtype == jnp.float32:
-        return body(zero, (hs[0], ts[0]), jax.checkpoint(one, policy=_SAVE_LOGITS))[0]
+    if _KEEP_LOGITS and t // c == 1 and hidden.dtype == jnp.float32:
+        return body(zero, (hs[0], ts[0]), one)[0]
     (nll, correct, count), _ = jax.lax.scan(body, zero, (hs, ts))
     return nll, correct, count
 
