@@ -270,8 +270,8 @@ def _per_head_forward(q, k, v, mask, scaled) -> jax.Array:
     Why: a [T, S] block's logits and probabilities stay in cache instead of streaming a [B, H, T, S] tensor through
     memory: the ViT's attention at InternVL3-1B widths (3 tiles x 1,025 tokens, 16 heads x 64) took 194 vs 395 ms
     forward (one core, CPU time, loaded machine). Its backward in blocks was slower than the einsum path's
-    (bench/RESULTS.md, seventh session), hence only where no gradient is taken. q, k, v [B, T|S, H, hd] → [B, T, H, hd]
-    (as many key/value heads as query heads: a grouped caller repeats them first)."""
+    (bench/RESULTS.md, seventh session), hence only where no gradient is taken. q, k, v [B, T|S, H, hd] →
+    [B, T, H, hd] (as many key/value heads as query heads: a grouped caller repeats them first)."""
     b, t, h, hd = q.shape
     s = k.shape[1]
     qh, kh, vh = (a.transpose(0, 2, 1, 3).reshape(b * h, a.shape[1], hd) for a in (q, k, v))
@@ -594,7 +594,8 @@ def count_params(tree: Any) -> int:
 
 
 __all__: Sequence[str] = [
-    "dense", "flat_dot_general", "matvec_rows", "RMSNorm", "RMS_ORDERS", "LayerNorm", "Mlp", "SwiGLU", "Attention", "dot_product_attention",
+    "dense", "flat_dot_general", "matvec_rows", "RMSNorm", "RMS_ORDERS", "LayerNorm", "Mlp", "SwiGLU", "Attention",
+    "dot_product_attention",
     "NEG_INF",
     "ATTENTION_OUT", "REMAT_POLICIES", "remat_policy", "remat",
     "rope_inv_freq", "rope_cos_sin", "rotate_half", "apply_rope", "sinusoidal_embedding", "TimestepEmbedding",
