@@ -30,6 +30,18 @@ def single_thread() -> None:
         os.environ[k] = "1"
     if hasattr(os, "sched_setaffinity"):  # Linux; elsewhere the thread flags are all there is
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    host_malloc()
+
+
+HOST_MALLOC = os.environ.get("BENCH_HOST_MALLOC", "reuse")  # 'system' = glibc's defaults (an A/B of the policy)
+
+
+def host_malloc() -> None:
+    """The host allocator policy `python -m recogdrive_jax.main` sets (config.host.malloc, default 'reuse':
+    recogdrive_jax/host_memory.py), here before jax/torch start their threads. It is process-wide, so the
+    baseline in the same process gets it too (torch's step is faster with it as well: the ratios stay fair)."""
+    from recogdrive_jax import host_memory
+    host_memory.apply_malloc_policy(HOST_MALLOC)
 
 
 def _machine_busy_s() -> float | None:
@@ -167,7 +179,7 @@ def cpu_min(fn: Callable[[], object], reps: int) -> float:
 
 def load_average() -> str:
     try:
-        return "load average %.2f %.2f %.2f" % os.getloadavg()
+        return "load average %.2f %.2f %.2f; host malloc %s" % (*os.getloadavg(), HOST_MALLOC)
     except OSError:
         return "load average n/a"
 

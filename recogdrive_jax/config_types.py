@@ -331,6 +331,18 @@ class DistributedConfig(Block):
 
 
 @dataclasses.dataclass(frozen=True)
+class HostConfig(Block):
+    """`config.host` (process-wide, applied at start-up): malloc = 'reuse' keeps freed host memory in the process
+    for the next step (XLA CPU's per-step temporaries are not faulted in again: host_memory.py), 'system' =
+    glibc's defaults."""
+    KEY: ClassVar[str] = "host"
+    malloc: str = "reuse"
+
+    def checks(self):
+        return [(self.malloc in ("reuse", "system"), "malloc", f"unknown {self.malloc!r}; allowed: ['reuse', 'system']")]
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig(Block):
     """`config.train`: the loop's knobs (train/loop.py)."""
     KEY: ClassVar[str] = "train"
@@ -765,7 +777,7 @@ class PPOConfig(Block):
 # ------------------------------------------------------------------------------------------------ per stage
 
 COMMON_BLOCKS: dict[str, Any] = {"mesh": MeshConfig, "parallel": ParallelConfig, "distributed": DistributedConfig,
-                                 "train": TrainConfig, "optim": OptimConfig}
+                                 "host": HostConfig, "train": TrainConfig, "optim": OptimConfig}
 _PLANNER = {"data": PlannerDataConfig, "eval": PlannerEvalConfig, "planner": None}
 _VIRL = {"env": None, "prompt": None, "eval_nav": None}
 # stage -> {block: its class, or None = a Namespace validated where it is used}

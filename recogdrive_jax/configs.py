@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ct.default_block(ct.MeshConfig)
     c.parallel = ct.default_block(ct.ParallelConfig)
     c.distributed = ct.default_block(ct.DistributedConfig)
+    c.host = ct.default_block(ct.HostConfig)
     c.train = ct.default_block(ct.TrainConfig, exclude=("ema_decay",))  # planner stages add it
     c.optim = ct.default_block(ct.OptimConfig, exclude=("cosine_steps", "optimizer_steps_per_step"))
     return c
@@ -113,7 +114,7 @@ def set_dotted(config: ml_collections.ConfigDict, overrides: dict) -> ml_collect
 
 # Top-level keys that are not override slots: what the pipeline itself is, and the process-wide start-up block.
 NOT_SLOTS = ("stage", "pipeline")
-PROCESS_WIDE = ("distributed",)
+PROCESS_WIDE = ("distributed", "host")
 _MARK = "top_level"  # config.pipeline.top_level = 'override_slots' marks a config built by pipeline_config()
 
 
@@ -165,7 +166,8 @@ def pipeline_config(steps: Sequence[str], step_configs: Mapping[str, ml_collecti
     c.pipeline.configs = ml_collections.ConfigDict({k: ml_collections.ConfigDict(v.to_dict())
                                                     for k, v in step_configs.items()})
     c.pipeline[_MARK] = "override_slots"
-    c.distributed = base_config().distributed
+    for key in PROCESS_WIDE:
+        c[key] = base_config()[key]
     types: dict[str, type] = {}
     for sub in c.pipeline.configs.values():
         for path, _, typ in _leaves(sub):

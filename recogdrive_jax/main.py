@@ -49,11 +49,13 @@ def check_workdir(workdir: str | None, stage: str | None = None, config=None) ->
 
 
 def run(config, workdir: str) -> dict:
-    """Validates, initialises multi-host JAX, and runs the configured stage. Importable from a notebook."""
-    from recogdrive_jax import configs
+    """Validates, sets the host malloc policy (config.host), initialises multi-host JAX, and runs the configured
+    stage. Importable from a notebook (there JAX's threads may already have their malloc arenas: host_memory.py)."""
+    from recogdrive_jax import configs, host_memory
     from recogdrive_jax.parallel import mesh as mesh_lib
     from recogdrive_jax.stages import get_stage
     configs.validate_common(config)
+    host_memory.apply_malloc_policy((config.get("host") or {}).get("malloc", "reuse"))  # before JAX's threads
     mesh_lib.initialize_distributed(config.get("distributed"))
     import jax
     if config.stage != "pipeline":  # a pipeline checks each step's mesh before its first step runs
