@@ -49,18 +49,26 @@ def check_workdir(workdir: str | None, stage: str | None = None, config=None) ->
 
 
 def run(config, workdir: str) -> dict:
-    """Validates, sets the host malloc policy (config.host), initialises multi-host JAX, and runs the configured
-    stage. Importable from a notebook (there JAX's threads may already have their malloc arenas: host_memory.py)."""
-    from recogdrive_jax import configs, host_memory
+    """Validates, initialises multi-host JAX, and runs the configured stage. Importable from a notebook; the
+    process-wide host malloc policy (config.host) is the command line's to set (`main`), or call
+    `host_memory.apply_malloc_policy()` before JAX starts."""
+    from recogdrive_jax import configs
     from recogdrive_jax.parallel import mesh as mesh_lib
     from recogdrive_jax.stages import get_stage
     configs.validate_common(config)
-    host_memory.apply_malloc_policy((config.get("host") or {}).get("malloc", "reuse"))  # before JAX's threads
     mesh_lib.initialize_distributed(config.get("distributed"))
     import jax
     if config.stage != "pipeline":  # a pipeline checks each step's mesh before its first step runs
         mesh_lib.resolve_mesh_shape([config.mesh.data, config.mesh.fsdp, config.mesh.tensor], jax.device_count())
     return get_stage(config.stage)(config, workdir)
+
+
+def _process_setup(config) -> None:
+    """What the command line sets for the whole process before JAX starts its threads: the host malloc policy
+    (`config.host.malloc`, host_memory.py; a pipeline's top-level `host` block), after the config is checked."""
+    from recogdrive_jax import configs, host_memory
+    configs.validate_common(config)
+    host_memory.apply_malloc_policy(config.host.malloc if "host" in config else "reuse")
 
 
 def main(argv):
@@ -69,6 +77,7 @@ def main(argv):
     workdir = check_workdir(_WORKDIR.value, _CONFIG.value.get("stage"), _CONFIG.value)
     logging.set_verbosity(logging.INFO if os.environ.get("RECOGDRIVE_VERBOSE") else logging.WARNING)
     try:
+        _process_setup(_CONFIG.value)
         run(_CONFIG.value, workdir)
     except _user_errors() as e:
         fail(str(e))

@@ -61,3 +61,20 @@ def test_pipeline_steps_get_the_process_wide_host_block():
     assert "host.malloc" not in configs.overrides(c)  # process-wide, not an override slot
     for name in configs.step_names(c):
         assert configs.step_config(c, name).host.malloc == "system"
+
+
+@pytest.mark.parametrize("policy,applied", [("reuse", "reuse"), ("system", None)])
+def test_command_line_sets_the_policy_before_jax(policy, applied):
+    """`python -m recogdrive_jax.main` applies config.host.malloc (after checking the config) in `_process_setup`;
+    `run()`, the notebook API, leaves the process's allocator alone."""
+    code = textwrap.dedent(f"""
+        from recogdrive_jax import configs, host_memory, main
+        c = configs.planner_stage_config("il")
+        c.host.malloc = {policy!r}
+        main._process_setup(c)
+        print(repr(host_memory._applied))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
+                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    expected = applied if host_memory._libc() is not None else None
+    assert out.stdout.strip().splitlines()[-1] == repr(expected)
