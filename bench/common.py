@@ -33,13 +33,13 @@ def single_thread() -> None:
     host_malloc()
 
 
-HOST_MALLOC = os.environ.get("BENCH_HOST_MALLOC", "reuse")  # 'system' = glibc's defaults (an A/B of the policy)
+HOST_MALLOC = os.environ.get("BENCH_HOST_MALLOC", "system")  # 'reuse' = host_memory.py's policy (an A/B)
 
 
 def host_malloc() -> None:
-    """The host allocator policy `python -m recogdrive_jax.main` sets (config.host.malloc, default 'reuse':
-    recogdrive_jax/host_memory.py), here before jax/torch start their threads. It is process-wide, so the
-    baseline in the same process gets it too (torch's step is faster with it as well: the ratios stay fair)."""
+    """The host allocator policy `python -m recogdrive_jax.main` sets (config.host.malloc, default 'system';
+    'reuse': recogdrive_jax/host_memory.py), here before jax/torch start their threads. It is process-wide, so the
+    baseline in the same process gets it too (torch's step changes with it as well: the ratios stay fair)."""
     from recogdrive_jax import host_memory
     host_memory.apply_malloc_policy(HOST_MALLOC)
 

@@ -332,11 +332,11 @@ class DistributedConfig(Block):
 
 @dataclasses.dataclass(frozen=True)
 class HostConfig(Block):
-    """`config.host` (process-wide, applied at start-up): malloc = 'reuse' keeps freed host memory in the process
-    for the next step (XLA CPU's per-step temporaries are not faulted in again: host_memory.py), 'system' =
-    glibc's defaults."""
+    """`config.host` (process-wide, applied at start-up): malloc = 'system' (glibc's defaults) or 'reuse', which
+    keeps freed host memory in the process for the next step (XLA CPU's per-step temporaries are not faulted in
+    again: faster for big steps such as SFT at real widths, slower for small multi-threaded ones: host_memory.py)."""
     KEY: ClassVar[str] = "host"
-    malloc: str = "reuse"
+    malloc: str = "system"
 
     def checks(self):
         return [(self.malloc in ("reuse", "system"), "malloc", f"unknown {self.malloc!r}; allowed: ['reuse', 'system']")]

@@ -7,12 +7,14 @@ hundred MB of others, every step. glibc serves any request above its mmap thresh
 kernel time in a 25 s step (measured 2026-12-07, bench/RESULTS.md). With one malloc arena (XLA's worker threads
 allocate from the main heap, which can grow past the 64 MB a thread arena's heap is capped at), no mmap and no
 trimming, the next step gets the same, already-mapped pages back: 0 faults, 0 s of kernel time, and the same peak
-resident memory (the pages were needed at the peak anyway). The cost: the process keeps its peak heap until it
-exits, and threads share one arena (small-allocation contention: DDIM-5 at batch 1 measured up to ~10 % slower).
+resident memory (the pages were needed at the peak anyway). The costs: the process keeps its peak heap until it
+exits, and all threads share one arena — small steps whose XLA worker threads allocate many buffers in parallel
+slow down badly (the demo's tiny `il` stage ~2.5x slower than a 'system' demo run beside it on the same 2 cores), and single-core small steps measured
+~0-15 % slower (planner DDIM-5 at batch 1, the tiny PPO update). Hence opt-in: big single-program steps only.
 
-`config.host.malloc`: 'reuse' (this policy) or 'system' (glibc's defaults). It is process-wide and must be set
-before JAX starts its CPU threads (a thread picks its arena at its first allocation), which `main.run` does; glibc
-(Linux) only — elsewhere 'reuse' is a no-op.
+`config.host.malloc`: 'system' (glibc's defaults, the default) or 'reuse' (this policy). It is process-wide and
+must be set before JAX starts its CPU threads (a thread picks its arena at its first allocation), which the command
+line does (`main._process_setup`); glibc (Linux) only — elsewhere 'reuse' is a no-op.
 """
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ def _process_setup(config) -> None:
     (`config.host.malloc`, host_memory.py; a pipeline's top-level `host` block), after the config is checked."""
     from recogdrive_jax import configs, host_memory
     configs.validate_common(config)
-    host_memory.apply_malloc_policy(config.host.malloc if "host" in config else "reuse")
+    host_memory.apply_malloc_policy(config.host.malloc if "host" in config else "system")
 
 
 def main(argv):

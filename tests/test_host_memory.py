@@ -56,11 +56,11 @@ def test_policy_names_checked():
 def test_pipeline_steps_get_the_process_wide_host_block():
     steps = {"il": configs.planner_stage_config("il"), "rl": configs.planner_stage_config("rl")}
     c = configs.pipeline_config(["il", "rl"], steps)
-    assert c.host.malloc == "reuse"
-    c.host.malloc = "system"
+    assert c.host.malloc == "system"
+    c.host.malloc = "reuse"
     assert "host.malloc" not in configs.overrides(c)  # process-wide, not an override slot
     for name in configs.step_names(c):
-        assert configs.step_config(c, name).host.malloc == "system"
+        assert configs.step_config(c, name).host.malloc == "reuse"
 
 
 @pytest.mark.parametrize("policy,applied", [("reuse", "reuse"), ("system", None)])
