@@ -339,7 +339,8 @@ class HostConfig(Block):
     malloc: str = "system"
 
     def checks(self):
-        return [(self.malloc in ("reuse", "system"), "malloc", f"unknown {self.malloc!r}; allowed: ['reuse', 'system']")]
+        return [(self.malloc in ("reuse", "system"), "malloc",
+                 f"unknown {self.malloc!r}; allowed: ['reuse', 'system']")]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,9 @@ allocate from the main heap, which can grow past the 64 MB a thread arena's heap
 trimming, the next step gets the same, already-mapped pages back: 0 faults, 0 s of kernel time, and the same peak
 resident memory (the pages were needed at the peak anyway). The costs: the process keeps its peak heap until it
 exits, and all threads share one arena — small steps whose XLA worker threads allocate many buffers in parallel
-slow down badly (the demo's tiny `il` stage ~2.5x slower than a 'system' demo run beside it on the same 2 cores), and single-core small steps measured
-~0-15 % slower (planner DDIM-5 at batch 1, the tiny PPO update). Hence opt-in: big single-program steps only.
+slow down badly (the demo's tiny `il` stage ~2.5x slower than a 'system' demo run beside it on the same 2 cores),
+and single-core small steps measured ~0-15 % slower (planner DDIM-5 at batch 1, the tiny PPO update; across runs,
+so machine drift is in it). Hence opt-in: big single-program steps only.
 
 `config.host.malloc`: 'system' (glibc's defaults, the default) or 'reuse' (this policy). It is process-wide and
 must be set before JAX starts its CPU threads (a thread picks its arena at its first allocation), which the command
