@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Mapping
 import ml_collections
 
 from recogdrive_jax.errors import UserError
+from recogdrive_jax.host_memory import MALLOC_POLICIES
 
 
 class ConfigError(UserError):
@@ -339,8 +340,7 @@ class HostConfig(Block):
     malloc: str = "system"
 
     def checks(self):
-        return [(self.malloc in ("reuse", "system"), "malloc",
-                 f"unknown {self.malloc!r}; allowed: ['reuse', 'system']")]
+        return [(self.malloc in MALLOC_POLICIES, "malloc", f"unknown {self.malloc!r}; allowed: {list(MALLOC_POLICIES)}")]
 
 
 @dataclasses.dataclass(frozen=True)

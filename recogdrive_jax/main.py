@@ -66,9 +66,9 @@ def run(config, workdir: str) -> dict:
 def _process_setup(config) -> None:
     """What the command line sets for the whole process before JAX starts its threads: the host malloc policy
     (`config.host.malloc`, host_memory.py; a pipeline's top-level `host` block), after the config is checked."""
-    from recogdrive_jax import configs, host_memory
+    from recogdrive_jax import config_types, configs, host_memory
     configs.validate_common(config)
-    host_memory.apply_malloc_policy(config.host.malloc if "host" in config else "system")
+    host_memory.apply_malloc_policy(config.host.malloc if "host" in config else config_types.HostConfig.malloc)
 
 
 def main(argv):
