@@ -340,7 +340,8 @@ class HostConfig(Block):
     malloc: str = "system"
 
     def checks(self):
-        return [(self.malloc in MALLOC_POLICIES, "malloc", f"unknown {self.malloc!r}; allowed: {list(MALLOC_POLICIES)}")]
+        return [(self.malloc in MALLOC_POLICIES, "malloc",
+                 f"unknown {self.malloc!r}; allowed: {list(MALLOC_POLICIES)}")]
 
 
 @dataclasses.dataclass(frozen=True)
