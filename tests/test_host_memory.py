@@ -12,7 +12,8 @@ from recogdrive_jax import configs, host_memory
 # A jitted program whose temporaries (a [3000, 3000] fp32 product, 36 MB, above glibc's largest mmap threshold)
 # are allocated and freed by XLA's CPU runtime on every call; minor page faults per call after the first.
 _PROBE = textwrap.dedent("""
-    import json, resource, sys
+    import json, os, resource, sys
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core: threads interleave alike every run
     from recogdrive_jax import host_memory
     applied = host_memory.apply_malloc_policy(sys.argv[1])
     import jax, jax.numpy as jnp
